@@ -1,0 +1,104 @@
+"""The one small protocol every KV allocator serves the scheduler through, and its accounting record.
+
+Sequence protocol (all allocators):
+    can_admit(prompt_len, final_len) -> bool      room for the prompt now?
+    admit(seq, prompt_tokens, final_len) -> int   start a sequence holding 0 tokens (+ prefix-cache hits, returned)
+    can_append(seq, n) -> bool / append(seq, tokens)  grow by len(tokens) tokens (token ids matter for prefix hashing)
+    fork(parent, child)                           parallel sampling / beam search: child starts with parent's tokens
+    free(seq)                                     release everything the sequence holds
+    usage() -> Usage                              the allocator's books, in bytes
+    check_invariants()                            raise AssertionError naming the broken invariant
+
+Failing operations raise KVOutOfMemory and leave the allocator exactly as it was (they are atomic).
+Every state change emits events on the allocator's recorder (see kvscope.events for what each column means).
+
+Where a sequence's K/V live, for the kernels, is allocator-specific: paged exposes `block_table(seq)`; static and
+vmm expose `token_base(seq)` (first token row of the sequence in a flat [rows, kv_heads, head_dim] buffer).
+Data movement the executor must do (copy-on-write, fork copies, swaps) is queued in `pending_copies` and drained
+by the executor each step; allocators never touch tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from kvscope.recorder import Recorder
+from kvscope.spec import KVSpec
+
+
+class KVOutOfMemory(RuntimeError):
+    """Not enough KV memory for the operation; the allocator state is unchanged."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Bytes, at one instant. capacity = reserved + cached_idle + free; reserved = used + internal + reservation +
+    mapped_idle (waste = reserved - used). `logical` >= `used`: the bytes without any sharing."""
+
+    capacity: int
+    reserved: int
+    used: int
+    logical: int
+    internal: int
+    reservation: int
+    mapped_idle: int
+    cached_idle: int
+    free: int
+
+    @property
+    def waste(self) -> int:
+        return self.reserved - self.used
+
+    def check(self) -> None:
+        assert self.capacity == self.reserved + self.cached_idle + self.free, f"capacity does not add up: {self}"
+        assert self.reserved == self.used + self.internal + self.reservation + self.mapped_idle, (
+            f"reserved does not add up: {self}"
+        )
+        for k, v in asdict(self).items():
+            assert v >= 0, f"negative {k}: {self}"
+        assert self.logical >= self.used, f"logical < used: {self}"
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Data movement for the executor. kind: 'block' (paged copy-on-write: src/dst block ids), 'rows' (static/vmm
+    fork: src/dst token rows, n rows), 'swap_out' / 'swap_in' (paged: GPU block <-> CPU block)."""
+
+    kind: str
+    src: int
+    dst: int
+    n: int = 1
+
+
+@runtime_checkable
+class KVAllocator(Protocol):
+    name: str
+    spec: KVSpec
+    recorder: Recorder
+    pending_copies: list[Copy]
+
+    def config(self) -> dict: ...
+    def can_admit(self, prompt_len: int, final_len: int) -> bool: ...
+    def admit(self, seq: int, prompt_tokens: np.ndarray, final_len: int) -> int: ...
+    def can_append(self, seq: int, n: int = 1) -> bool: ...
+    def append(self, seq: int, tokens: np.ndarray) -> None: ...
+    def fork(self, parent: int, child: int) -> None: ...
+    def free(self, seq: int) -> None: ...
+    def num_tokens(self, seq: int) -> int: ...
+    def usage(self) -> Usage: ...
+    def check_invariants(self) -> None: ...
+
+
+def emit_usage(recorder: Recorder, usage: Usage) -> None:
+    """One ACCT_* sample per field: the engine calls this at the end of every step."""
+    from kvscope.events import ACCT_FIELDS
+
+    d = usage.to_dict()
+    for kind, field in ACCT_FIELDS.items():
+        recorder.emit(kind, bytes=d[field])

@@ -1,0 +1,149 @@
+"""Event kinds and the trace record schema (contract).
+
+Every state change of an allocator or the engine becomes one row of ten int64-ish columns. Column meaning per kind
+is written below, next to the kind, so that readers of a trace (kvscope's analysis, or pandas/duckdb without kvscope)
+know exactly what each number is. Unused columns hold their default: -1 for ids (`seq`, `block`, `addr`, `aux`), 0 for
+amounts (`n`, `bytes`, `dur_ns`).
+
+Bumping FORMAT_VERSION is a deliberate, everywhere-at-once change: readers refuse newer versions.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import TypedDict
+
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+META_KEY = b"kvscope.meta"  # schema metadata key holding the run metadata as JSON
+VERSION_KEY = b"kvscope.format_version"
+
+
+class Kind(IntEnum):
+    """What happened. The integer is the dictionary index in the trace's `kind` column; append only."""
+
+    # ---- sequence lifecycle ------------------------------------------------------------------------------------
+    ARRIVE = 0  # seq; n=prompt tokens; aux=output tokens wanted
+    ADMIT = 1  # seq; n=prompt tokens to hold (incl. recomputed output after a preemption); aux=prefix-cache hit tokens
+    FORK = 2  # seq=child; aux=parent; n=tokens the child starts with (shared or copied)
+    PREEMPT = 3  # seq; n=tokens it held; aux=0 recompute, 1 swap
+    SWAP_OUT = 4  # seq; n=blocks moved to CPU; bytes
+    SWAP_IN = 5  # seq; n=blocks moved back to the GPU; bytes
+    FINISH = 6  # seq; n=tokens held at the end (P + O - 1); its memory is released in the same step
+    APPEND = 7  # seq; n=tokens added; aux=tokens held after the append
+    PREFIX_HIT = 8  # seq; n=prompt tokens served from the prefix cache (never recomputed ones)
+    REJECT = 9  # seq; n=tokens it would need; the request can never fit (longer than max_len or the whole pool)
+    # ---- paged blocks (vLLM) -----------------------------------------------------------------------------------
+    BLOCK_ALLOC = 10  # block; seq=owner; addr=index in the owner's block table; bytes=block bytes. free -> active, ref 1
+    BLOCK_SHARE = 11  # block; seq=new holder; addr=index in its block table; aux=ref count after (touch of a cached block)
+    BLOCK_FREE = 12  # block; seq=holder letting go; aux=ref count after; at 0: free, or cached-idle if the block is hashed
+    BLOCK_COW = 13  # block=new copy; aux=source block; seq=the writer; addr=index in its block table; bytes
+    BLOCK_CACHE = 14  # block; aux=hash (int64 prefix of the chained block hash); seq; like vLLM's BlockStored
+    BLOCK_EVICT = 15  # block; aux=hash; a cached-idle block dropped from the cache -> free; like vLLM's BlockRemoved
+    # ---- VMM (vAttention) --------------------------------------------------------------------------------------
+    VMM_RESERVE = 20  # n=virtual buffers; bytes=virtual bytes reserved in all; dur_ns
+    PAGE_CREATE = 21  # block=page id; bytes=page bytes; dur_ns (cuMemCreate)
+    PAGE_MAP = 22  # block=page id; seq; aux=slot; addr=byte offset of the page inside the slot's region; n=buffer; dur_ns
+    PAGE_ACCESS = 23  # like PAGE_MAP, for the set-access call after a map; dur_ns
+    PAGE_UNMAP = 24  # like PAGE_MAP; the page goes back to the pool; dur_ns
+    PAGE_RELEASE = 25  # block=page id; bytes; dur_ns (cuMemRelease at teardown or pool shrink)
+    SLOT_ALLOC = 26  # seq; addr=slot
+    SLOT_FREE = 27  # seq; addr=slot; n=pages left mapped (deferred reclamation keeps them as mapped-idle)
+    RECLAIM = 28  # seq; addr=slot; n=mapped-idle pages the new request takes over without any driver call
+    # ---- static reservation (FasterTransformer / Orca) ---------------------------------------------------------
+    STATIC_RESERVE = 30  # seq; addr=first token slot in the arena; n=tokens reserved; bytes
+    STATIC_RELEASE = 31  # seq; addr; n; bytes
+    # ---- engine steps ------------------------------------------------------------------------------------------
+    STEP = 40  # n=sequences in the batch; dur_ns=step wall time; aux=simulated clock in ns (-1 on real devices)
+    STEP_PREFILL = 41  # n=prefill tokens computed this step
+    STEP_DECODE = 42  # n=decode tokens computed this step
+    STEP_KERNEL = 43  # dur_ns=GPU time of the step's forward pass (CUDA events); bytes=KV bytes read by attention
+    # ---- memory accounting, one sample per kind at the end of every step (the allocator's own books) -----------
+    ACCT_CAPACITY = 50  # bytes the allocator manages
+    ACCT_RESERVED = 51  # bytes taken for KV (blocks allocated, pages mapped, slots reserved); cached-idle excluded
+    ACCT_USED = 52  # bytes holding real token states (a shared block counted once)
+    ACCT_LOGICAL = 53  # bytes all sequences' tokens would need without any sharing
+    ACCT_INTERNAL = 54  # waste: unfilled slots of partly filled blocks / pages / reservations beyond the final length
+    ACCT_RESERVATION = 55  # waste: reserved for tokens not generated yet (static up to the final length, eager VMM pages)
+    ACCT_MAPPED_IDLE = 56  # waste: VMM pages mapped to slots with no live request (deferred reclamation)
+    ACCT_CACHED_IDLE = 57  # idle cached prefix blocks (ref 0, hashed): neither waste nor free
+    ACCT_FREE = 58  # bytes not taken: capacity = reserved + cached_idle + free
+    MEM_NVML = 60  # bytes=device memory used as NVML reports it (sampled on a thread)
+    MEM_TORCH = 61  # bytes=torch.cuda.memory_reserved()
+    OOM = 70  # seq; n=tokens asked for; bytes; the allocator could not serve the request at that moment
+    RUN_END = 80  # the run closed cleanly; n=steps run
+
+
+KIND_NAMES: list[str] = [""] * (max(Kind) + 1)
+for _k in Kind:
+    KIND_NAMES[_k] = _k.name.lower()
+# Unassigned codes keep a readable placeholder so that the dictionary is dense and stable.
+KIND_NAMES = [name or f"unused_{i}" for i, name in enumerate(KIND_NAMES)]
+KIND_BY_NAME = {k.name.lower(): k for k in Kind}
+
+ACCT_FIELDS: dict[Kind, str] = {
+    Kind.ACCT_CAPACITY: "capacity",
+    Kind.ACCT_RESERVED: "reserved",
+    Kind.ACCT_USED: "used",
+    Kind.ACCT_LOGICAL: "logical",
+    Kind.ACCT_INTERNAL: "internal",
+    Kind.ACCT_RESERVATION: "reservation",
+    Kind.ACCT_MAPPED_IDLE: "mapped_idle",
+    Kind.ACCT_CACHED_IDLE: "cached_idle",
+    Kind.ACCT_FREE: "free",
+}
+
+INT_COLUMNS: dict[str, pa.DataType] = {
+    "t_ns": pa.int64(),
+    "step": pa.int32(),
+    "seq": pa.int64(),
+    "block": pa.int64(),
+    "n": pa.int64(),
+    "bytes": pa.int64(),
+    "addr": pa.int64(),
+    "aux": pa.int64(),
+    "dur_ns": pa.int64(),
+}
+KIND_TYPE = pa.dictionary(pa.int16(), pa.string())
+COLUMNS = ["t_ns", "step", "kind", "seq", "block", "n", "bytes", "addr", "aux", "dur_ns"]
+
+
+def arrow_schema(metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
+    fields = [pa.field(c, KIND_TYPE if c == "kind" else INT_COLUMNS[c], nullable=False) for c in COLUMNS]
+    return pa.schema(fields, metadata=metadata)
+
+
+class EventRecord(TypedDict):
+    """One row of a trace, as `Trace.events.to_dict('records')` gives it."""
+
+    t_ns: int
+    step: int
+    kind: str
+    seq: int
+    block: int
+    n: int
+    bytes: int
+    addr: int
+    aux: int
+    dur_ns: int
+
+
+class RunMeta(TypedDict, total=False):
+    """Run metadata stored as JSON in the trace's schema metadata (key `kvscope.meta`)."""
+
+    kvscope_version: str
+    format_version: int
+    allocator: str  # static | paged | vmm
+    allocator_config: dict  # the allocator's own settings (block_size, page_size, variant, ...)
+    device: str  # sim | cpu | cuda
+    device_name: str  # e.g. "NVIDIA H100 80GB HBM3" or the CPU's name
+    versions: dict  # torch, triton, cuda driver, cuda-bindings, nvml, python
+    spec: dict  # KVSpec.to_dict()
+    model: str
+    engine_config: dict  # max_batch, max_tokens_per_step, chunked_prefill, preemption, kv_memory, ...
+    workload: dict  # name/path, generator parameters, seed, request count
+    requests: dict  # columns: seq (list[int]), id (list[str]), arrival, prompt_len, output_len, n
+    seed: int
+    start_time: str  # ISO 8601, UTC
+    command: str

@@ -1,0 +1,158 @@
+"""Buffered, low-overhead event sink that writes the trace incrementally.
+
+`emit` appends nine integers to Python lists (about a microsecond); every `flush_events` events, or at a step end
+once `flush_seconds` have passed, the buffer becomes one Arrow record batch appended to an Arrow IPC stream. A run
+killed at any point therefore leaves every batch written before it readable (see `kvscope.trace`).
+
+A Recorder with `path=None` keeps its batches in memory (`to_table()`), which is what tests and notebooks use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from kvscope import __version__
+from kvscope.events import COLUMNS, FORMAT_VERSION, KIND_NAMES, META_KEY, VERSION_KEY, Kind, arrow_schema
+
+_KIND_DICTIONARY = pa.array(KIND_NAMES, pa.string())
+
+
+class Recorder:
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        meta: dict[str, Any] | None = None,
+        *,
+        flush_events: int = 1 << 16,
+        flush_seconds: float = 1.0,
+        compression: str | None = "zstd",
+    ) -> None:
+        self.path = Path(path) if path is not None else None
+        self.meta: dict[str, Any] = {"kvscope_version": __version__, "format_version": FORMAT_VERSION} | dict(meta or {})
+        self.flush_events = flush_events
+        self.flush_seconds = flush_seconds
+        self.step = -1  # the engine sets this at the start of every step
+        self.events_written = 0
+        self._t0 = time.perf_counter_ns()
+        self._last_flush = time.monotonic()
+        self._cols: list[list[int]] = [[] for _ in range(10)]
+        self._batches: list[pa.RecordBatch] = []
+        self._closed = False
+        self.schema = arrow_schema(
+            {META_KEY: json.dumps(self.meta, default=str).encode(), VERSION_KEY: str(FORMAT_VERSION).encode()}
+        )
+        self._sink = None
+        self._writer = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._sink = pa.OSFile(str(self.path), "wb")
+            options = pa.ipc.IpcWriteOptions(compression=compression)
+            self._writer = pa.ipc.new_stream(self._sink, self.schema, options=options)
+
+    # ---- hot path ------------------------------------------------------------------------------------------
+    def emit(
+        self,
+        kind: Kind | int,
+        seq: int = -1,
+        block: int = -1,
+        n: int = 0,
+        bytes: int = 0,  # noqa: A002 - the column is called bytes
+        addr: int = -1,
+        aux: int = -1,
+        dur_ns: int = 0,
+    ) -> None:
+        c = self._cols
+        c[0].append(time.perf_counter_ns() - self._t0)
+        c[1].append(self.step)
+        c[2].append(int(kind))
+        c[3].append(seq)
+        c[4].append(block)
+        c[5].append(n)
+        c[6].append(bytes)
+        c[7].append(addr)
+        c[8].append(aux)
+        c[9].append(dur_ns)
+        if len(c[0]) >= self.flush_events:
+            self.flush()
+
+    def now_ns(self) -> int:
+        """Nanoseconds since the run started, on the clock `t_ns` uses."""
+        return time.perf_counter_ns() - self._t0
+
+    def end_step(self) -> None:
+        """Called by the engine after each step: flushes when the buffer is old enough, so a killed run loses
+        at most `flush_seconds` of steps."""
+        if self._cols[0] and time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    # ---- batches --------------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        if not self._cols[0]:
+            return
+        arrays = []
+        for name, values in zip(COLUMNS, self._cols):
+            if name == "kind":
+                idx = pa.array(values, pa.int16())
+                arrays.append(pa.DictionaryArray.from_arrays(idx, _KIND_DICTIONARY))
+            else:
+                arrays.append(pa.array(values, self.schema.field(name).type))
+        batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+        self.events_written += batch.num_rows
+        self._cols = [[] for _ in range(10)]
+        self._last_flush = time.monotonic()
+        if self._writer is not None:
+            self._writer.write_batch(batch)
+            self._sink.flush()
+        else:
+            self._batches.append(batch)
+
+    def close(self, steps: int | None = None) -> None:
+        """Write RUN_END and close the file. Safe to call twice."""
+        if self._closed:
+            return
+        self.emit(Kind.RUN_END, n=steps if steps is not None else max(self.step + 1, 0))
+        self.flush()
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+
+    def abort(self) -> None:
+        """Flush what was recorded and close without RUN_END (the trace then reads as cut off)."""
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+
+    def to_table(self) -> pa.Table:
+        """The events recorded so far (in-memory recorders, or after flush for file recorders' pending batches)."""
+        self.flush()
+        return pa.Table.from_batches(self._batches, schema=self.schema)
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class NullRecorder(Recorder):
+    """Discards everything: for allocators used without tracing (and to measure the recorder's own overhead)."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def emit(self, kind, seq=-1, block=-1, n=0, bytes=0, addr=-1, aux=-1, dur_ns=0) -> None:  # noqa: A002
+        pass
