@@ -22,4 +22,22 @@ API (contract between analysis, figures and surfaces; columns listed are guarant
   prompt_len, output_len, preemptions, prefix_hit_tokens
 - driver.driver_calls(trace) -> step, kind, dur_us (one row per timed VMM driver/OS call)
 - compare.compare_runs(traces) -> one row per trace: label + the summary figures
+
+Extensions (also guaranteed):
+- memory.waste_breakdown(trace) -> long form: step, t_s, category (used, internal, reservation, mapped_idle,
+  cached_idle, free), bytes; memory_timeline also has sharing_saved, nvml_bytes, torch_bytes
+- fragmentation.unit_states(trace) -> the allocator's state names in order; block_states extra columns: paged
+  table_index, hashed, hash; vmm buffer, offset. state_matrix also has step_end, unit_end (step_bin / unit_bin are
+  the first step / unit of a bin)
+- sharing.fork_tree also has t_s, tokens, root, depth; prefix_tree: node ids 0..N-1 (parent -1 for a chain's first
+  block) plus tokens, hash, stores, evictions, cached, first_step; sharing_edges also has table_index
+- throughput_timeline also has tokens, decode_tokens_per_s, driver_calls
+- request_lifetimes also has root, first_token_step, admit_s, first_token_s, finish_s, max_tokens_held,
+  generated, swaps, status (finished, rejected, running, waiting); requests.generated_tokens(trace) -> int
+- driver.driver_calls also has call (cuMemMap, ...), page, bytes, t_s; driver.driver_stats(trace) -> per kind:
+  count, total_ms, median_us, p90_us, p99_us, max_us
+
+Conventions: `t_s` is the end of a step on the run's clock (simulated on --device sim runs, host time otherwise);
+"the state at the end of step s" is the state when the engine recorded that step's ACCT_* samples. Results are
+cached on the Trace (trace._cache, keys 'analysis.*'); returned DataFrames are copies, safe to modify.
 """

@@ -1,0 +1,44 @@
+"""Events: the raw trace, filtered by kind, sequence and step range (what every other page is computed from)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from kvscope.app import state
+from kvscope.app.filters import filter_events, parse_id_list
+
+MAX_ROWS = 5000  # rows sent to the browser; the download has every matching row
+
+st.title("Events")
+lt = state.focus_trace()
+if lt is None:
+    st.stop()
+events = lt.trace.events
+st.caption(f"{lt.title}: {len(events):,} events. Column meanings per kind: kvscope/events.py.")
+
+present = [k for k in events["kind"].cat.categories if (events["kind"] == k).any()] if len(events) else []
+col_kind, col_seq = st.columns([3, 2])
+kinds = col_kind.multiselect("Kinds", present, default=[], key=f"ev_kinds:{lt.key}", placeholder="all kinds")
+seq_text = col_seq.text_input("Sequences", key=f"ev_seqs:{lt.key}", placeholder="e.g. 3, 7-9 (all when empty)")
+first, last = state.step_bounds(lt)
+steps = None
+if last > first:
+    steps = st.slider("Steps", min_value=first, max_value=last, value=(first, last), key=f"ev_steps:{lt.key}")
+
+try:
+    seqs = parse_id_list(seq_text)
+except ValueError as e:
+    st.error(str(e))
+    st.stop()
+matched = filter_events(events, kinds=kinds, seqs=seqs, steps=steps)
+shown = matched.head(MAX_ROWS)
+more = f" (showing the first {MAX_ROWS:,})" if len(matched) > MAX_ROWS else ""
+st.caption(f"{len(matched):,} matching events{more}")
+st.dataframe(shown, hide_index=True, key="ev_table")
+st.download_button(
+    "Download matching events (CSV)",
+    lambda: matched.to_csv(index=False).encode(),  # built only when clicked: a big trace's CSV is slow
+    file_name=f"{lt.name}-events.csv",
+    mime="text/csv",
+    key="ev_download",
+)

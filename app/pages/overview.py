@@ -1,0 +1,38 @@
+"""Overview & comparison: the `kvscope summary` table for every loaded trace, the comparison figure, metadata."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from kvscope.app import state
+
+st.title("kvscope: overview & comparison")
+traces = state.session_traces()
+if not traces:
+    state.no_traces_message()
+    st.stop()
+
+titles = {lt.key: lt.title for lt in traces}
+chosen_keys = st.multiselect(
+    "Runs to compare", list(titles), default=list(titles), format_func=titles.__getitem__, key="overview_runs"
+)
+chosen = [lt for lt in traces if lt.key in chosen_keys]
+if not chosen:
+    st.info("Pick at least one run above.")
+    st.stop()
+
+st.subheader("Summary")
+st.caption("The same rows as `kvscope summary` and the HTML report.")
+st.dataframe(state.summary_frame(chosen), key="overview_summary")
+
+if len(chosen) > 1:
+    from kvscope.analysis.compare import compare_runs
+    from kvscope.viz import comparison_figure
+
+    st.subheader("Runs compared")
+    state.show_figure(comparison_figure(compare_runs([lt.trace for lt in chosen])), key="overview_compare")
+
+st.subheader("Run metadata")
+for lt in chosen:
+    with st.expander(lt.title):
+        st.dataframe(state.meta_frame(lt), key=f"overview_meta:{lt.key}")

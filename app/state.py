@@ -1,0 +1,258 @@
+"""Shared state of a dashboard session: loading (and caching) traces, uploads, the sidebar, small display helpers.
+
+Traces are cached per server process with st.cache_resource, keyed by path + mtime + size (a re-recorded file is
+reloaded) or by the SHA-256 of an upload's bytes. The cached object is the Trace itself, shared by every session:
+analysis results memoise inside it, so moving a slider recomputes only what depends on the step.
+Pages never compute numbers: they call kvscope.analysis and draw with kvscope.viz, like the report and the notebook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from kvscope.app.sources import TRACE_SUFFIX, startup_trace_paths
+from kvscope.trace import Trace, TraceError, TruncatedTraceWarning, load_trace
+
+MAX_UPLOAD_BYTES = 200 * 1024 * 1024  # matches --server.maxUploadSize that `kvscope dashboard` passes
+TRACES_KEY = "kvscope_traces"  # session_state: list[LoadedTrace] for this run of the script
+FOCUS_KEY = "kvscope_focus"  # session_state: key of the trace the single-trace pages show
+
+
+@dataclass(frozen=True)
+class LoadedTrace:
+    key: str  # unique within the session: "path:<resolved path>" or "upload:<sha256>"
+    name: str  # what the user sees: file name without the suffix
+    trace: Trace
+    warning: str | None = None  # e.g. the cut-off trace warning
+    source: str = "file"  # file | upload
+
+    @property
+    def title(self) -> str:
+        return f"{self.trace.label} — {self.name}"
+
+
+def _load_quietly(path: Path) -> tuple[Trace, str | None]:
+    """load_trace, with its cut-off warning returned as text for the page instead of printed on the server."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncatedTraceWarning)
+        trace = load_trace(path)
+    messages = [str(w.message) for w in caught if issubclass(w.category, TruncatedTraceWarning)]
+    return trace, (messages[0] if messages else None)
+
+
+@st.cache_resource(max_entries=64, show_spinner="Loading trace…")
+def _load_path(path: str, mtime_ns: int, size: int) -> tuple[Trace, str | None]:
+    # mtime_ns and size are only part of the cache key.
+    return _load_quietly(Path(path))
+
+
+@st.cache_resource(max_entries=16, show_spinner="Loading uploaded trace…")
+def _load_upload(digest: str, name: str, _data: bytes) -> tuple[Trace, str | None]:
+    # The loader reads files; the upload lives in a private temporary directory only while it loads (the whole
+    # trace is in memory afterwards). The file keeps the uploaded name, so the trace is named after it.
+    safe_name = Path(name).name or f"upload{TRACE_SUFFIX}"
+    with tempfile.TemporaryDirectory(prefix="kvscope-upload-") as tmp:
+        path = Path(tmp) / safe_name
+        path.write_bytes(_data)
+        trace, warning = _load_quietly(path)
+    return trace, warning
+
+
+def load_path(path: Path) -> LoadedTrace:
+    """A trace file through the cache. Raises TraceError (one line naming the file) for anything unreadable."""
+    try:
+        st_ = path.stat()
+    except OSError:
+        raise TraceError(f"{path}: no such file") from None
+    trace, warning = _load_path(str(path.resolve()), st_.st_mtime_ns, st_.st_size)
+    return LoadedTrace(f"path:{path.resolve()}", path.name.removesuffix(TRACE_SUFFIX), trace, warning, "file")
+
+
+def load_upload(name: str, data: bytes) -> LoadedTrace:
+    """An uploaded trace through the cache. Raises TraceError for files that are too big or not traces."""
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise TraceError(
+            f"{name}: {len(data) / 2**20:.0f} MiB is over the {MAX_UPLOAD_BYTES // 2**20} MiB upload limit; "
+            "open big traces by path instead (kvscope dashboard TRACE)"
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        trace, warning = _load_upload(digest, name, data)
+    except TraceError as e:
+        # The loader names the temporary file; the user knows the file by the name they uploaded.
+        message = str(e)
+        problem = message.split(": ", 1)[1] if ": " in message else message
+        raise TraceError(f"{name}: {problem}") from None
+    return LoadedTrace(f"upload:{digest}", Path(name).name.removesuffix(TRACE_SUFFIX), trace, warning, "upload")
+
+
+def script_args(main_script: str) -> list[str]:
+    """Trace paths given after `--` to `streamlit run main.py -- A B` (sys.argv is then [main.py, A, B]).
+    Anything else (e.g. pytest's argv under AppTest) is not ours: ignored."""
+    if sys.argv and Path(sys.argv[0]).resolve() == Path(main_script).resolve():
+        return sys.argv[1:]
+    return []
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        out.extend(sorted(p.rglob(f"*{TRACE_SUFFIX}")) if p.is_dir() else [p])
+    return out
+
+
+def load_session_traces(argv: list[str]) -> list[LoadedTrace]:
+    """Render the sidebar (trace picker and uploader) and return every trace this session can show. Unreadable
+    files and rejected uploads are reported with st.error and left out; the app keeps running."""
+    paths, origin = startup_trace_paths(argv)
+    loaded: list[LoadedTrace] = []
+    for path in _expand(paths):
+        try:
+            loaded.append(load_path(path))
+        except TraceError as e:
+            st.error(str(e), icon="⚠️")
+
+    with st.sidebar:
+        st.markdown("### Traces")
+        uploads = st.file_uploader(
+            f"Add traces ({TRACE_SUFFIX}, at most {MAX_UPLOAD_BYTES // 2**20} MB each)",
+            accept_multiple_files=True,
+            key="kvscope_upload",
+            help="Files stay in this server's memory for this session; nothing is written to your traces.",
+        )
+    for up in uploads or []:
+        try:
+            loaded.append(load_upload(up.name, up.getvalue()))
+        except TraceError as e:
+            st.error(f"Upload rejected: {e}", icon="⚠️")
+
+    unique: dict[str, LoadedTrace] = {}
+    for lt in loaded:
+        unique.setdefault(lt.key, lt)
+    traces = list(unique.values())
+    for lt in traces:
+        if lt.warning:
+            st.warning(lt.warning, icon="✂️")
+    st.session_state[TRACES_KEY] = traces
+    st.session_state["kvscope_origin"] = origin
+
+    if traces:
+        keys = [lt.key for lt in traces]
+        titles = {lt.key: lt.title for lt in traces}
+        current = st.session_state.get(FOCUS_KEY)
+        index = keys.index(current) if current in keys else 0
+        with st.sidebar:
+            choice = st.selectbox(
+                "Trace shown on single-run pages",
+                keys,
+                index=index,
+                format_func=titles.__getitem__,
+                key="kvscope_focus_select",
+            )
+        st.session_state[FOCUS_KEY] = choice
+    return traces
+
+
+def session_traces() -> list[LoadedTrace]:
+    return list(st.session_state.get(TRACES_KEY, []))
+
+
+def focus_trace() -> LoadedTrace | None:
+    """The trace single-run pages show; None (after saying why on the page) when nothing is loaded."""
+    traces = session_traces()
+    if not traces:
+        no_traces_message()
+        return None
+    key = st.session_state.get(FOCUS_KEY)
+    for lt in traces:
+        if lt.key == key:
+            return lt
+    return traces[0]
+
+
+def no_traces_message() -> None:
+    from kvscope.app.sources import sample_runs_dirs
+
+    where = ", ".join(str(d) for d in sample_runs_dirs())
+    st.info(
+        "No trace loaded. Record one with `kvscope run --device sim -o run.kvtrace` and open it with "
+        "`kvscope dashboard run.kvtrace`, or add one with the uploader in the sidebar. "
+        f"(Sample runs are looked for in: {where}.)",
+        icon="ℹ️",
+    )
+
+
+def show_figure(fig, key: str) -> None:
+    """A kvscope figure exactly as the report draws it (kvscope's template, not the Streamlit theme)."""
+    st.plotly_chart(fig, theme=None, key=key, config={"displaylogo": False})
+
+
+def step_bounds(lt: LoadedTrace) -> tuple[int, int]:
+    """(first, last) recorded step, from the memory timeline; (0, 0) for a trace without steps."""
+    from kvscope.analysis.memory import memory_timeline
+
+    tl = memory_timeline(lt.trace)
+    if tl.empty:
+        return 0, 0
+    return int(tl["step"].min()), int(tl["step"].max())
+
+
+def step_slider(lt: LoadedTrace, *, label: str, key: str, default: int | None = None) -> int:
+    """A step picker for one trace (a slider; a fixed step when the trace has only one)."""
+    first, last = step_bounds(lt)
+    if last <= first:
+        st.caption(f"{label}: {first} (the trace has a single step)")
+        return first
+    value = min(max(first if default is None else default, first), last)
+    return int(st.slider(label, min_value=first, max_value=last, value=value, key=f"{key}:{lt.key}"))
+
+
+def summary_frame(traces: list[LoadedTrace]) -> pd.DataFrame:
+    """The `kvscope summary` table (same rows, labels and formats): one column per trace."""
+    from kvscope.analysis.summary import summarize
+    from kvscope.report import summary_rows
+
+    columns: dict[str, list[str]] = {}
+    labels: list[str] = []
+    for i, lt in enumerate(traces):
+        rows = [r for r in summary_rows(summarize(lt.trace)) if r is not None]
+        if i == 0:
+            labels = [label for label, _ in rows]
+        name = lt.name if lt.name not in columns else f"{lt.name} ({i + 1})"
+        columns[name] = [value for _, value in rows]
+    return pd.DataFrame(columns, index=pd.Index(labels, name="figure"))
+
+
+def meta_frame(lt: LoadedTrace) -> pd.DataFrame:
+    from kvscope.report import meta_rows
+
+    rows = meta_rows(lt.trace.meta)
+    return pd.DataFrame(rows, columns=["field", "value"]).set_index("field")
+
+
+def memory_at(lt: LoadedTrace, step: int) -> dict[str, Any] | None:
+    """The memory timeline's row for `step` (the allocator's books at the end of it), None if not sampled."""
+    from kvscope.analysis.memory import memory_timeline
+
+    tl = memory_timeline(lt.trace)
+    row = tl[tl["step"] == step]
+    return None if row.empty else row.iloc[0].to_dict()
+
+
+def peak_step(lt: LoadedTrace, column: str = "reserved") -> int | None:
+    """The step where a memory timeline column peaks (the report's snapshot step), None without samples."""
+    from kvscope.analysis.memory import memory_timeline
+
+    tl = memory_timeline(lt.trace)
+    if tl.empty or column not in tl.columns or not (tl[column] > 0).any():
+        return None
+    return int(tl.loc[tl[column].idxmax(), "step"])

@@ -1,0 +1,255 @@
+"""What CUDA VMM costs: each driver call per 2 MiB page, and what page mapping does to a decode step.
+
+    python benchmarks/bench_vmm.py --out vmm.json            # full run (~1-2 min on an H100)
+    python benchmarks/bench_vmm.py --quick --out vmm.json    # smoke run (seconds)
+
+Part 1, driver calls: reserve / create / map / set_access / unmap / release / free_reservation over many pages,
+each call timed on the host (perf_counter_ns; the VMM calls are synchronous), median / p90 / mean in microseconds.
+Also one cuMemSetAccess over a range of many mapped pages, against one call per page (is the cost per call or per
+page?), and a large reservation like the allocator's (one virtual buffer of a 32-layer model).
+
+Part 2, the decode step (needs the cuda executor): the same batch of decodes on VMM memory three ways:
+  premapped   every page the run needs is mapped before timing (the lower bound: no mapping at all)
+  sync        pages are mapped when a sequence crosses a page boundary, on the engine thread (critical path)
+  background  the next step's pages are mapped on a thread while this step's forward pass runs (vAttention)
+Step times come from the host clock around the whole step (what the user waits for) and from CUDA events around
+the forward pass; mapping time on and off the critical path comes from the executor's counters.
+
+Writes one JSON file (--out) and prints a short table. Exits 1 with one line when there is no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+
+
+def summarize_ns(samples: list[int]) -> dict[str, float]:
+    """Median / p90 / mean / min / max in microseconds, and the count."""
+    if not samples:
+        return {"n": 0}
+    s = sorted(samples)
+    p90 = s[min(len(s) - 1, int(0.9 * (len(s) - 1) + 0.5))]
+    return {
+        "n": len(s),
+        "median_us": statistics.median(s) / 1e3,
+        "p90_us": p90 / 1e3,
+        "mean_us": statistics.fmean(s) / 1e3,
+        "min_us": s[0] / 1e3,
+        "max_us": s[-1] / 1e3,
+    }
+
+
+def timed(fn, *args) -> tuple[Any, int]:
+    t0 = time.perf_counter_ns()
+    out = fn(*args)
+    return out, time.perf_counter_ns() - t0
+
+
+def bench_driver_calls(mem: Any, pages: int, rounds: int, range_pages: int) -> dict[str, Any]:
+    """Per-call costs over `rounds` x `pages` pages of mem.granularity bytes (the first round is a warm-up)."""
+    page = mem.granularity
+    samples: dict[str, list[int]] = {op: [] for op in ("create", "map", "set_access", "unmap", "release")}
+    samples["reserve"] = []
+    samples["free_reservation"] = []
+    for r in range(rounds + 1):
+        va, t_res = timed(mem.reserve, pages * page)
+        handles = []
+        round_samples: dict[str, list[int]] = {k: [] for k in samples}
+        round_samples["reserve"].append(t_res)
+        for _ in range(pages):
+            h, t = timed(mem.create, page)
+            handles.append(h)
+            round_samples["create"].append(t)
+        for i, h in enumerate(handles):
+            _, t = timed(mem.map, va + i * page, page, h)
+            round_samples["map"].append(t)
+            _, t = timed(mem.set_access, va + i * page, page)
+            round_samples["set_access"].append(t)
+        for i in range(pages):
+            _, t = timed(mem.unmap, va + i * page, page)
+            round_samples["unmap"].append(t)
+        for h in handles:
+            _, t = timed(mem.release, h)
+            round_samples["release"].append(t)
+        _, t = timed(mem.free_reservation, va, pages * page)
+        round_samples["free_reservation"].append(t)
+        if r > 0:  # round 0 pays for first-touch costs in the driver
+            for k, v in round_samples.items():
+                samples[k].extend(v)
+    out: dict[str, Any] = {"page_bytes": page, "pages_per_round": pages, "rounds": rounds}
+    out["calls"] = {op: summarize_ns(v) for op, v in samples.items()}
+    out["map_page_us"] = out["calls"]["map"]["median_us"] + out["calls"]["set_access"]["median_us"]
+    out["unmap_release_page_us"] = out["calls"]["unmap"]["median_us"] + out["calls"]["release"]["median_us"]
+    out["create_map_page_us"] = out["calls"]["create"]["median_us"] + out["map_page_us"]
+    out["set_access_range"] = bench_set_access_range(mem, range_pages, rounds)
+    return out
+
+
+def bench_set_access_range(mem: Any, pages: int, rounds: int) -> dict[str, Any]:
+    """One cuMemSetAccess over `pages` mapped pages vs one call per page."""
+    page = mem.granularity
+    va = mem.reserve(pages * page)
+    handles = [mem.create(page) for _ in range(pages)]
+    one_call: list[int] = []
+    per_page: list[int] = []
+    try:
+        for r in range(rounds + 1):
+            for i, h in enumerate(handles):
+                mem.map(va + i * page, page, h)
+            _, t = timed(_set_access_pages_as_one, mem, va, pages)
+            if r:
+                one_call.append(t)
+            for i in range(pages):
+                mem.unmap(va + i * page, page)
+            for i, h in enumerate(handles):
+                mem.map(va + i * page, page, h)
+            t0 = time.perf_counter_ns()
+            for i in range(pages):
+                mem.set_access(va + i * page, page)
+            if r:
+                per_page.append(time.perf_counter_ns() - t0)
+            for i in range(pages):
+                mem.unmap(va + i * page, page)
+    finally:
+        for h in handles:
+            mem.release(h)
+        mem.free_reservation(va, pages * page)
+    one = summarize_ns(one_call)
+    each = summarize_ns(per_page)
+    return {
+        "pages": pages,
+        "one_call_us": one.get("median_us"),
+        "one_call_per_page_us": one["median_us"] / pages if one_call else None,
+        "per_page_calls_us": each.get("median_us"),
+        "per_page_calls_per_page_us": each["median_us"] / pages if per_page else None,
+    }
+
+
+def _set_access_pages_as_one(mem: Any, va: int, pages: int) -> None:
+    """cuMemSetAccess over several mappings at once (the backend's own set_access checks one mapping per call)."""
+    from kvscope.backends.cuda_vmm import _checked
+
+    mem._bind()
+    _checked("cuMemSetAccess", mem._driver.cuMemSetAccess(va, pages * mem.granularity, mem._access, 1))
+
+
+def bench_big_reserve(mem: Any, size: int, rounds: int) -> dict[str, Any]:
+    samples = []
+    for _ in range(rounds):
+        va, t = timed(mem.reserve, size)
+        samples.append(t)
+        mem.free_reservation(va, size)
+    return {"bytes": size, **summarize_ns(samples)}
+
+
+def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
+    """Decode steps on VMM memory: premapped vs sync vs background mapping (see the module docstring)."""
+    from kvscope.engine.cuda_executor import decode_mapping_benchmark
+
+    return decode_mapping_benchmark(
+        model=args.model,
+        layers=args.layers,
+        batch=args.batch,
+        context=args.context,
+        steps=args.steps,
+        page_size=args.page_size,
+        megacache=args.megacache,
+        attention=args.attention,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("bench_vmm.json"), help="JSON results file")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few seconds")
+    p.add_argument("--pages", type=int, default=512, help="pages per round of driver calls")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
+    p.add_argument("--range-pages", type=int, default=64, help="pages in one set_access-over-a-range call")
+    p.add_argument("--skip-decode", action="store_true", help="driver calls only")
+    p.add_argument("--model", default="llama-3-8b", help="model preset for the decode part")
+    p.add_argument("--layers", type=int, default=8, help="layers of the model in the decode part")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=1000, help="tokens each sequence holds before the timed steps")
+    p.add_argument("--steps", type=int, default=256, help="timed decode steps")
+    p.add_argument("--page-size", default="2MiB")
+    p.add_argument("--megacache", action="store_true", help="one buffer for all layers (16 tokens per 2 MiB page)")
+    p.add_argument("--attention", choices=["triton", "sdpa"], default="triton")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.pages, args.rounds, args.range_pages = 64, 2, 16
+        args.layers, args.batch, args.context, args.steps = 2, 8, 200, 32
+
+    from kvscope.backends.base import BackendUnavailable
+    from kvscope.backends.cuda_vmm import CudaMemory
+    from kvscope.cudainfo import probe, versions
+    from kvscope.units import parse_size
+
+    args.page_size = parse_size(args.page_size)
+    info = probe()
+    if not info.available:
+        print(f"bench_vmm: {info.reason}", file=sys.stderr)
+        return 1
+    try:
+        mem = CudaMemory()
+    except BackendUnavailable as e:
+        print(f"bench_vmm: {e}", file=sys.stderr)
+        return 1
+    result: dict[str, Any] = {
+        "benchmark": "vmm",
+        "device": info.device(mem.device).name,
+        "versions": versions(),
+        "host": platform.node(),
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "granularity": {"minimum": mem.granularity, "recommended": mem.recommended_granularity},
+    }
+    try:
+        result["driver_calls"] = bench_driver_calls(mem, args.pages, args.rounds, args.range_pages)
+        # One per-layer K buffer of llama-3-8b at max_batch 256 x max_len 4096: 2 GiB of address space.
+        result["reserve_big"] = bench_big_reserve(mem, 16 << 30, max(args.rounds, 3))
+    finally:
+        mem.close()
+    result["leaked"] = mem.leaked
+    if not args.skip_decode:
+        result["decode"] = bench_decode(args)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print_table(result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def print_table(result: dict[str, Any]) -> None:
+    calls = result["driver_calls"]["calls"]
+    print(f"{result['device']}: page {result['driver_calls']['page_bytes'] // MiB} MiB")
+    print(f"{'call':<18}{'median us':>12}{'p90 us':>12}{'n':>8}")
+    for op, s in calls.items():
+        print(f"{op:<18}{s['median_us']:>12.1f}{s['p90_us']:>12.1f}{s['n']:>8}")
+    rng = result["driver_calls"]["set_access_range"]
+    print(
+        f"set_access over {rng['pages']} pages: one call {rng['one_call_us']:.1f} us "
+        f"vs {rng['per_page_calls_us']:.1f} us in per-page calls"
+    )
+    big = result["reserve_big"]
+    print(f"reserve {big['bytes'] >> 30} GiB: {big['median_us']:.1f} us")
+    dec = result.get("decode")
+    if dec:
+        print(f"{'decode':<12}{'step ms':>10}{'p90 ms':>10}{'fwd ms':>10}{'map on-path ms':>16}{'map off-path ms':>17}")
+        for mode, r in dec["modes"].items():
+            print(
+                f"{mode:<12}{r['step_ms_median']:>10.3f}{r['step_ms_p90']:>10.3f}{r['forward_ms_median']:>10.3f}"
+                f"{r['map_on_path_ms']:>16.2f}{r['map_off_path_ms']:>17.2f}"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Shared pieces of the Triton kernel wrappers: tile configs and their heuristics, input checks, launch helpers.
+
+Kernels run compiled on CUDA tensors, or in Triton's interpreter on CPU tensors when TRITON_INTERPRET=1 was set before
+the kernel modules were imported (tests/conftest.py does that on machines without a GPU). Which of the two we got is
+decided once, at import, by what `triton.jit` returned.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _probe_kernel(x_ptr):
+    tl.store(x_ptr, 0)
+
+
+#: True when `triton.jit` built interpreted functions (TRITON_INTERPRET=1 at import): kernels take CPU tensors.
+INTERPRETED: bool = not isinstance(_probe_kernel, triton.runtime.JITFunction)
+
+#: Pretend SM count in interpreter mode: small, so that the default split-K heuristic still splits in tests.
+_INTERPRETER_SMS = 4
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tiling of the split-K decode kernel.
+
+    block_n: tokens per loop iteration (independent of the KV block size: with 1-token blocks a tile still gathers
+    block_n tokens). num_splits: context partitions per (sequence, kv head); None lets the heuristic fill the SMs.
+    """
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    num_splits: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_tile("DecodeConfig.block_n", self.block_n)
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"DecodeConfig.num_splits must be >= 1, got {self.num_splits}")
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tiling of the causal prefill kernel: block_m query tokens per program, block_n keys per loop iteration."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        _check_tile("PrefillConfig.block_m", self.block_m)
+        _check_tile("PrefillConfig.block_n", self.block_n)
+
+
+def _check_tile(name: str, value: int) -> None:
+    # tl.dot needs every dimension >= 16 on GPUs; tiles must be powers of two for tl.arange.
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
+def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
+    """Tile heuristic: about 16 KiB of K (and as much V) per iteration for 16-bit dtypes, at least 16 tokens."""
+    if INTERPRETED:
+        # The interpreter's cost is per op, not per element: big tiles are the fast choice there.
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=1)
+    block_d = next_power_of_2(head_dim)
+    elem = torch.empty((), dtype=dtype).element_size()
+    block_n = max(16, min(128, 16384 // (elem * block_d)))  # d=128 bf16: 64 tokens, 16 KiB
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3 if elem == 2 else 2)
+
+
+def default_prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
+    """Tile heuristic after Triton's fused-attention tutorial (Hopper, d=128: 128x64 tiles, 8 warps, 3 stages)."""
+    if INTERPRETED:
+        return PrefillConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
+    block_d = next_power_of_2(head_dim)
+    elem = torch.empty((), dtype=dtype).element_size()
+    if block_d <= 64:
+        return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    if block_d <= 128 and elem == 2:
+        return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    # 256-wide heads, or fp32 (twice the shared memory per tile): smaller tiles so the pipeline fits.
+    return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _INTERPRETER_SMS
+
+
+def choose_num_splits(programs: int, num_tiles: int, num_sms: int, programs_per_sm: int = 4) -> int:
+    """How many context partitions per (sequence, kv head): FlashAttention's num_splits heuristic.
+
+    programs: (sequence, kv head) pairs; num_tiles: key tiles of the longest sequence. Splitting pays when the pairs
+    alone cannot fill the machine; among split counts, take the smallest whose wave efficiency (how full the last wave
+    of programs is) is within 85% of the best, so that the partial-result traffic stays small. programs_per_sm: how many
+    decode programs an SM holds at once (d=128 bf16: ~40 KiB of shared memory and ~120 registers a thread -> 4).
+    """
+    slots = num_sms * programs_per_sm
+    if programs >= 0.8 * slots or num_tiles <= 1:
+        return 1
+    max_splits = min(128, slots, num_tiles)
+
+    def tiles_per_split(s: int) -> int:
+        return math.ceil(num_tiles / s)
+
+    def efficiency(s: int) -> float:
+        waves = programs * s / slots
+        return waves / math.ceil(waves)
+
+    # A split count that gives the same tiles per split as a smaller one only adds empty programs.
+    eligible = [s for s in range(1, max_splits + 1) if s == 1 or tiles_per_split(s) != tiles_per_split(s - 1)]
+    best = max(efficiency(s) for s in eligible)
+    return next(s for s in eligible if efficiency(s) >= 0.85 * best)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def dot_args(dtype: torch.dtype) -> dict[str, object]:
+    """The DOT_PRECISION / UPCAST_DOT constexprs of the attention kernels for inputs of `dtype`."""
+    return {
+        # fp32 inputs must not silently drop to TF32 on tensor cores (the CPU tiny model compares against fp32 torch).
+        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        # Triton's interpreter multiplies bfloat16 tiles as their raw uint16 bits: upcast there (never on GPU).
+        "UPCAST_DOT": INTERPRETED and dtype == torch.bfloat16,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input checks: one-line ValueErrors naming the argument and the offending value
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_runnable(*tensors: torch.Tensor) -> torch.device:
+    """All tensors on one device the kernels can run on; returns that device."""
+    device = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != device:
+            raise ValueError(f"kvscope.kernels: all tensors must be on one device, got {device} and {t.device}")
+    if device.type == "cuda" and INTERPRETED:
+        raise ValueError("kvscope.kernels: TRITON_INTERPRET=1 was set at import, so kernels take CPU tensors, not cuda")
+    if device.type == "cpu" and not INTERPRETED:
+        raise ValueError(
+            "kvscope.kernels: CPU tensors need TRITON_INTERPRET=1 set before importing kvscope.kernels "
+            "(or use kvscope.kernels.reference)"
+        )
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"kvscope.kernels: unsupported device {device}")
+    return device
+
+
+def check_shape(name: str, t: torch.Tensor, ndim: int, what: str) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected {what}, got shape {tuple(t.shape)}")
+
+
+def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in allowed:
+        raise ValueError(f"{name}: dtype {t.dtype} not supported (choose from {', '.join(map(str, allowed))})")
+
+
+def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: the head_dim axis must be contiguous (stride 1), got strides {t.stride()}")
+
+
+def check_heads(num_q_heads: int, num_kv_heads: int) -> int:
+    """The GQA group size (q heads per kv head)."""
+    if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
+        raise ValueError(f"q heads ({num_q_heads}) must be a positive multiple of kv heads ({num_kv_heads})")
+    return num_q_heads // num_kv_heads
+
+
+def check_head_dim(head_dim: int, *others: tuple[str, int]) -> None:
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be in 1..256, got {head_dim}")
+    for name, d in others:
+        if d != head_dim:
+            raise ValueError(f"{name}: head_dim {d} differs from q's {head_dim}")
+
+
+def check_index_vector(name: str, t: torch.Tensor, length: int) -> None:
+    check_dtype(name, t, INDEX_DTYPES)
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name}: expected a 1-D tensor of length {length}, got shape {tuple(t.shape)}")
+    if t.numel() and t.stride(0) != 1:
+        raise ValueError(f"{name}: must be contiguous")
+
+
+def default_scale(scale: float | None, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+LOG2E = 1.4426950408889634

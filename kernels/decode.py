@@ -1,0 +1,371 @@
+"""Decode attention (one new query token per sequence) over a paged or a contiguous KV cache: flash-decoding.
+
+Stage 1 gives each (sequence, kv head, context split) one program. The program loads each K/V tile once for all q heads
+of its GQA group (they are the rows of a tl.dot, padded to 16) and keeps an online softmax. With one split the program
+writes the normalized output directly; with several, it writes a partial output and its log-sum-exp, and stage 2
+(`_decode_reduce_kernel`) merges the splits of each (sequence, q head).
+
+Paged cache: k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim] with any strides (head_dim contiguous),
+block_tables [batch, max_blocks]. Contiguous cache (static and VMM layouts): k_buf, v_buf [num_rows, kv_heads,
+head_dim], sequence b in rows token_base[b] .. token_base[b] + seq_lens[b] - 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    LOG2E,
+    DecodeConfig,
+    cdiv,
+    check_dtype,
+    check_head_dim,
+    check_heads,
+    check_index_vector,
+    check_last_dim_contiguous,
+    check_runnable,
+    check_shape,
+    choose_num_splits,
+    default_decode_config,
+    default_scale,
+    dot_args,
+    next_power_of_2,
+    sm_count,
+)
+from .tile_ops import online_softmax_tile, row_offsets, token_slots
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    block_tables_ptr,
+    token_base_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    scale_log2,
+    tokens_per_split,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    stride_ob,
+    stride_oh,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    PAGED: tl.constexpr,
+    DIRECT_OUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    split = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    lo = split * tokens_per_split
+    hi = tl.minimum(lo + tokens_per_split, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    q_heads = kv_head * GROUP + offs_g
+    gd_mask = g_mask[:, None] & d_mask[None, :]
+
+    q = tl.load(
+        q_ptr + seq.to(tl.int64) * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :], mask=gd_mask, other=0.0
+    )
+
+    block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    seq_base = 0
+    if not PAGED:
+        seq_base = tl.load(token_base_ptr + seq).to(tl.int64)
+    k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
+    v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n
+        n_mask = pos < hi
+        block, row = token_slots(pos, n_mask, block_table_row, seq_base, PAGE, PAGED)
+        k_rows = row_offsets(block, row, stride_kb, stride_kt, PAGED)
+        v_rows = row_offsets(block, row, stride_vb, stride_vt, PAGED)
+        load_mask = n_mask[:, None] & d_mask[None, :]
+        acc, l_i, m_i = online_softmax_tile(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_head + k_rows[:, None] + offs_d[None, :],
+            v_head + v_rows[:, None] + offs_d[None, :],
+            load_mask,
+            n_mask[None, :],
+            scale_log2,
+            True,
+            True,
+            DOT_PRECISION,
+            UPCAST_DOT,
+        )
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # an empty sequence gives zeros, not 0/0
+    o = acc / l_safe[:, None]
+    if DIRECT_OUT:
+        out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + q_heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=gd_mask)
+    else:
+        # Empty splits (past the end of a short sequence) write nothing: the reduce reads only the live ones.
+        live = lo < seq_len
+        part = part_out_ptr + seq.to(tl.int64) * stride_pb + q_heads.to(tl.int64) * stride_ph + split * stride_ps
+        tl.store(part[:, None] + offs_d[None, :], o, mask=gd_mask & live)
+        lse = m_i + tl.log2(l_safe)
+        lse_ptrs = part_lse_ptr + seq.to(tl.int64) * stride_lb + q_heads.to(tl.int64) * stride_lh + split
+        tl.store(lse_ptrs, lse, mask=g_mask & live)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    tokens_per_split,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    q_head = tl.program_id(0)
+    seq = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    live_splits = tl.cdiv(seq_len, tokens_per_split)
+    row = seq.to(tl.int64) * stride_pb + q_head.to(tl.int64) * stride_ph
+    lse_row = part_lse_ptr + seq.to(tl.int64) * stride_lb + q_head.to(tl.int64) * stride_lh
+
+    m = tl.full([1], float("-inf"), tl.float32)
+    weight_sum = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for split in range(0, live_splits):
+        lse = tl.load(lse_row + split + tl.zeros([1], tl.int32))
+        o = tl.load(part_out_ptr + row + split * stride_ps + offs_d, mask=d_mask, other=0.0)
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha + o * w
+        weight_sum = weight_sum * alpha + w
+        m = m_new
+    weight_sum = tl.where(weight_sum == 0.0, 1.0, weight_sum)
+    out = acc / weight_sum
+    tl.store(out_ptr + seq.to(tl.int64) * stride_ob + q_head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=d_mask)
+
+
+def _decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_tables: torch.Tensor | None,
+    token_base: torch.Tensor | None,
+    seq_lens: torch.Tensor,
+    scale: float | None,
+    max_seq_len: int | None,
+    out: torch.Tensor | None,
+    config: DecodeConfig | None,
+) -> torch.Tensor:
+    paged = block_tables is not None
+    device = check_runnable(q, k, v, seq_lens, block_tables if paged else token_base)
+    check_shape("q", q, 3, "[batch, q_heads, head_dim]")
+    batch, num_q_heads, head_dim = q.shape
+    kv_heads = k.shape[-2]
+    group = check_heads(num_q_heads, kv_heads)
+    check_head_dim(head_dim, ("k cache", k.shape[-1]), ("v cache", v.shape[-1]))
+    if k.shape != v.shape:
+        raise ValueError(f"k and v caches differ in shape: {tuple(k.shape)} vs {tuple(v.shape)}")
+    for name, t in (("q", q), ("k cache", k), ("v cache", v)):
+        check_dtype(name, t, FLOAT_DTYPES)
+        check_last_dim_contiguous(name, t)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_index_vector("seq_lens", seq_lens, batch)
+    if paged:
+        check_dtype("block_tables", block_tables, INDEX_DTYPES)
+        if block_tables.dim() != 2 or block_tables.shape[0] != batch:
+            raise ValueError(f"block_tables: expected [batch={batch}, max_blocks], got {tuple(block_tables.shape)}")
+        if block_tables.shape[1] and block_tables.stride(1) != 1:
+            raise ValueError("block_tables: rows must be contiguous")
+        page = k.shape[1]
+    else:
+        check_index_vector("token_base", token_base, batch)
+        page = 1
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out: expected {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype}")
+    else:
+        check_last_dim_contiguous("out", out)
+    if batch == 0:
+        return out
+
+    config = config or default_decode_config(head_dim, q.dtype)
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max()) if batch else 0  # one device sync; pass max_seq_len to avoid it
+    num_tiles = max(1, cdiv(max_seq_len, config.block_n))
+    num_splits = config.num_splits or choose_num_splits(batch * kv_heads, num_tiles, sm_count(device))
+    num_splits = min(num_splits, num_tiles)
+    tokens_per_split = cdiv(num_tiles, num_splits) * config.block_n
+    num_splits = cdiv(max(max_seq_len, 1), tokens_per_split)
+
+    if paged:
+        stride_kb, stride_kt, stride_kh = k.stride(0), k.stride(1), k.stride(2)
+        stride_vb, stride_vt, stride_vh = v.stride(0), v.stride(1), v.stride(2)
+        stride_bt = block_tables.stride(0)
+        token_base = seq_lens  # unused by the paged kernel; any int tensor keeps the signature fixed
+    else:
+        stride_kb, stride_kt, stride_kh = 0, k.stride(0), k.stride(1)
+        stride_vb, stride_vt, stride_vh = 0, v.stride(0), v.stride(1)
+        stride_bt = 0
+        block_tables = seq_lens
+
+    direct = num_splits == 1
+    block_d = max(16, next_power_of_2(head_dim))
+    if direct:
+        part_out = out  # unused
+        part_lse = out
+        stride_p = (0, 0, 0, 0, 0)
+    else:
+        part_out = torch.empty((batch, num_q_heads, num_splits, block_d), dtype=torch.float32, device=device)
+        part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=device)
+        stride_p = (*part_out.stride()[:3], *part_lse.stride()[:2])
+
+    _decode_split_kernel[(num_splits, kv_heads, batch)](
+        q,
+        k,
+        v,
+        block_tables,
+        token_base,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        default_scale(scale, head_dim) * LOG2E,
+        tokens_per_split,
+        q.stride(0),
+        q.stride(1),
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        stride_vb,
+        stride_vt,
+        stride_vh,
+        stride_bt,
+        out.stride(0),
+        out.stride(1),
+        *stride_p,
+        GROUP=group,
+        BLOCK_G=max(16, next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_N=config.block_n,
+        PAGE=page,
+        PAGED=paged,
+        DIRECT_OUT=direct,
+        **dot_args(q.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if not direct:
+        _decode_reduce_kernel[(num_q_heads, batch)](
+            part_out,
+            part_lse,
+            seq_lens,
+            out,
+            tokens_per_split,
+            *stride_p,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            num_warps=1 if block_d <= 64 else 2,
+        )
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Attention of one query token per sequence to its cached context, read through a block table.
+
+    q [batch, q_heads, head_dim]; k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim] (any strides with a
+    contiguous head_dim, e.g. views of a [layers, 2, num_blocks, block_size, kv_heads, head_dim] pool); block_tables
+    int32/int64 [batch, max_blocks]; seq_lens int32/int64 [batch] (tokens to attend to, the new one included, so the
+    new K/V must already be stored). scale defaults to 1/sqrt(head_dim). Returns [batch, q_heads, head_dim] in q's
+    dtype (into `out` when given). max_seq_len (>= max(seq_lens)) sizes the split-K grid; without it one device sync
+    reads it. A sequence of length 0 gets zeros.
+    """
+    check_shape("k_cache", k_cache, 4, "[num_blocks, block_size, kv_heads, head_dim]")
+    check_shape("v_cache", v_cache, 4, "[num_blocks, block_size, kv_heads, head_dim]")
+    return _decode(q, k_cache, v_cache, block_tables, None, seq_lens, scale, max_seq_len, out, config)
+
+
+def contiguous_decode_attention(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    token_base: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Decode attention over a contiguous cache (static and VMM layouts).
+
+    k_buf, v_buf [num_rows, kv_heads, head_dim] (any row stride: the VMM megacache interleaves layers); sequence b
+    occupies rows token_base[b] .. token_base[b] + seq_lens[b] - 1 (token_base int32/int64, e.g. slot * max_len).
+    Otherwise as `paged_decode_attention`.
+    """
+    check_shape("k_buf", k_buf, 3, "[num_rows, kv_heads, head_dim]")
+    check_shape("v_buf", v_buf, 3, "[num_rows, kv_heads, head_dim]")
+    return _decode(q, k_buf, v_buf, None, token_base, seq_lens, scale, max_seq_len, out, config)

@@ -1,0 +1,475 @@
+"""Paged KV allocator (vLLM PagedAttention): a pool of fixed-size blocks, per-sequence block tables, reference
+counts, copy-on-write, prefix caching by chained block hashes, and swapping to a CPU block pool.
+
+Block states (every block is in exactly one):
+    free         ref 0, no hash: in `_free` (FIFO)
+    active       ref > 0: held by one or more sequences' block tables
+    cached-idle  ref 0, hashed: in `_idle` (LRU order), still findable by a prefix lookup until evicted
+
+Allocation takes free blocks first, then evicts cached-idle ones least recently used first (vLLM v1 appends a freed
+request's blocks to its free queue in reverse order, so a chain's tail is evicted before its head; we do the same).
+vLLM reserves block 0 as a null block; we do not: all `num_blocks` blocks hold KV and count towards capacity.
+
+Prefix caching: a block that becomes full gets the chained hash sha256(parent hash + its token ids as int64) and is
+registered in `_cached` (hash -> blocks). Like vLLM v1, two blocks may carry the same hash (two sequences computed the
+same prefix at once); a lookup prefers an active one. A full block is never written again, so its hash stays valid.
+
+Swapping: `swap_out` refuses sequences holding a shared block (ref > 1: forks or prefix hits). Moving a block that
+others still read would need per-block CPU ref counts and re-sharing on the way back; the engine preempts such
+sequences by recompute instead (`can_swap_out` says which way to go). Swapped sequences do not count in `logical`
+(their tokens are not in GPU memory).
+
+Data movement is queued in `pending_copies` (Copy 'block' for copy-on-write, 'swap_out' GPU->CPU, 'swap_in'
+CPU->GPU) and the executor must drain it, in order, before the next forward pass writes K/V: a block freed by a
+swap-out may be handed to another sequence in the same step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvscope.alloc.base import Copy, KVOutOfMemory, Usage
+from kvscope.events import Kind
+from kvscope.recorder import NullRecorder, Recorder
+from kvscope.spec import KVSpec
+
+_ROOT_HASH = b""  # parent of a sequence's first block; real hashes are 32 bytes, so no chain can collide with it
+
+
+class SwapRefused(KVOutOfMemory):
+    """swap_out cannot move this sequence (it shares blocks, or the CPU pool is too small): preempt by recompute.
+    A KVOutOfMemory, so a caller that falls back to recompute on any KVOutOfMemory handles it too."""
+
+
+def block_hash(parent: bytes, token_ids) -> bytes:
+    """Chained hash of one full block: sha256(parent hash + token ids as little-endian int64)."""
+    data = token_ids.astype("<i8").tobytes() if isinstance(token_ids, np.ndarray) else array("q", token_ids).tobytes()
+    return hashlib.sha256(parent + data).digest()
+
+
+def hash_prefix(h: bytes) -> int:
+    """The int64 a trace stores for a hash (BLOCK_CACHE / BLOCK_EVICT aux)."""
+    return int.from_bytes(h[:8], "little", signed=True)
+
+
+@dataclass(slots=True)
+class _Block:
+    id: int
+    ref: int = 0
+    fill: int = 0  # tokens written; a shared block has one fill, because writes to shared blocks copy first
+    hash: bytes | None = None
+
+
+@dataclass(slots=True)
+class _Seq:
+    table: list[int] = field(default_factory=list)  # GPU block ids; empty while swapped out
+    tokens: int = 0
+    hashes: list[bytes] = field(default_factory=list)  # chain hash of each full block (prefix caching only)
+    partial: list[int] = field(default_factory=list)  # token ids in the unfilled last block (prefix caching only)
+    cpu_table: list[int] | None = None  # CPU block ids while swapped out
+
+
+class PagedAllocator:
+    name = "paged"
+
+    def __init__(
+        self,
+        spec: KVSpec,
+        capacity_bytes: int,
+        recorder: Recorder | None = None,
+        *,
+        block_size: int = 16,
+        enable_prefix_caching: bool = False,
+        cpu_swap_bytes: int = 0,
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"paged allocator: block_size must be positive, got {block_size}")
+        if cpu_swap_bytes < 0:
+            raise ValueError(f"paged allocator: cpu_swap_bytes must be >= 0, got {cpu_swap_bytes}")
+        self.spec = spec
+        self.recorder = recorder if recorder is not None else NullRecorder()
+        self.block_size = block_size
+        self.prefix_caching = enable_prefix_caching
+        self.bytes_per_token = spec.bytes_per_token
+        self.block_bytes = block_size * self.bytes_per_token
+        self.num_blocks = capacity_bytes // self.block_bytes
+        if self.num_blocks <= 0:
+            raise ValueError(
+                f"paged allocator: capacity {capacity_bytes} bytes is less than one block "
+                f"({block_size} tokens x {self.bytes_per_token} bytes = {self.block_bytes} bytes)"
+            )
+        self.num_cpu_blocks = cpu_swap_bytes // self.block_bytes
+        self.pending_copies: list[Copy] = []
+
+        self._blocks = [_Block(i) for i in range(self.num_blocks)]
+        self._free: deque[int] = deque(range(self.num_blocks))
+        self._idle: OrderedDict[int, None] = OrderedDict()  # cached-idle blocks, least recently used first
+        self._cached: dict[bytes, dict[int, None]] = {}  # hash -> blocks carrying it (active or idle)
+        self._cpu_free: list[int] = list(range(self.num_cpu_blocks - 1, -1, -1))  # stack: lowest id on top
+        self._seqs: dict[int, _Seq] = {}
+        # Running totals, so usage() is O(1).
+        self._num_active = 0
+        self._active_fill = 0  # tokens in active blocks, each block once
+        self._logical = 0  # tokens of GPU-resident sequences
+
+    # ---- queries -------------------------------------------------------------------------------------------------
+    def config(self) -> dict:
+        return {
+            "block_size": self.block_size,
+            "num_blocks": self.num_blocks,
+            "prefix_caching": self.prefix_caching,
+            "cpu_blocks": self.num_cpu_blocks,
+            "block_bytes": self.block_bytes,
+        }
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can take now: free ones plus evictable cached-idle ones."""
+        return len(self._free) + len(self._idle)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def block_table(self, seq: int) -> list[int]:
+        return list(self._resident(seq).table)
+
+    def num_tokens(self, seq: int) -> int:
+        return self._get(seq).tokens
+
+    def is_swapped(self, seq: int) -> bool:
+        return self._get(seq).cpu_table is not None
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self._seqs
+
+    def ref_counts(self) -> list[int]:
+        return [b.ref for b in self._blocks]
+
+    def block_state(self, block: int) -> str:
+        """'active', 'cached_idle' or 'free'."""
+        b = self._blocks[block]
+        if b.ref > 0:
+            return "active"
+        return "cached_idle" if b.hash is not None else "free"
+
+    def usage(self) -> Usage:
+        bb = self.block_bytes
+        reserved = self._num_active * bb
+        used = self._active_fill * self.bytes_per_token
+        return Usage(
+            capacity=self.num_blocks * bb,
+            reserved=reserved,
+            used=used,
+            logical=self._logical * self.bytes_per_token,
+            internal=reserved - used,
+            reservation=0,
+            mapped_idle=0,
+            cached_idle=len(self._idle) * bb,
+            free=len(self._free) * bb,
+        )
+
+    # ---- admission -----------------------------------------------------------------------------------------------
+    def can_admit(self, prompt_len: int, final_len: int) -> bool:
+        # Conservative: prefix hits (unknown without the token ids) could only lower the need.
+        return self.blocks_for(prompt_len) <= self.num_free_blocks
+
+    def admit(self, seq: int, prompt_tokens: np.ndarray, final_len: int) -> int:
+        """Register `seq`; with prefix caching, share the longest run of cached full prompt blocks (never the whole
+        prompt: the last prompt token is always computed) and return the tokens served from the cache."""
+        if seq in self._seqs:
+            raise ValueError(f"paged allocator: seq {seq} is already admitted")
+        s = _Seq()
+        self._seqs[seq] = s
+        if not self.prefix_caching:
+            return 0
+        bs = self.block_size
+        prompt = np.asarray(prompt_tokens)
+        parent = _ROOT_HASH
+        for i in range((len(prompt) - 1) // bs):
+            h = block_hash(parent, prompt[i * bs : (i + 1) * bs])
+            holders = self._cached.get(h)
+            if not holders:
+                break
+            block = next((b for b in holders if self._blocks[b].ref > 0), next(iter(holders)))
+            self._share(seq, s, block)
+            s.hashes.append(h)
+            parent = h
+        hit = len(s.table) * bs
+        s.tokens = hit
+        self._logical += hit
+        if hit:
+            self.recorder.emit(Kind.PREFIX_HIT, seq=seq, n=hit)
+        return hit
+
+    # ---- growth --------------------------------------------------------------------------------------------------
+    def _blocks_needed(self, s: _Seq, n: int) -> tuple[int, bool]:
+        """(blocks to take, whether the last block must be copied first) to append n tokens to s."""
+        room = len(s.table) * self.block_size - s.tokens
+        cow = room > 0 and n > 0 and self._blocks[s.table[-1]].ref > 1
+        need = -(-(n - room) // self.block_size) if n > room else 0
+        return need + cow, cow
+
+    def can_append(self, seq: int, n: int = 1) -> bool:
+        return self._blocks_needed(self._resident(seq), n)[0] <= self.num_free_blocks
+
+    def append(self, seq: int, tokens: np.ndarray) -> None:
+        s = self._resident(seq)
+        n = len(tokens)
+        if n == 0:
+            return
+        need, cow = self._blocks_needed(s, n)
+        if need > self.num_free_blocks:
+            self.recorder.emit(Kind.OOM, seq=seq, n=n, bytes=need * self.block_bytes)
+            raise KVOutOfMemory(
+                f"paged allocator: seq {seq} needs {need} blocks for {n} tokens, "
+                f"{len(self._free)} free + {len(self._idle)} cached-idle"
+            )
+        if cow:
+            self._copy_on_write(seq, s)
+        bs = self.block_size
+        table = s.table
+        room = len(table) * bs - s.tokens
+        ids = np.asarray(tokens).tolist() if self.prefix_caching else None
+        pos = 0
+        while pos < n:
+            if room == 0:
+                self._alloc(seq, s)
+                room = bs
+            k = min(room, n - pos)
+            block = self._blocks[table[-1]]
+            block.fill += k
+            room -= k
+            if ids is not None:
+                s.partial.extend(ids[pos : pos + k])
+                if room == 0:
+                    self._seal(seq, s, block)
+            pos += k
+        self._active_fill += n
+        s.tokens += n
+        self._logical += n
+        self.recorder.emit(Kind.APPEND, seq=seq, n=n, aux=s.tokens)
+
+    def fork(self, parent: int, child: int) -> None:
+        """Child starts with the parent's tokens, sharing every block (copy-on-write on the first divergent write)."""
+        p = self._resident(parent)
+        if child in self._seqs:
+            raise ValueError(f"paged allocator: fork target seq {child} already exists")
+        c = _Seq(tokens=p.tokens, hashes=list(p.hashes), partial=list(p.partial))
+        self._seqs[child] = c
+        for block in p.table:
+            self._share(child, c, block)
+        self._logical += c.tokens
+
+    # ---- release -------------------------------------------------------------------------------------------------
+    def free(self, seq: int) -> None:
+        s = self._get(seq)
+        if s.cpu_table is not None:
+            self._cpu_free.extend(reversed(s.cpu_table))
+        else:
+            self._release_table(seq, s)
+            self._logical -= s.tokens
+        del self._seqs[seq]
+
+    # ---- swapping ------------------------------------------------------------------------------------------------
+    def can_swap_out(self, seq: int) -> bool:
+        s = self._resident(seq)
+        return len(s.table) <= len(self._cpu_free) and all(self._blocks[b].ref == 1 for b in s.table)
+
+    def swap_out(self, seq: int) -> None:
+        """Move the sequence's blocks to the CPU pool and free them on the GPU. Raises SwapRefused (nothing changed)
+        when it shares a block or the CPU pool lacks room."""
+        s = self._resident(seq)
+        shared = [b for b in s.table if self._blocks[b].ref > 1]
+        if shared:
+            raise SwapRefused(f"paged allocator: seq {seq} shares blocks {shared[:4]}; preempt it by recompute")
+        if len(s.table) > len(self._cpu_free):
+            raise SwapRefused(
+                f"paged allocator: seq {seq} needs {len(s.table)} CPU blocks, {len(self._cpu_free)} free in the "
+                f"swap pool; preempt it by recompute"
+            )
+        cpu = [self._cpu_free.pop() for _ in s.table]
+        self.pending_copies.extend(Copy("swap_out", g, c) for g, c in zip(s.table, cpu, strict=True))
+        moved = len(cpu)
+        self._release_table(seq, s)
+        self._logical -= s.tokens
+        s.cpu_table = cpu
+        self.recorder.emit(Kind.SWAP_OUT, seq=seq, n=moved, bytes=moved * self.block_bytes)
+
+    def can_swap_in(self, seq: int) -> bool:
+        s = self._get(seq)
+        return s.cpu_table is not None and len(s.cpu_table) <= self.num_free_blocks
+
+    def swap_in(self, seq: int) -> None:
+        s = self._get(seq)
+        if s.cpu_table is None:
+            raise ValueError(f"paged allocator: seq {seq} is not swapped out")
+        need = len(s.cpu_table)
+        if need > self.num_free_blocks:
+            self.recorder.emit(Kind.OOM, seq=seq, n=s.tokens, bytes=need * self.block_bytes)
+            raise KVOutOfMemory(
+                f"paged allocator: swapping seq {seq} in needs {need} blocks, "
+                f"{len(self._free)} free + {len(self._idle)} cached-idle"
+            )
+        bs = self.block_size
+        for i, cpu_block in enumerate(s.cpu_table):
+            block = self._alloc(seq, s)
+            block.fill = min(bs, s.tokens - i * bs)
+            self.pending_copies.append(Copy("swap_in", cpu_block, block.id))
+            if i < len(s.hashes):  # a full block: make it findable again
+                self._register(seq, block, s.hashes[i])
+        self._active_fill += s.tokens
+        self._logical += s.tokens
+        self._cpu_free.extend(reversed(s.cpu_table))
+        s.cpu_table = None
+        self.recorder.emit(Kind.SWAP_IN, seq=seq, n=need, bytes=need * self.block_bytes)
+
+    # ---- block moves (each emits its event) ----------------------------------------------------------------------
+    def _take(self) -> _Block:
+        """A block for a new allocation: a free one, else evict the least recently used cached-idle one."""
+        if self._free:
+            return self._blocks[self._free.popleft()]
+        block = self._blocks[self._idle.popitem(last=False)[0]]
+        holders = self._cached[block.hash]
+        del holders[block.id]
+        if not holders:
+            del self._cached[block.hash]
+        self.recorder.emit(Kind.BLOCK_EVICT, block=block.id, aux=hash_prefix(block.hash))
+        block.hash = None
+        return block
+
+    def _alloc(self, seq: int, s: _Seq) -> _Block:
+        block = self._take()
+        block.ref = 1
+        block.fill = 0
+        s.table.append(block.id)
+        self._num_active += 1
+        self.recorder.emit(Kind.BLOCK_ALLOC, seq=seq, block=block.id, addr=len(s.table) - 1, bytes=self.block_bytes)
+        return block
+
+    def _share(self, seq: int, s: _Seq, block_id: int) -> None:
+        block = self._blocks[block_id]
+        if block.ref == 0:  # a cached-idle block becomes active again
+            del self._idle[block_id]
+            self._num_active += 1
+            self._active_fill += block.fill
+        block.ref += 1
+        s.table.append(block_id)
+        self.recorder.emit(Kind.BLOCK_SHARE, seq=seq, block=block_id, addr=len(s.table) - 1, aux=block.ref)
+
+    def _copy_on_write(self, seq: int, s: _Seq) -> None:
+        old = self._blocks[s.table[-1]]
+        new = self._take()
+        new.ref = 1
+        new.fill = old.fill
+        s.table[-1] = new.id
+        self._num_active += 1
+        self._active_fill += new.fill
+        self.pending_copies.append(Copy("block", old.id, new.id))
+        self.recorder.emit(
+            Kind.BLOCK_COW, seq=seq, block=new.id, addr=len(s.table) - 1, bytes=self.block_bytes, aux=old.id
+        )
+        old.ref -= 1  # stays >= 1: it was shared
+        self.recorder.emit(Kind.BLOCK_FREE, seq=seq, block=old.id, aux=old.ref)
+
+    def _seal(self, seq: int, s: _Seq, block: _Block) -> None:
+        """A block just became full: hash it into the sequence's chain and make it findable."""
+        h = block_hash(s.hashes[-1] if s.hashes else _ROOT_HASH, s.partial)
+        s.hashes.append(h)
+        s.partial.clear()
+        self._register(seq, block, h)
+
+    def _register(self, seq: int, block: _Block, h: bytes) -> None:
+        block.hash = h
+        self._cached.setdefault(h, {})[block.id] = None
+        self.recorder.emit(Kind.BLOCK_CACHE, seq=seq, block=block.id, aux=hash_prefix(h))
+
+    def _release_table(self, seq: int, s: _Seq) -> None:
+        # Tail first, so that among this sequence's blocks the chain tail is the first to be evicted.
+        for block_id in reversed(s.table):
+            block = self._blocks[block_id]
+            block.ref -= 1
+            self.recorder.emit(Kind.BLOCK_FREE, seq=seq, block=block_id, aux=block.ref)
+            if block.ref == 0:
+                self._num_active -= 1
+                self._active_fill -= block.fill
+                if block.hash is not None:
+                    self._idle[block_id] = None
+                else:
+                    block.fill = 0
+                    self._free.append(block_id)
+        s.table = []
+
+    # ---- lookups -------------------------------------------------------------------------------------------------
+    def _get(self, seq: int) -> _Seq:
+        try:
+            return self._seqs[seq]
+        except KeyError:
+            raise ValueError(f"paged allocator: unknown seq {seq}") from None
+
+    def _resident(self, seq: int) -> _Seq:
+        s = self._get(seq)
+        if s.cpu_table is not None:
+            raise ValueError(f"paged allocator: seq {seq} is swapped out; swap it in first")
+        return s
+
+    # ---- invariants (O(blocks + table entries); for tests and debug runs) ---------------------------------------
+    def check_invariants(self) -> None:
+        bs = self.block_size
+        holders = [0] * self.num_blocks
+        logical = 0
+        cpu_held: list[int] = []
+        for seq, s in self._seqs.items():
+            if s.cpu_table is not None:
+                assert not s.table, f"swapped seq {seq} still holds GPU blocks {s.table}"
+                assert len(s.cpu_table) == self.blocks_for(s.tokens), f"seq {seq}: CPU table length wrong"
+                cpu_held += s.cpu_table
+                continue
+            logical += s.tokens
+            assert len(s.table) == self.blocks_for(s.tokens), (
+                f"seq {seq}: {len(s.table)} blocks for {s.tokens} tokens (block size {bs})"
+            )
+            assert len(set(s.table)) == len(s.table), f"seq {seq} holds a block twice: {s.table}"
+            for i, b in enumerate(s.table):
+                holders[b] += 1
+                expected_fill = min(bs, s.tokens - i * bs)
+                assert self._blocks[b].fill == expected_fill, (
+                    f"seq {seq} block {b} (index {i}): fill {self._blocks[b].fill}, expected {expected_fill}"
+                )
+            if s.tokens % bs:
+                assert self._blocks[s.table[-1]].hash is None, f"seq {seq}: its partly filled block carries a hash"
+            if self.prefix_caching:
+                full = s.tokens // bs
+                assert len(s.hashes) == full, f"seq {seq}: {len(s.hashes)} hashes for {full} full blocks"
+                assert len(s.partial) == s.tokens - full * bs, f"seq {seq}: partial token ids out of step"
+                for i in range(full):
+                    assert self._blocks[s.table[i]].hash == s.hashes[i], f"seq {seq}: block {i} hash differs"
+        for b in self._blocks:
+            assert b.ref == holders[b.id], f"block {b.id}: ref {b.ref} but {holders[b.id]} table entries hold it"
+        free, idle = set(self._free), set(self._idle)
+        assert len(free) == len(self._free), "a block is twice in the free queue"
+        assert not free & idle, f"blocks both free and cached-idle: {sorted(free & idle)}"
+        for b in self._blocks:
+            state = "active" if b.ref else ("idle" if b.id in idle else "free" if b.id in free else "lost")
+            assert state != "lost", f"block {b.id} is in no state (ref 0, not free, not cached-idle)"
+            assert not (b.ref and (b.id in idle or b.id in free)), f"active block {b.id} is also in a free queue"
+            if b.id in free:
+                assert b.hash is None and b.fill == 0, f"free block {b.id} carries a hash or tokens"
+            if b.id in idle:
+                assert b.hash is not None and b.fill == bs, f"cached-idle block {b.id} is not a full hashed block"
+        cached_blocks = {b for hs in self._cached.values() for b in hs}
+        assert cached_blocks == {b.id for b in self._blocks if b.hash is not None}, "hash index out of step"
+        for h, hs in self._cached.items():
+            assert all(self._blocks[b].hash == h for b in hs), "hash index points at a block with another hash"
+        active = [b for b in self._blocks if b.ref]
+        assert self._num_active == len(active), "active block count out of step"
+        assert self._active_fill == sum(b.fill for b in active), "active fill out of step"
+        assert self._logical == logical, "logical token count out of step"
+        assert len(cpu_held) == len(set(cpu_held)), "a CPU block is held twice"
+        assert not set(cpu_held) & set(self._cpu_free), "a held CPU block is also free"
+        assert len(cpu_held) + len(self._cpu_free) == self.num_cpu_blocks, "CPU blocks lost"
+        self.usage().check()

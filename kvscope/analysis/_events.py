@@ -1,0 +1,229 @@
+"""Shared, cached views of a trace's events for the analysis modules (not public API).
+
+Everything here is derived once per Trace and kept in `trace._cache` under keys starting with "analysis.", so that
+the many analyses a report or dashboard runs on one trace do not each re-scan a million-row DataFrame. The events
+DataFrame is never modified.
+
+Time: `t_s` everywhere in kvscope.analysis is the end of a step on the run's clock. A simulated run (every STEP
+event carries the simulated clock in `aux`) uses the simulated clock, so that times and tokens/s mean what the
+simulation models; other runs use host time (`t_ns`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+
+from kvscope.events import KIND_BY_NAME, Kind
+
+T = TypeVar("T")
+
+# VMM driver/OS calls, each timed by the allocator (dur_ns): what driver_calls and the throughput timeline add up.
+DRIVER_KINDS: tuple[Kind, ...] = (
+    Kind.VMM_RESERVE,
+    Kind.PAGE_CREATE,
+    Kind.PAGE_MAP,
+    Kind.PAGE_ACCESS,
+    Kind.PAGE_UNMAP,
+    Kind.PAGE_RELEASE,
+)
+
+
+def cached(trace, key: str, build: Callable[[], T]) -> T:
+    """trace._cache[key], built on first use. Keys are namespaced 'analysis.*' by the callers."""
+    cache = trace._cache
+    full_key = f"analysis.{key}"
+    if full_key not in cache:
+        cache[full_key] = build()
+    return cache[full_key]
+
+
+def kind_codes(trace) -> np.ndarray:
+    """Kind value (int16) of every event row; -1 for a kind this kvscope does not know."""
+
+    def build() -> np.ndarray:
+        kind = trace.events["kind"]
+        if isinstance(kind.dtype, pd.CategoricalDtype):
+            lookup = np.array([int(KIND_BY_NAME.get(str(c), -1)) for c in kind.cat.categories] + [-1], np.int16)
+            codes = kind.cat.codes.to_numpy()
+            return lookup[np.where(codes < 0, len(lookup) - 1, codes)]
+        return np.array([int(KIND_BY_NAME.get(str(c), -1)) for c in kind], np.int16)
+
+    return cached(trace, "kind_codes", build)
+
+
+def column(trace, name: str) -> np.ndarray:
+    """An int column as a numpy array (no copy where pandas allows)."""
+    return cached(trace, f"col.{name}", lambda: trace.events[name].to_numpy())
+
+
+def mask(trace, *kinds: Kind) -> np.ndarray:
+    codes = kind_codes(trace)
+    if len(kinds) == 1:
+        return codes == int(kinds[0])
+    return np.isin(codes, np.array([int(k) for k in kinds], np.int16))
+
+
+def select(trace, *kinds: Kind) -> pd.DataFrame:
+    """Rows of the given kinds (a new DataFrame; original row order), with a `code` column holding the Kind value."""
+
+    def build() -> pd.DataFrame:
+        m = mask(trace, *kinds)
+        df = trace.events.loc[m, ["t_ns", "step", "seq", "block", "n", "bytes", "addr", "aux", "dur_ns"]]
+        df = df.reset_index(drop=True)
+        df["code"] = kind_codes(trace)[m]
+        return df
+
+    key = "select." + ",".join(str(int(k)) for k in sorted(set(kinds)))
+    return cached(trace, key, build).copy()
+
+
+def count(trace, kind: Kind) -> int:
+    return int(mask(trace, kind).sum())
+
+
+def running_step(trace) -> np.ndarray:
+    """Per row, the step it belongs to for 'state at the end of step s' purposes: rows recorded outside a step
+    (step -1) after the first step count with the step before them."""
+
+    def build() -> np.ndarray:
+        steps = column(trace, "step").astype(np.int64)
+        return np.maximum.accumulate(steps) if len(steps) else steps
+
+    return cached(trace, "running_step", build)
+
+
+def step_cuts(trace) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, cut): for every step that recorded anything, the row position where its state ends.
+
+    The state at the end of step s is what the allocator's books describe: the ACCT_* samples the engine records
+    last in every step. So the cut is just after the step's last ACCT row; a step without samples ends after its
+    last row. Rows after the last step's samples (allocator teardown at the end of the run) belong to no step."""
+
+    def build() -> tuple[np.ndarray, np.ndarray]:
+        run = running_step(trace)
+        valid = np.flatnonzero(run >= 0)
+        if not len(valid):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        steps_all = run[valid]
+        last = np.r_[steps_all[1:] != steps_all[:-1], True]
+        steps = steps_all[last]
+        cut = valid[last] + 1
+        codes = kind_codes(trace)
+        acct = np.flatnonzero((codes >= int(Kind.ACCT_CAPACITY)) & (codes <= int(Kind.ACCT_FREE)) & (run >= 0))
+        if len(acct):
+            acct_steps = run[acct]
+            last_acct = np.r_[acct_steps[1:] != acct_steps[:-1], True]
+            at = np.searchsorted(steps, acct_steps[last_acct])
+            cut[at] = acct[last_acct] + 1
+        return steps.astype(np.int64), cut.astype(np.int64)
+
+    return cached(trace, "step_cuts", build)
+
+
+def end_of_step(trace, step: int) -> int:
+    """Row position just after the state of the end of `step` (events [0, pos) make that state). A step that
+    recorded nothing ends where the step before it ended."""
+    steps, cut = step_cuts(trace)
+    i = int(np.searchsorted(steps, step, side="right")) - 1
+    return int(cut[i]) if i >= 0 else int(np.searchsorted(running_step(trace), -1, side="right"))
+
+
+def recorded_steps(trace) -> np.ndarray:
+    """Steps that recorded at least one event, ascending."""
+    return step_cuts(trace)[0]
+
+
+def step_clock(trace) -> pd.DataFrame:
+    """One row per step that recorded anything: step, t_s (end of the step on the run's clock), dur_s (the step's
+    duration: STEP dur_ns on host time, successive differences of the simulated clock on simulated runs),
+    wall_s (host time at the end of the step), clock ('sim' or 'host')."""
+
+    def build() -> pd.DataFrame:
+        run = running_step(trace)
+        t_ns = column(trace, "t_ns")
+        if not len(run) or run[-1] < 0:
+            return pd.DataFrame(
+                {"step": pd.Series([], dtype="int64"), "t_s": [], "dur_s": [], "wall_s": [], "clock": []}
+            )
+        valid = run >= 0
+        steps_all = run[valid]
+        last_pos = np.flatnonzero(np.r_[steps_all[1:] != steps_all[:-1], True])
+        steps = steps_all[last_pos]
+        wall_s = t_ns[valid][last_pos] / 1e9
+        frame = pd.DataFrame({"step": steps.astype(np.int64), "wall_s": wall_s})
+        st = select(trace, Kind.STEP).drop_duplicates("step", keep="last")
+        st = st[st["step"] >= 0]
+        frame = frame.merge(
+            st[["step", "dur_ns", "aux"]].astype({"step": "int64"}), on="step", how="left", validate="one_to_one"
+        )
+        simulated = len(st) > 0 and bool((st["aux"] >= 0).all())
+        if simulated:
+            # aux is the simulated clock at the end of the step. An idle engine jumps the clock to the next arrival
+            # before a step, so a step starts at the later of the previous step's end and the earliest arrival
+            # among the requests that arrived in it (arrivals in a step are never later than its start otherwise).
+            end_ns = frame["aux"].astype("float64").ffill().fillna(0.0).to_numpy()
+            start_ns = np.r_[0.0, end_ns[:-1]]
+            first_arrival = _arrival_ns_by_step(trace)
+            if first_arrival is not None:
+                arr = first_arrival.reindex(frame["step"]).to_numpy(dtype=np.float64)
+                start_ns = np.where(np.isnan(arr), start_ns, np.maximum(start_ns, np.minimum(arr, end_ns)))
+            frame["t_s"] = end_ns / 1e9
+            frame["dur_s"] = np.maximum(end_ns - start_ns, 0.0) / 1e9
+            frame["clock"] = "sim"
+        else:
+            frame["t_s"] = frame["wall_s"]
+            dur = frame["dur_ns"].astype("float64") / 1e9
+            frame["dur_s"] = dur.fillna(0.0)
+            frame["clock"] = "host"
+        return frame[["step", "t_s", "dur_s", "wall_s", "clock"]]
+
+    return cached(trace, "step_clock", build).copy()
+
+
+def _arrival_ns_by_step(trace) -> pd.Series | None:
+    """Earliest workload arrival time (ns) of the requests that arrived in each step; None without arrival times."""
+    meta = requests_meta(trace)
+    if meta.empty or "arrival" not in meta.columns:
+        return None
+    arrive = select(trace, Kind.ARRIVE)
+    arrival = pd.to_numeric(meta.set_index("seq")["arrival"], errors="coerce") * 1e9
+    ns = arrival.reindex(arrive["seq"]).to_numpy(dtype=np.float64)
+    return pd.Series(ns).groupby(arrive["step"].to_numpy()).min()
+
+
+def is_simulated_clock(trace) -> bool:
+    clock = step_clock(trace)
+    return bool(len(clock)) and clock["clock"].iloc[0] == "sim"
+
+
+def requests_meta(trace) -> pd.DataFrame:
+    """meta['requests'] as a DataFrame (seq, id, arrival, prompt_len, output_len, n); empty when absent or unusable."""
+
+    def build() -> pd.DataFrame:
+        req = trace.meta.get("requests") or {}
+        cols = {k: v for k, v in req.items() if isinstance(v, list)} if isinstance(req, dict) else {}
+        lengths = {len(v) for v in cols.values()}
+        if "seq" not in cols or len(lengths) != 1:
+            return pd.DataFrame({"seq": pd.Series([], dtype="int64")})
+        df = pd.DataFrame(cols)
+        df["seq"] = df["seq"].astype("int64")
+        return df.drop_duplicates("seq", keep="first").reset_index(drop=True)
+
+    return cached(trace, "requests_meta", build).copy()
+
+
+def config_value(trace, name: str, default: Any = None) -> Any:
+    cfg = trace.meta.get("allocator_config") or {}
+    return cfg.get(name, default) if isinstance(cfg, dict) else default
+
+
+def acct_last(trace, kind: Kind) -> int:
+    """The last ACCT sample of a kind (0 when there is none)."""
+    m = mask(trace, kind)
+    if not m.any():
+        return 0
+    return int(column(trace, "bytes")[np.flatnonzero(m)[-1]])

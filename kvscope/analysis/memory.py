@@ -1,0 +1,93 @@
+"""Memory timeline: the allocator's own books (ACCT_* samples) at the end of every step, with the waste breakdown.
+
+The engine emits one ACCT_* sample per Usage field at the end of every step; this pivots them into one row per
+step. Identities that hold on every row (kvscope.alloc.base.Usage): capacity = reserved + cached_idle + free;
+reserved = used + internal + reservation + mapped_idle; waste = reserved - used; logical >= used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from kvscope.analysis._events import cached, select, step_clock
+from kvscope.events import ACCT_FIELDS, Kind
+
+FIELDS: list[str] = list(ACCT_FIELDS.values())
+TIMELINE_COLUMNS: list[str] = [
+    "step",
+    "t_s",
+    *FIELDS,
+    "waste",
+    "waste_frac",
+    "block_usage_frac",
+    "token_usage_frac",
+    "sharing_saved",
+    "nvml_bytes",
+    "torch_bytes",
+]
+
+
+def memory_timeline(trace) -> pd.DataFrame:
+    """One row per step with ACCT samples: step, t_s, capacity, reserved, used, logical, internal, reservation,
+    mapped_idle, cached_idle, free (bytes, int64), waste (= reserved - used), waste_frac (waste / reserved, 0 when
+    nothing is reserved), block_usage_frac (reserved / capacity: vLLM's kv_cache_usage figure, which counts blocks
+    and treats cached-idle blocks as free), token_usage_frac (used / capacity), sharing_saved (logical - used),
+    nvml_bytes / torch_bytes (the last MEM_NVML / MEM_TORCH sample at or before the step's end; NaN if none).
+
+    A field never sampled in a step carries the previous step's value (a sample lost to a cut-off trace)."""
+    return cached(trace, "memory_timeline", lambda: _build(trace)).copy()
+
+
+def _build(trace) -> pd.DataFrame:
+    acct = select(trace, *ACCT_FIELDS)
+    acct = acct[acct["step"] >= 0]
+    if acct.empty:
+        frame = pd.DataFrame({c: pd.Series([], dtype="int64") for c in ["step", *FIELDS, "waste", "sharing_saved"]})
+        for c in ["t_s", "waste_frac", "block_usage_frac", "token_usage_frac", "nvml_bytes", "torch_bytes"]:
+            frame[c] = pd.Series([], dtype="float64")
+        return frame[TIMELINE_COLUMNS]
+    acct["field"] = acct["code"].map({int(k): v for k, v in ACCT_FIELDS.items()})
+    wide = acct.pivot_table(index="step", columns="field", values="bytes", aggfunc="last")
+    wide = wide.reindex(columns=FIELDS).ffill().fillna(0).astype("int64")
+    frame = wide.reset_index()
+    frame.columns.name = None
+    frame["step"] = frame["step"].astype("int64")
+    clock = step_clock(trace)[["step", "t_s", "wall_s"]]
+    frame = frame.merge(clock, on="step", how="left")
+    frame["waste"] = frame["reserved"] - frame["used"]
+    reserved = frame["reserved"].to_numpy(dtype=np.float64)
+    capacity = frame["capacity"].to_numpy(dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frame["waste_frac"] = np.where(reserved > 0, frame["waste"] / np.where(reserved > 0, reserved, 1), 0.0)
+        frame["block_usage_frac"] = np.where(capacity > 0, reserved / np.where(capacity > 0, capacity, 1), 0.0)
+        frame["token_usage_frac"] = np.where(capacity > 0, frame["used"] / np.where(capacity > 0, capacity, 1), 0.0)
+    frame["sharing_saved"] = frame["logical"] - frame["used"]
+    for kind, col in ((Kind.MEM_NVML, "nvml_bytes"), (Kind.MEM_TORCH, "torch_bytes")):
+        frame[col] = _sample_at_step_end(trace, kind, frame)
+    return frame[TIMELINE_COLUMNS]
+
+
+def _sample_at_step_end(trace, kind: Kind, frame: pd.DataFrame) -> np.ndarray:
+    """The last sample of `kind` taken at or before each step's end (host time; samples come from a thread)."""
+    samples = select(trace, kind)
+    out = np.full(len(frame), np.nan)
+    if samples.empty:
+        return out
+    t = samples["t_ns"].to_numpy() / 1e9
+    order = np.argsort(t, kind="stable")
+    t, values = t[order], samples["bytes"].to_numpy(dtype=np.float64)[order]
+    pos = np.searchsorted(t, frame["wall_s"].to_numpy(), side="right") - 1
+    ok = pos >= 0
+    out[ok] = values[pos[ok]]
+    return out
+
+
+def waste_breakdown(trace) -> pd.DataFrame:
+    """Long form of the waste split per step, for stacked-area figures: step, t_s, category, bytes, with categories
+    used, internal, reservation, mapped_idle, cached_idle, free (their sum is the capacity)."""
+    tl = memory_timeline(trace)
+    cats = ["used", "internal", "reservation", "mapped_idle", "cached_idle", "free"]
+    long = tl.melt(id_vars=["step", "t_s"], value_vars=cats, var_name="category", value_name="bytes")
+    long["category"] = pd.Categorical(long["category"], categories=cats)
+    return long.sort_values(["step", "category"], kind="stable").reset_index(drop=True)

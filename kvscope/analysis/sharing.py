@@ -1,0 +1,288 @@
+"""Sharing: blocks held by several sequences, the fork tree, and the prefix-cache tree with its hit statistics.
+
+Savings from sharing are in the memory timeline (`sharing_saved` = logical - used); this module says who shares
+what. The prefix tree is rebuilt from BLOCK_CACHE events (a block became full and got its chained hash) and the
+sequences' block tables replayed from BLOCK_ALLOC / BLOCK_SHARE / BLOCK_COW / BLOCK_FREE: the parent of a cached
+block is the block before it in the table of the sequence that cached it, i.e. the previous link of its hash chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kvscope.analysis._events import cached, column, config_value, kind_codes, mask, requests_meta, select, step_clock
+from kvscope.events import Kind
+
+EDGE_COLUMNS = ["seq", "block", "ref_count", "table_index"]
+FORK_COLUMNS = ["child", "parent", "step", "t_s", "tokens", "root", "depth"]
+TREE_COLUMNS = [
+    "node",
+    "parent",
+    "block",
+    "depth",
+    "hits",
+    "tokens",
+    "hash",
+    "stores",
+    "evictions",
+    "cached",
+    "first_step",
+]
+
+
+def sharing_edges(trace, step: int) -> pd.DataFrame:
+    """One row per (sequence, shared block) at the end of `step`: seq, block, ref_count (> 1: holders of the block),
+    table_index (where the block sits in the sequence's block table). Blocks held by one sequence are left out.
+    Only paged traces share blocks; other allocators give an empty frame."""
+    from kvscope.analysis.fragmentation import block_states
+
+    if str(trace.meta.get("allocator", "")) not in ("paged", "") or not mask(trace, Kind.BLOCK_ALLOC).any():
+        return _empty_edges()
+    states = block_states(trace, step)
+    shared = states[states["ref_count"] > 1]
+    if shared.empty:
+        return _empty_edges()
+    holders = shared["seqs"].str.split(",")
+    edges = pd.DataFrame(
+        {
+            "seq": np.concatenate([np.array(h, dtype=np.int64) for h in holders]),
+            "block": np.repeat(shared["unit"].to_numpy(), holders.str.len().to_numpy()),
+            "ref_count": np.repeat(shared["ref_count"].to_numpy(), holders.str.len().to_numpy()),
+            "table_index": np.repeat(shared["table_index"].to_numpy(), holders.str.len().to_numpy()),
+        }
+    )
+    return edges.sort_values(["block", "seq"], kind="stable").reset_index(drop=True)[EDGE_COLUMNS]
+
+
+def _empty_edges() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series([], dtype="int64") for c in EDGE_COLUMNS})
+
+
+def fork_tree(trace) -> pd.DataFrame:
+    """One row per forked sequence (parallel sampling, beam search): child, parent, step (when it forked), t_s,
+    tokens (it started with), root (the request's seq), depth (1 for a child of a request)."""
+    forks = select(trace, Kind.FORK).drop_duplicates("seq", keep="first")
+    if forks.empty:
+        frame = pd.DataFrame({c: pd.Series([], dtype="int64") for c in FORK_COLUMNS})
+        frame["t_s"] = frame["t_s"].astype("float64")
+        return frame
+    clock = step_clock(trace)
+    t_of = dict(zip(clock["step"].tolist(), clock["t_s"].tolist()))
+    parent_of = dict(zip(forks["seq"].tolist(), forks["aux"].tolist()))
+    roots, depths = [], []
+    for child in forks["seq"].tolist():
+        node, depth = child, 0
+        while node in parent_of and depth <= len(parent_of):
+            node, depth = parent_of[node], depth + 1
+        roots.append(node)
+        depths.append(depth)
+    frame = pd.DataFrame(
+        {
+            "child": forks["seq"].to_numpy(np.int64),
+            "parent": forks["aux"].to_numpy(np.int64),
+            "step": forks["step"].to_numpy(np.int64),
+            "t_s": [t_of.get(s, np.nan) for s in forks["step"].tolist()],
+            "tokens": forks["n"].to_numpy(np.int64),
+            "root": np.array(roots, np.int64),
+            "depth": np.array(depths, np.int64),
+        }
+    )
+    return frame.reset_index(drop=True)
+
+
+# ---- prefix tree ------------------------------------------------------------------------------------------------
+@dataclass
+class _Node:
+    id: int
+    parent: int
+    depth: int
+    block: int
+    hash: int
+    first_step: int
+    hits: int = 0
+    stores: int = 0
+    evictions: int = 0
+    blocks: set[int] = field(default_factory=set)  # blocks carrying this hash now
+
+
+@dataclass
+class _PrefixPass:
+    nodes: list[_Node]
+    hits_first: dict[int, int]  # seq -> hit tokens at its first admission
+    hits_readmit: dict[int, int]  # seq -> hit tokens at re-admissions after a preemption
+    peak_cached_blocks: int
+
+
+def _prefix_pass(trace) -> _PrefixPass:
+    """One pass over the paged events: block tables per sequence, hashes per block, a node per distinct hash."""
+
+    def build() -> _PrefixPass:
+        bs = int(config_value(trace, "block_size", 16) or 16)
+        kinds = (
+            Kind.BLOCK_ALLOC,
+            Kind.BLOCK_SHARE,
+            Kind.BLOCK_COW,
+            Kind.BLOCK_FREE,
+            Kind.BLOCK_CACHE,
+            Kind.BLOCK_EVICT,
+            Kind.PREFIX_HIT,
+            Kind.PREEMPT,
+        )
+        m = mask(trace, *kinds)
+        rows = zip(
+            kind_codes(trace)[m].tolist(),
+            column(trace, "step")[m].tolist(),
+            *(column(trace, c)[m].tolist() for c in ("seq", "block", "n", "addr", "aux")),
+        )
+        ALLOC, SHARE, COW, FREE, CACHE, EVICT, HIT, PREEMPT = (int(k) for k in kinds)
+        table: dict[int, dict[int, int]] = {}  # seq -> index -> block
+        where: dict[int, dict[int, int]] = {}  # seq -> block -> index
+        block_node: dict[int, _Node] = {}  # block -> node of the hash it carries
+        by_hash: dict[int, _Node] = {}
+        nodes: list[_Node] = []
+        preempted: set[int] = set()
+        hits_first: dict[int, int] = {}
+        hits_readmit: dict[int, int] = {}
+        cached_blocks = peak = 0
+        for code, step, seq, b, n, addr, aux in rows:
+            if code == ALLOC or code == SHARE or code == COW:
+                table.setdefault(seq, {})[addr] = b
+                where.setdefault(seq, {})[b] = addr
+                if code != SHARE and b in block_node:  # a fresh block carries no hash any more
+                    block_node.pop(b).blocks.discard(b)
+                    cached_blocks -= 1
+            elif code == FREE:
+                idx = where.get(seq, {}).pop(b, None)
+                if idx is not None and table[seq].get(idx) == b:
+                    del table[seq][idx]
+            elif code == CACHE:
+                idx = where.get(seq, {}).get(b, -1)
+                parent_block = table.get(seq, {}).get(idx - 1) if idx > 0 else None
+                parent = block_node.get(parent_block) if parent_block is not None else None
+                node = by_hash.get(aux)
+                if node is None:
+                    node = _Node(len(nodes), parent.id if parent else -1, idx + 1 if idx >= 0 else 0, b, aux, step)
+                    nodes.append(node)
+                    by_hash[aux] = node
+                node.stores += 1
+                node.block = b
+                old = block_node.get(b)
+                if old is not node:
+                    if old is not None:
+                        old.blocks.discard(b)
+                    else:
+                        cached_blocks += 1
+                    node.blocks.add(b)
+                    block_node[b] = node
+                peak = max(peak, cached_blocks)
+            elif code == EVICT:
+                node = block_node.pop(b, None)
+                if node is not None:
+                    node.blocks.discard(b)
+                    node.evictions += 1
+                    cached_blocks -= 1
+            elif code == HIT:
+                target = hits_readmit if seq in preempted else hits_first
+                target[seq] = target.get(seq, 0) + n
+                seq_table = table.get(seq, {})
+                for i in range(n // bs):
+                    node = block_node.get(seq_table.get(i, -1))
+                    if node is not None:
+                        node.hits += 1
+            elif code == PREEMPT:
+                preempted.add(seq)
+        return _PrefixPass(nodes, hits_first, hits_readmit, peak)
+
+    return cached(trace, "prefix_pass", build)
+
+
+def prefix_tree(trace) -> pd.DataFrame:
+    """One row per distinct cached block hash (a prefix-cache node): node (id, 0..N-1), parent (node id of the
+    previous block of the chain, -1 for a first block), block (the last physical block that carried it), depth
+    (blocks from the start of the prompt: 1 for a first block), hits (admissions that were served this block from
+    the cache; re-admissions after a preemption included), tokens (depth x block size: prompt tokens the chain
+    covers), hash (int64 prefix of the chained hash), stores (times a block got this hash: first computation,
+    recomputation after an eviction, swap-in), evictions, cached (some block still carries it at the end of the
+    trace), first_step. Empty for traces without prefix caching."""
+    p = _prefix_pass(trace)
+    bs = int(config_value(trace, "block_size", 16) or 16)
+    if not p.nodes:
+        frame = pd.DataFrame({c: pd.Series([], dtype="int64") for c in TREE_COLUMNS})
+        frame["cached"] = frame["cached"].astype(bool)
+        return frame
+    frame = pd.DataFrame(
+        {
+            "node": [n.id for n in p.nodes],
+            "parent": [n.parent for n in p.nodes],
+            "block": [n.block for n in p.nodes],
+            "depth": [n.depth for n in p.nodes],
+            "hits": [n.hits for n in p.nodes],
+            "tokens": [n.depth * bs for n in p.nodes],
+            "hash": [n.hash for n in p.nodes],
+            "stores": [n.stores for n in p.nodes],
+            "evictions": [n.evictions for n in p.nodes],
+            "cached": [bool(n.blocks) for n in p.nodes],
+            "first_step": [n.first_step for n in p.nodes],
+        }
+    ).astype({c: "int64" for c in TREE_COLUMNS if c != "cached"})
+    return frame[TREE_COLUMNS]
+
+
+def prefix_stats(trace) -> dict[str, Any]:
+    """Prefix-cache figures (JSON-serializable):
+
+    enabled (the allocator config says prefix caching is on, or the trace has prefix hits); block_size;
+    prompt_tokens (prompt tokens of admitted requests, each request once); hit_tokens (tokens served from the cache
+    at first admissions); hit_rate (hit_tokens / prompt_tokens); readmission_hit_tokens (served at re-admissions
+    after a recompute preemption: tokens the run had already computed for that very sequence, so not counted as
+    hits); requests_with_hits; cacheable_tokens (the most a perfect cache could serve at block granularity:
+    floor((P - 1) / B) x B per prompt, the last prompt token being always computed); floor_lost_tokens (prompt
+    tokens below that bound: (P - 1) mod B per prompt, the partly filled last block no later request can be
+    served from); shared_prefix_floor_lost_tokens (when the workload recorded each request's declared shared
+    prefix length L in meta['requests']['shared_prefix_len']: over requests that got hits, min(L, P - 1) minus
+    the tokens served, the part of a shared prefix the block-size floor kept from being served; else None);
+    nodes, stores, evictions, peak_cached_blocks, hit_nodes (nodes hit at least once)."""
+    return dict(cached(trace, "prefix_stats", lambda: _prefix_stats(trace)))
+
+
+def _prefix_stats(trace) -> dict[str, Any]:
+    from kvscope.analysis.requests import request_lifetimes
+
+    bs = int(config_value(trace, "block_size", 16) or 16)
+    p = _prefix_pass(trace)
+    lt = request_lifetimes(trace)
+    roots = lt[(lt["parent"] < 0) & (lt["admit_step"] >= 0) & (lt["prompt_len"] > 0)]
+    prompt = roots["prompt_len"].to_numpy(np.int64)
+    hit_tokens = int(sum(p.hits_first.values()))
+    prompt_tokens = int(prompt.sum())
+    shared_lost = None
+    meta = requests_meta(trace)
+    if len(meta) and "shared_prefix_len" in meta.columns:
+        shared = pd.to_numeric(meta.set_index("seq")["shared_prefix_len"], errors="coerce").fillna(0)
+        got = pd.Series(p.hits_first, dtype="int64")
+        got = got[got > 0]
+        lengths = shared.reindex(got.index).fillna(0).to_numpy(np.int64)
+        prompts = lt.set_index("seq")["prompt_len"].reindex(got.index).to_numpy(np.int64)
+        shared_lost = int(np.maximum(np.minimum(lengths, prompts - 1) - got.to_numpy(), 0).sum())
+    nodes = p.nodes
+    return {
+        "enabled": bool(config_value(trace, "prefix_caching", False)) or bool(p.hits_first or p.hits_readmit),
+        "block_size": bs,
+        "prompt_tokens": prompt_tokens,
+        "hit_tokens": hit_tokens,
+        "hit_rate": hit_tokens / prompt_tokens if prompt_tokens else 0.0,
+        "readmission_hit_tokens": int(sum(p.hits_readmit.values())),
+        "requests_with_hits": int(sum(1 for v in p.hits_first.values() if v > 0)),
+        "cacheable_tokens": int(((prompt - 1) // bs * bs).sum()),
+        "floor_lost_tokens": int(((prompt - 1) % bs).sum()),
+        "shared_prefix_floor_lost_tokens": shared_lost,
+        "nodes": len(nodes),
+        "stores": int(sum(n.stores for n in nodes)),
+        "evictions": int(sum(n.evictions for n in nodes)),
+        "peak_cached_blocks": int(p.peak_cached_blocks),
+        "hit_nodes": int(sum(1 for n in nodes if n.hits)),
+    }

@@ -1,0 +1,153 @@
+"""One dict of headline numbers per trace: what `kvscope summary`, the report header and compare_runs show.
+
+Keys (all JSON-serializable: str, int, float, bool or None):
+
+run         allocator, label, allocator_config, device, device_name, model, bytes_per_token, truncated, events
+requests    requests (workload requests; forked samples are not requests), sequences (requests + forks), finished
+            (requests whose every sample finished: n of them when the workload says n, and none rejected),
+            finished_sequences, rejected (requests), unfinished (requests admitted but not finished), forks
+tokens      generated_tokens (by semantics: see kvscope.analysis.requests.generated_tokens), prompt_tokens (prompt
+            tokens of admitted requests, once each), prefill_tokens_computed / decode_tokens_computed (STEP_PREFILL
+            / STEP_DECODE sums: recomputation after preemption included), recomputed_tokens (prefill tokens computed
+            beyond each admitted prompt once less its first-admission prefix hits: the price of recompute preemption)
+steps/time  steps, wall_time_s (host), run_time_s (the run's clock: simulated on sim runs), clock ('sim'|'host'),
+            tokens_per_s (generated_tokens / run_time_s)
+memory      capacity_bytes, peak_used_bytes, peak_reserved_bytes, peak_waste_bytes, peak_logical_bytes,
+            peak_cached_idle_bytes, mean_waste_fraction (mean over steps with reserved > 0 of waste / reserved),
+            mean_used_fraction (mean used / capacity), peak_nvml_bytes, peak_torch_bytes (None without samples)
+sharing     sharing_saved_bytes_peak (max over steps of logical - used), prefix_hit_tokens (prompt tokens served
+            from the prefix cache at first admissions: hits on work recomputed after a preemption excluded),
+            prefix_hit_rate (prefix_hit_tokens / prompt_tokens)
+pressure    preemptions, preemptions_recompute, preemptions_swap, swapped_out_bytes, ooms, evictions
+driver      driver_calls, driver_ms (timed VMM driver/OS calls)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kvscope.analysis._events import DRIVER_KINDS, cached, column, count, mask, requests_meta, select, step_clock
+from kvscope.events import Kind
+
+
+def summarize(trace) -> dict[str, Any]:
+    """Headline numbers of one trace (see the module docstring for every key)."""
+    return dict(cached(trace, "summary", lambda: _build(trace)))
+
+
+def _build(trace) -> dict[str, Any]:
+    from kvscope.analysis.memory import memory_timeline
+    from kvscope.analysis.requests import first_admission_hits, request_lifetimes
+
+    meta = trace.meta
+    tl = memory_timeline(trace)
+    lt = request_lifetimes(trace)
+    clock = step_clock(trace)
+
+    roots = lt[lt["parent"] < 0]
+    n_meta = len(requests_meta(trace))
+    arrived = int(select(trace, Kind.ARRIVE)["seq"].nunique())
+    finished_roots = _finished_requests(lt, requests_meta(trace))
+    admitted_roots = roots[roots["admit_step"] >= 0]
+
+    steps = int(select(trace, Kind.STEP)["step"].nunique())
+    if steps == 0:
+        run_end = select(trace, Kind.RUN_END)
+        steps = int(run_end["n"].iloc[-1]) if len(run_end) else len(clock)
+
+    t_ns = column(trace, "t_ns")
+    wall_time_s = float(t_ns.max() / 1e9) if len(t_ns) else 0.0
+    run_time_s = float(clock["t_s"].max()) if len(clock) else 0.0
+    clock_kind = str(clock["clock"].iloc[0]) if len(clock) else "host"
+    generated = int(lt["generated"].sum()) if len(lt) else 0
+
+    prompt_tokens = int(admitted_roots.loc[admitted_roots["prompt_len"] > 0, "prompt_len"].sum())
+    # Forked sequences share the request's prompt: only requests count.
+    prefill = int(select(trace, Kind.STEP_PREFILL)["n"].sum())
+    decode = int(select(trace, Kind.STEP_DECODE)["n"].sum())
+    life = select(trace, Kind.PREFIX_HIT, Kind.PREEMPT)
+    hits_first = first_admission_hits(life[life["seq"] >= 0])
+    prefix_hit_tokens = int(hits_first.sum()) if len(hits_first) else 0
+
+    preempt = select(trace, Kind.PREEMPT)
+    reserved = tl["reserved"].to_numpy(dtype=np.float64)
+    has_reserved = reserved > 0
+    waste_frac = float(tl["waste_frac"].to_numpy()[has_reserved].mean()) if has_reserved.any() else 0.0
+    capacity = int(tl["capacity"].max()) if len(tl) else 0
+    driver = mask(trace, *DRIVER_KINDS)
+
+    def peak(col: str) -> int:
+        return int(tl[col].max()) if len(tl) else 0
+
+    def peak_sample(col: str) -> int | None:
+        return int(tl[col].max()) if len(tl) and tl[col].notna().any() else None
+
+    return {
+        "allocator": str(meta.get("allocator", "unknown")),
+        "label": trace.label,
+        "allocator_config": dict(meta.get("allocator_config") or {}),
+        "device": str(meta.get("device", "unknown")),
+        "device_name": str(meta.get("device_name", "")),
+        "model": str(meta.get("model") or (meta.get("spec") or {}).get("name", "unknown")),
+        "bytes_per_token": int(trace.bytes_per_token),
+        "truncated": bool(trace.truncated),
+        "events": len(trace.events),
+        "requests": n_meta or arrived,
+        "sequences": len(lt),
+        "finished": len(finished_roots),
+        "finished_sequences": int((lt["status"] == "finished").sum()),
+        "rejected": int((roots["status"] == "rejected").sum()),
+        "unfinished": int(len(admitted_roots) - len(np.intersect1d(admitted_roots["seq"], finished_roots))),
+        "forks": int(select(trace, Kind.FORK)["seq"].nunique()),
+        "generated_tokens": generated,
+        "prompt_tokens": prompt_tokens,
+        "prefill_tokens_computed": prefill,
+        "decode_tokens_computed": decode,
+        "recomputed_tokens": max(0, prefill - (prompt_tokens - prefix_hit_tokens)),
+        "steps": steps,
+        "wall_time_s": wall_time_s,
+        "run_time_s": run_time_s,
+        "clock": clock_kind,
+        "tokens_per_s": generated / run_time_s if run_time_s > 0 else 0.0,
+        "capacity_bytes": capacity,
+        "peak_used_bytes": peak("used"),
+        "peak_reserved_bytes": peak("reserved"),
+        "peak_waste_bytes": peak("waste"),
+        "peak_logical_bytes": peak("logical"),
+        "peak_cached_idle_bytes": peak("cached_idle"),
+        "mean_waste_fraction": waste_frac,
+        "mean_used_fraction": float(tl["token_usage_frac"].mean()) if len(tl) else 0.0,
+        "peak_nvml_bytes": peak_sample("nvml_bytes"),
+        "peak_torch_bytes": peak_sample("torch_bytes"),
+        "sharing_saved_bytes_peak": max(0, peak("sharing_saved")),
+        "prefix_hit_tokens": prefix_hit_tokens,
+        "prefix_hit_rate": prefix_hit_tokens / prompt_tokens if prompt_tokens else 0.0,
+        "preemptions": len(preempt),
+        "preemptions_recompute": int((preempt["aux"] != 1).sum()),
+        "preemptions_swap": int((preempt["aux"] == 1).sum()),
+        "swapped_out_bytes": int(select(trace, Kind.SWAP_OUT)["bytes"].sum()),
+        "ooms": count(trace, Kind.OOM),
+        "evictions": count(trace, Kind.BLOCK_EVICT),
+        "driver_calls": int(driver.sum()),
+        "driver_ms": float(column(trace, "dur_ns")[driver].sum() / 1e6),
+    }
+
+
+def _finished_requests(lt, meta) -> np.ndarray:
+    """Root seqs of requests whose every sample finished (as many as the request's n) and none was rejected."""
+    if lt.empty:
+        return np.zeros(0, np.int64)
+    fam = lt.groupby("root").agg(
+        done=("status", lambda s: int((s == "finished").sum())),
+        rejected=("status", lambda s: bool((s == "rejected").any())),
+        size=("seq", "size"),
+    )
+    want = fam["size"]
+    if len(meta) and "n" in meta.columns:
+        n = pd.to_numeric(meta.set_index("seq")["n"], errors="coerce").reindex(fam.index)
+        want = n.fillna(fam["size"]).astype("int64")
+    ok = (fam["done"] >= want) & (fam["done"] > 0) & ~fam["rejected"]
+    return fam.index[ok].to_numpy()

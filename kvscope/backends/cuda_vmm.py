@@ -1,0 +1,355 @@
+"""Real GPU pages for the VMM allocator: the CUDA driver's virtual memory management API through cuda-python.
+
+reserve -> cuMemAddressReserve, create -> cuMemCreate (pinned device memory), map -> cuMemMap, set_access ->
+cuMemSetAccess (read/write for this device), unmap -> cuMemUnmap, release -> cuMemRelease, free_reservation ->
+cuMemAddressFree. Everything lives in the device's *primary* context, the one torch uses, so torch ops, Triton
+kernels and SDPA run on the mapped addresses (wrap them with `tensor_view`).
+
+The driver API needs a current context on the calling thread; torch makes the primary context current only on the
+threads it touches, so every call first binds it on its own thread (once per thread). That is what lets the VMM
+allocator map pages from a background thread while the forward pass runs.
+
+SimMemory's strict checks run before every driver call (no mapping over a mapping, no release of a mapped handle...),
+its books show leaks (`live()`), and `close()` gives back whatever its user forgot, unmapping before releasing
+before freeing address space. `inject_fault` makes the k-th create/map/... fail, to test the allocator's rollback.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kvscope.backends.base import BackendError, BackendOutOfMemory, BackendUnavailable
+from kvscope.backends.sim import SimMemory
+from kvscope.cudainfo import import_driver, result_name
+
+# Driver results that mean "no memory left", as opposed to a bad call.
+_OOM_RESULTS = frozenset({"CUDA_ERROR_OUT_OF_MEMORY"})
+FAULT_OPS = ("reserve", "create", "map", "set_access", "unmap", "release")
+
+
+@dataclass
+class Fault:
+    """Make the `nth` call of `op` (counted from when the fault was armed, 1-based) fail before reaching the driver:
+    with BackendOutOfMemory when `oom`, else with BackendError. Used by tests to check the allocator's rollback."""
+
+    op: str
+    nth: int
+    oom: bool = True
+    seen: int = 0
+
+
+class CudaMemory(SimMemory):
+    """PhysicalMemory over CUDA VMM on one device (default: torch's current device).
+
+    The strict checks and live counts (`live_handles`, `live_mappings`, `live_reservations`, `calls`) come from
+    SimMemory; the `_os_*` hooks below make the driver calls. `max_bytes` caps the physical bytes create() hands out
+    (BackendOutOfMemory past it), so a run can be held to a KV budget smaller than the card.
+    """
+
+    name = "cuda"
+
+    def __init__(self, device: int | None = None, *, max_bytes: int | None = None, driver: Any = None) -> None:
+        self._driver = driver if driver is not None else _load_driver()
+        d = self._driver
+        _check_init(d)
+        self.device = _pick_device(device)
+        self._dev = _checked("cuDeviceGet", d.cuDeviceGet(self.device))
+        # The primary context is the one torch's runtime uses; retaining it keeps it alive until close().
+        self._ctx = _checked("cuDevicePrimaryCtxRetain", d.cuDevicePrimaryCtxRetain(self._dev))
+        self._local = threading.local()
+        self._bind()
+
+        prop = d.CUmemAllocationProp()
+        prop.type = d.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = self.device
+        self._prop = prop
+        flags = d.CUmemAllocationGranularity_flags
+        minimum = _checked(
+            "cuMemGetAllocationGranularity",
+            d.cuMemGetAllocationGranularity(prop, flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+        )
+        self.recommended_granularity = int(
+            _checked(
+                "cuMemGetAllocationGranularity",
+                d.cuMemGetAllocationGranularity(prop, flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED),
+            )
+        )
+        access = d.CUmemAccessDesc()
+        access.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = self.device
+        access.flags = d.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        self._access = [access]
+        super().__init__(int(minimum), max_bytes=max_bytes)
+        # One lock around every operation: the allocator's background mapper and the engine thread both call in,
+        # and SimMemory's books are plain dicts.
+        self._lock = threading.RLock()
+        self.faults: list[Fault] = []
+        self.leaked: dict[str, int] = {}  # what close() found still held (all zeros: the user gave everything back)
+
+    # ---- threads ----------------------------------------------------------------------------------------------
+    def _bind(self) -> None:
+        """Make the primary context current on the calling thread (once per thread)."""
+        if getattr(self._local, "bound", False):
+            return
+        _checked("cuCtxSetCurrent", self._driver.cuCtxSetCurrent(self._ctx))
+        self._local.bound = True
+
+    def reserve(self, size: int) -> int:
+        self._bind()
+        with self._lock:
+            return super().reserve(size)
+
+    def free_reservation(self, va: int, size: int) -> None:
+        self._bind()
+        with self._lock:
+            super().free_reservation(va, size)
+
+    def create(self, size: int) -> Any:
+        self._bind()
+        with self._lock:
+            return super().create(size)
+
+    def map(self, va: int, size: int, handle: Any) -> None:
+        self._bind()
+        with self._lock:
+            super().map(va, size, handle)
+
+    def set_access(self, va: int, size: int) -> None:
+        self._bind()
+        with self._lock:
+            super().set_access(va, size)
+
+    def unmap(self, va: int, size: int) -> None:
+        self._bind()
+        with self._lock:
+            super().unmap(va, size)
+
+    def release(self, handle: Any) -> None:
+        self._bind()
+        with self._lock:
+            super().release(handle)
+
+    # ---- faults -----------------------------------------------------------------------------------------------
+    def inject_fault(self, op: str, nth: int = 1, *, oom: bool = True) -> Fault:
+        """Arm a fault: the `nth` next call of `op` raises before reaching the driver (books left unchanged)."""
+        if op not in FAULT_OPS:
+            raise ValueError(f"inject_fault: unknown op {op!r}; choose from {', '.join(FAULT_OPS)}")
+        if nth < 1:
+            raise ValueError(f"inject_fault: nth must be >= 1, got {nth}")
+        fault = Fault(op, nth, oom)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def _maybe_fail(self, op: str) -> None:
+        for fault in self.faults:
+            if fault.op != op:
+                continue
+            fault.seen += 1
+            if fault.seen == fault.nth:
+                self.faults.remove(fault)
+                message = f"cuda backend: {op} failed: injected fault (call {fault.nth})"
+                raise BackendOutOfMemory(message) if fault.oom else BackendError(message)
+
+    # ---- driver hooks (called by SimMemory after its checks, under the lock) ----------------------------------
+    def _timed(self, what: str, ret_fn: Any, *args: Any) -> Any:
+        """Call the driver, charge its time to the calling thread (see `take_thread_driver_ns`), check the result."""
+        t0 = time.perf_counter_ns()
+        ret = ret_fn(*args)
+        local = self._local
+        local.driver_ns = getattr(local, "driver_ns", 0) + time.perf_counter_ns() - t0
+        return _checked(what, ret)
+
+    def take_thread_driver_ns(self) -> int:
+        """Nanoseconds the calling thread spent in VMM driver calls since it last asked (then reset to 0). The cuda
+        executor uses it to split mapping time into on the critical path (engine thread) and off it (mapper)."""
+        local = self._local
+        ns = getattr(local, "driver_ns", 0)
+        local.driver_ns = 0
+        return ns
+
+    def _os_reserve(self, size: int) -> int:
+        self._maybe_fail("reserve")
+        d = self._driver
+        return int(self._timed("cuMemAddressReserve", d.cuMemAddressReserve, size, self.granularity, 0, 0))
+
+    def _os_free_reservation(self, va: int, size: int) -> None:
+        self._timed("cuMemAddressFree", self._driver.cuMemAddressFree, va, size)
+
+    def _os_create(self, size: int) -> int:
+        self._maybe_fail("create")
+        return int(self._timed("cuMemCreate", self._driver.cuMemCreate, size, self._prop, 0))
+
+    def _os_map(self, va: int, size: int, handle: Any) -> None:
+        self._maybe_fail("map")
+        self._timed("cuMemMap", self._driver.cuMemMap, va, size, 0, handle, 0)
+
+    def _os_set_access(self, va: int, size: int) -> None:
+        self._maybe_fail("set_access")
+        self._timed("cuMemSetAccess", self._driver.cuMemSetAccess, va, size, self._access, 1)
+
+    def _os_unmap(self, va: int, size: int) -> None:
+        self._maybe_fail("unmap")
+        self._timed("cuMemUnmap", self._driver.cuMemUnmap, va, size)
+
+    def _os_release(self, handle: Any, size: int) -> None:
+        self._maybe_fail("release")
+        self._timed("cuMemRelease", self._driver.cuMemRelease, handle)
+
+    # ---- teardown -----------------------------------------------------------------------------------------------
+    def live(self) -> dict[str, int]:
+        """What this backend holds right now (counts); all zeros once its user gave everything back."""
+        return {
+            "reservations": self.live_reservations,
+            "handles": self.live_handles,
+            "mappings": self.live_mappings,
+        }
+
+    def close(self) -> None:
+        """Give back whatever is still held (mappings, then handles, then reservations), then drop the context.
+        `leaked` says what was left behind. Safe to call twice."""
+        if self._closed:
+            return
+        self._bind()
+        d = self._driver
+        errors: list[str] = []
+        with self._lock:
+            self.leaked = self.live()
+            self.faults.clear()
+            for va, (size, _handle, _rw) in list(self._maps.items()):
+                errors += _quiet("cuMemUnmap", d.cuMemUnmap(va, size))
+            self._maps.clear()
+            self._handle_maps.clear()
+            self._res_maps.clear()
+            self._cells.clear()
+            for handle in list(self._handles):
+                errors += _quiet("cuMemRelease", d.cuMemRelease(handle))
+            self._handles.clear()
+            self.physical_bytes = 0
+            for va, size in list(self._res_size.items()):
+                errors += _quiet("cuMemAddressFree", d.cuMemAddressFree(va, size))
+            self._res_size.clear()
+            self._res_starts.clear()
+            errors += _quiet("cuDevicePrimaryCtxRelease", d.cuDevicePrimaryCtxRelease(self._dev))
+            super().close()
+        if errors:
+            raise BackendError("cuda backend: close: " + "; ".join(errors))
+
+    def synchronize(self) -> None:
+        """Wait for all work in the primary context (before unmapping memory a kernel may still read)."""
+        self._bind()
+        _checked("cuCtxSynchronize", self._driver.cuCtxSynchronize())
+
+    def __enter__(self) -> CudaMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---- driver plumbing ------------------------------------------------------------------------------------------
+
+
+def _checked(what: str, ret: Any) -> Any:
+    """Check a cuda-python return tuple (err, *values); return the value (None when there is none).
+    OOM results raise BackendOutOfMemory, every other failure BackendError naming the CUresult."""
+    err = ret[0] if isinstance(ret, tuple) else ret
+    if int(err) != 0:
+        name = result_name(err)
+        message = f"cuda backend: {what} failed: {name}"
+        if name in _OOM_RESULTS:
+            raise BackendOutOfMemory(message)
+        raise BackendError(message)
+    if isinstance(ret, tuple) and len(ret) > 1:
+        return ret[1] if len(ret) == 2 else ret[1:]
+    return None
+
+
+def _quiet(what: str, ret: Any) -> list[str]:
+    err = ret[0] if isinstance(ret, tuple) else ret
+    return [] if int(err) == 0 else [f"{what}: {result_name(err)}"]
+
+
+def _check_init(d: Any) -> None:
+    try:
+        (err,) = d.cuInit(0)
+    except RuntimeError:
+        # cuda.pathfinder raises (DynamicLibNotFoundError) when libcuda.so is nowhere: a CPU-only machine.
+        raise BackendUnavailable("cuda backend: no NVIDIA driver on this machine (libcuda not found)") from None
+    if int(err) != 0:
+        raise BackendUnavailable(f"cuda backend: no usable CUDA device (cuInit: {result_name(err)})")
+
+
+def _pick_device(device: int | None) -> int:
+    """torch's current device by default, after making sure torch has created its primary context."""
+    try:
+        import torch
+    except ImportError:
+        return device or 0
+    if not torch.cuda.is_available():
+        if device is not None:
+            return device  # a driver without a CUDA torch: the backend still works, tensor views do not
+        raise BackendUnavailable(f"cuda backend: torch {torch.__version__} cannot use CUDA (a CPU-only build?)")
+    torch.cuda.init()
+    index = torch.cuda.current_device() if device is None else device
+    # The runtime creates its primary context on first use; make sure that has happened before we retain it.
+    torch.cuda.synchronize(index)
+    return index
+
+
+def _load_driver() -> Any:
+    try:
+        return import_driver()
+    except ImportError:
+        raise BackendUnavailable("cuda backend: cuda-python is not installed (pip install cuda-python)") from None
+
+
+# ---- tensors over mapped memory -----------------------------------------------------------------------------
+
+# Typestrings torch understands through __cuda_array_interface__; bfloat16 has none, so it travels as int16 and is
+# reinterpreted with .view() (same bytes, same address).
+_CARRIER = {
+    "bfloat16": "<i2",
+    "float16": "<f2",
+    "float32": "<f4",
+    "float64": "<f8",
+    "int8": "|i1",
+    "uint8": "|u1",
+    "int16": "<i2",
+    "int32": "<i4",
+    "int64": "<i8",
+}
+
+
+class CudaArray:
+    """A device address range described by __cuda_array_interface__ (v3), so torch.as_tensor / CuPy / Numba can
+    wrap it without copying. `owner` is kept alive for as long as any tensor made from this object lives."""
+
+    def __init__(self, address: int, shape: tuple[int, ...], typestr: str, owner: Any = None) -> None:
+        self.address = int(address)
+        self.shape = tuple(int(s) for s in shape)
+        self.typestr = typestr
+        self.owner = owner
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        # No "stream": the consumer does not synchronize; the memory is ready whenever it is mapped.
+        return {"shape": self.shape, "typestr": self.typestr, "data": (self.address, False), "version": 3}
+
+
+def tensor_view(address: int, shape: tuple[int, ...], dtype: Any, *, owner: Any = None) -> Any:
+    """A torch tensor over `prod(shape)` elements at device address `address` (e.g. a VMM buffer), no copy:
+    `tensor_view(va, (rows, heads, dim), torch.bfloat16).data_ptr() == va`. The memory must stay mapped while the
+    tensor is used; `owner` (e.g. the allocator) is referenced by the tensor to keep it from being collected."""
+    import torch
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    if dtype_name not in _CARRIER:
+        raise ValueError(f"tensor_view: unsupported dtype {dtype!r}")
+    # No device argument: torch finds the device from the pointer (a different one would make it copy).
+    tensor = torch.as_tensor(CudaArray(address, shape, _CARRIER[dtype_name], owner))
+    return tensor.view(dtype) if tensor.dtype != dtype else tensor

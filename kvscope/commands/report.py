@@ -1,0 +1,36 @@
+"""`kvscope report TRACE [TRACE ...] -o report.html`: one self-contained HTML file (works offline), with a comparison
+section when several traces are given."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("traces", nargs="+", metavar="TRACE", help="trace file(s) (.kvtrace)")
+    p.add_argument(
+        "-o", "--output", default="report.html", metavar="FILE", help="where to write (default: %(default)s)"
+    )
+    p.add_argument("--title", default=None, help="page title (default: names the run or the number of runs)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from kvscope.cli import UserError
+    from kvscope.commands.summary import load_traces
+    from kvscope.report import write_report
+    from kvscope.units import format_bytes
+
+    out = Path(args.output)
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; give the report's file name (e.g. -o {out / 'report.html'})")
+    if not out.parent.exists():
+        raise UserError(f"{out.parent}: no such directory for the report (-o {out})")
+    start = time.perf_counter()
+    traces = load_traces(args.traces)
+    write_report(traces, out, title=args.title)
+    took = time.perf_counter() - start
+    print(f"wrote {out} ({format_bytes(out.stat().st_size)}, {len(traces)} trace(s), {took:.1f} s)")
+    return 0

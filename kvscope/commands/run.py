@@ -1,0 +1,127 @@
+"""`kvscope run`: run a workload through an allocator on a device and record a trace.
+
+    kvscope run --workload sharegpt --requests 1000 --allocator paged -o out/paged.kvtrace
+    kvscope run --workload my.jsonl --allocator vmm --device cpu --model tiny --kv-memory 64MiB -o vmm.kvtrace
+
+Prints where the trace went and one line of results. Bad options end with one line naming the option (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    w = p.add_argument_group("workload")
+    w.add_argument("--workload", "-w", required=True, metavar="NAME|FILE",
+                   help="a named workload (sharegpt, alpaca, shared-prefix, parallel, multiturn) or a .jsonl file")
+    w.add_argument("--requests", "-n", type=int, metavar="N", help="requests to generate (named) or keep (file)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the workload generator and the model weights")
+
+    e = p.add_argument_group("engine")
+    e.add_argument("--allocator", "-a", choices=("static", "paged", "vmm"), default="paged")
+    e.add_argument("--device", "-d", choices=("sim", "cpu", "cuda"), default="sim",
+                   help="sim: no compute, simulated clock; cpu: real attention on CPU tensors; cuda: a GPU")
+    e.add_argument("--model", "-m", metavar="PRESET",
+                   help="model preset (llama-3-8b, llama-2-7b, yi-6b, llama-3-70b, opt-13b, tiny); "
+                        "default llama-3-8b, tiny on --device cpu")
+    e.add_argument("--layers", type=int, metavar="N", help="override the preset's number of layers")
+    e.add_argument("--kv-memory", default="16GiB", metavar="SIZE", help="KV cache memory (default 16GiB)")
+    e.add_argument("--max-len", type=int, default=2048, metavar="N", help="longest sequence, prompt + output")
+    e.add_argument("--max-batch", type=int, default=256, metavar="N", help="most sequences in a step")
+    e.add_argument("--max-tokens-per-step", type=int, default=8192, metavar="N", help="token budget of a step")
+    e.add_argument("--chunked-prefill", action="store_true", help="split long prompts across steps")
+    e.add_argument("--preemption", choices=("recompute", "swap"), default="recompute",
+                   help="what happens to a preempted sequence (swap: paged only)")
+
+    a = p.add_argument_group("allocator options")
+    a.add_argument("--block-size", type=int, metavar="N", help="paged: tokens per block (default 16)")
+    a.add_argument("--prefix-caching", action="store_true", help="paged: share cached prompt blocks")
+    a.add_argument("--swap-space", metavar="SIZE", help="paged with --preemption swap: CPU swap pool (default 4GiB)")
+    a.add_argument("--page-size", metavar="SIZE", help="vmm: physical page size (default 2MiB)")
+    a.add_argument("--megacache", action="store_true", help="vmm: one buffer for all layers")
+    a.add_argument("--eager-pages", type=int, metavar="N", help="vmm: page-groups mapped ahead of need")
+    a.add_argument("--no-deferred-reclaim", action="store_true", help="vmm: unmap a finished request's pages at once")
+    a.add_argument("--static-variant", choices=("max", "pow2", "oracle"), help="static: reservation size (default max)")
+
+    o = p.add_argument_group("output")
+    o.add_argument("-o", "--output", metavar="TRACE.kvtrace", help="trace file (default out/<workload>-<allocator>.kvtrace)")
+    o.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    o.add_argument("--check", action="store_true", help="check the allocator's invariants after every step (slow)")  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace):
+    from kvscope.engine.api import RunConfig
+    from kvscope.units import parse_size
+
+    def size(flag: str, value: str | None) -> int | None:
+        if value is None:
+            return None
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
+
+    return RunConfig(
+        allocator=args.allocator,
+        device=args.device,
+        model=args.model,
+        layers=args.layers,
+        kv_memory=size("--kv-memory", args.kv_memory),
+        max_len=args.max_len,
+        max_batch=args.max_batch,
+        max_tokens_per_step=args.max_tokens_per_step,
+        chunked_prefill=args.chunked_prefill,
+        preemption=args.preemption,
+        seed=args.seed,
+        block_size=args.block_size,
+        prefix_caching=args.prefix_caching,
+        swap_space=size("--swap-space", args.swap_space),
+        page_size=size("--page-size", args.page_size),
+        megacache=args.megacache,
+        eager_pages=args.eager_pages,
+        deferred_reclaim=not args.no_deferred_reclaim,
+        static_variant=args.static_variant,
+        check_invariants=args.check,
+    )
+
+
+def default_output(workload: str, allocator: str) -> str:
+    from pathlib import Path
+
+    stem = Path(workload).name.removesuffix(".jsonl") or "run"
+    return f"out/{stem}-{allocator}.kvtrace"
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from kvscope.engine.api import record_run
+    from kvscope.engine.executor import check_device
+    from kvscope.units import format_bytes
+    from kvscope.workload import resolve_workload
+
+    cfg = config_from_args(args)
+    cfg.validate()
+    check_device(cfg.device)  # before generating a large workload
+    if args.requests is not None and args.requests < 1:
+        raise ValueError(f"--requests: must be a positive integer, got {args.requests}")
+    requests, description = resolve_workload(args.workload, requests=args.requests, seed=args.seed)
+    out = args.output or default_output(args.workload, cfg.allocator)
+    try:
+        result = record_run(requests, cfg, path=out, workload=description, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"kvscope run: interrupted; the trace so far is in {out} (it loads as cut off)", file=sys.stderr)
+        return 130
+    s = result.stats
+    clock = f"{s.clock_s:.2f} s simulated" if cfg.device == "sim" else f"{s.clock_s:.2f} s measured"
+    print(f"trace: {out}")
+    print(
+        f"{cfg.allocator} on {cfg.device} ({result.meta['model']}): {s.steps:,} steps, "
+        f"{s.finished_requests:,}/{s.requests:,} requests finished"
+        + (f", {s.rejected_requests:,} rejected" if s.rejected_requests else "")
+        + (f", {s.preemptions:,} preemptions" if s.preemptions else "")
+        + f", peak reserved {format_bytes(s.peak_reserved_bytes)} / used {format_bytes(s.peak_used_bytes)}, "
+        f"{s.events:,} events ({s.events_per_s / 1e3:,.0f}k/s), {clock}, wall {s.wall_s:.2f} s"
+    )
+    return 0

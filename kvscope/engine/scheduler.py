@@ -1,0 +1,424 @@
+"""Iteration-level continuous batching (vLLM-like): which sequences run in each step, and their memory.
+
+Every step, in this order:
+  1. running sequences, in admission order: a decoding one appends its last generated token (1 token of the step's
+     token budget); a chunked prefill in progress takes what is left of the budget after all decodes. When an append
+     does not fit, the most recently admitted running sequence is preempted (recompute: freed and requeued at the
+     front with prompt + generated tokens as its new prompt; swap, paged only: its blocks go to the CPU pool and it
+     waits in the swapped queue) until the append fits or the sequence preempted itself. A sequence that cannot grow
+     even when it runs alone can never finish: it is rejected (REJECT).
+  2. if nothing was preempted in this step: swapped sequences come back first (FIFO), then new requests are admitted
+     first-come first-served while the allocator has room (`can_admit`), the batch is below `max_batch` and the
+     prompt fits the token budget. Admission stops at the first request that does not fit (no overtaking). Without
+     chunked prefill a prompt longer than the whole budget is still admitted when it is the step's first prefill.
+     The budget check counts the whole prompt: prefix-cache hits are only known after admission.
+
+Memory semantics (ARCHITECTURE.md contract): a request with prompt P and output O holds P tokens after its prefill
+step (which also generates output token 1) and one more after every decode step; it finishes after O generated
+tokens holding P + O - 1, and its memory is released at the end of that step (FINISH, then `allocator.free`).
+With n > 1 samples, the first sample's sequence forks n - 1 children at the end of its prefill step (FORK); every
+sample then generates O tokens. Fork children get sequence ids after all requests' (len(requests) + counter).
+
+The scheduler emits the lifecycle events (ARRIVE when the clock reaches a request's arrival, ADMIT, FORK, PREEMPT,
+FINISH, REJECT); the allocator emits its own.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvscope.alloc.base import KVAllocator, KVOutOfMemory
+from kvscope.events import Kind
+from kvscope.recorder import Recorder
+from kvscope.workload import Request
+
+# static.py and vmm.py emit FORK from fork() themselves; for the others the scheduler emits it. (Reported: one owner
+# for FORK would be simpler; drop a name here when its allocator stops emitting FORK.)
+ALLOCATORS_EMITTING_FORK = frozenset({"static", "vmm"})
+
+# Sequence status
+WAITING, RUNNING, SWAPPED, FINISHED, REJECTED = "waiting", "running", "swapped", "finished", "rejected"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """One sample of one request, as the scheduler tracks it."""
+
+    id: int
+    request: Request
+    sample: int
+    prompt: np.ndarray  # tokens to hold before generating: the prompt, plus generated ones after a recompute
+    final_len: int  # P + O - 1: tokens held when it finishes
+    held: int = 0  # tokens whose K/V the allocator holds
+    generated: int = 0
+    status: str = WAITING
+    pending_forks: bool = False  # n > 1 and the children are not forked yet
+    output: np.ndarray | None = None  # all O generated token ids of this sample, filled when admitted
+    parent: int = -1  # the sequence this one was forked from
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.held < len(self.prompt)
+
+    def output_ids(self) -> np.ndarray:
+        if self.output is None:
+            self.output = self.request.output_tokens(self.sample, 0, self.request.output_len)
+        return self.output
+
+
+@dataclass(slots=True)
+class Work:
+    """One sequence's share of a step: K/V for `tokens` are appended at positions start.. start+len(tokens)-1."""
+
+    seq: Sequence
+    start: int
+    tokens: np.ndarray
+    prefill: bool
+    samples: bool  # the step yields a new token for this sequence (a decode, or the last chunk of a prefill)
+    hit: int = 0  # prefix-cache hit tokens served at admission (positions 0..hit-1 already hold K/V)
+    fresh: bool = False  # the sequence was (re)admitted in this step: it holds nothing but its prefix-cache hits
+
+
+@dataclass
+class StepPlan:
+    work: list[Work] = field(default_factory=list)
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    kv_tokens_read: int = 0  # context tokens attention reads, over the batch
+    attn_pairs: int = 0  # causal (query, key) pairs, over the batch
+    preempted: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prefill_tokens + self.decode_tokens
+
+    def add(self, w: Work) -> None:
+        n = len(w.tokens)
+        if w.prefill:
+            self.prefill_tokens += n
+        else:
+            self.decode_tokens += n
+        end = w.start + n
+        self.kv_tokens_read += end
+        self.attn_pairs += n * w.start + n * (n + 1) // 2
+        self.work.append(w)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_len: int = 2048
+    max_batch: int = 256
+    max_tokens_per_step: int = 8192
+    chunked_prefill: bool = False
+    preemption: str = "recompute"  # or "swap" (allocators with swap_out)
+
+    def __post_init__(self) -> None:
+        for name in ("max_len", "max_batch", "max_tokens_per_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')}: must be a positive integer, got {getattr(self, name)}")
+        if self.preemption not in ("recompute", "swap"):
+            raise ValueError(f"preemption: must be recompute or swap, got {self.preemption!r}")
+
+
+class Scheduler:
+    def __init__(
+        self, requests: SequenceABC[Request], allocator: KVAllocator, recorder: Recorder, config: SchedulerConfig
+    ) -> None:
+        if config.preemption == "swap" and not hasattr(allocator, "swap_out"):
+            raise ValueError(f"preemption swap: the {allocator.name} allocator cannot swap (use --allocator paged)")
+        self.requests = list(requests)
+        self.alloc = allocator
+        self.rec = recorder
+        self.cfg = config
+        self.swap = config.preemption == "swap"
+        self.sequences: dict[int, Sequence] = {}
+        # Requests in arrival order (ties: workload order) with their arrival in ns.
+        order = sorted(range(len(self.requests)), key=lambda i: self.requests[i].arrival)
+        self._pending = deque((int(round(self.requests[i].arrival * 1e9)), i) for i in order)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.swapped: deque[Sequence] = deque()
+        self._next_child = len(self.requests)
+        # Counters for progress and run stats.
+        self.finished_requests = 0  # requests whose every sample finished
+        self.rejected = 0  # requests rejected (each counted once)
+        self.finished_seqs = 0
+        self.preemptions = 0
+        self.generated_tokens = 0
+        self._samples_left = [r.n for r in self.requests]
+        self._rejected_req = [False] * len(self.requests)
+        self._req_of: dict[int, int] = {}  # seq id -> request index
+        self.released: list[int] = []  # sequences whose memory was freed since the engine last looked
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return not (self._pending or self.waiting or self.running or self.swapped)
+
+    @property
+    def busy(self) -> bool:
+        """Anything arrived and not done?"""
+        return bool(self.waiting or self.running or self.swapped)
+
+    def next_arrival_ns(self) -> int | None:
+        return self._pending[0][0] if self._pending else None
+
+    @property
+    def requests_done(self) -> int:
+        return self.finished_requests + self.rejected
+
+    # ---- arrivals --------------------------------------------------------------------------------------------
+    def arrive(self, clock_ns: int) -> None:
+        """Requests whose arrival time the clock reached: ARRIVE, then wait for admission (or REJECT at once)."""
+        pending = self._pending
+        while pending and pending[0][0] <= clock_ns:
+            _, i = pending.popleft()
+            r = self.requests[i]
+            self.rec.emit(Kind.ARRIVE, seq=i, n=r.prompt_len, aux=r.output_len)
+            final_len = r.prompt_len + r.output_len - 1
+            s = Sequence(i, r, 0, r.prompt_tokens(), final_len, pending_forks=r.n > 1)
+            self.sequences[i] = s
+            self._req_of[i] = i
+            if final_len > self.cfg.max_len:
+                self._reject(s)
+            else:
+                self.waiting.append(s)
+
+    # ---- one step --------------------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        alloc = self.alloc
+        budget = self.cfg.max_tokens_per_step
+        running = self.running
+        prefill_budget = budget - sum(1 for s in running if not s.in_prefill)
+
+        i = 0
+        while i < len(running):
+            s = running[i]
+            if s.in_prefill:  # a chunked prefill in progress
+                n = min(len(s.prompt) - s.held, prefill_budget)
+                if n <= 0:
+                    i += 1
+                    continue
+                tokens = s.prompt[s.held : s.held + n]
+            else:
+                n = 1
+                out = s.output
+                tokens = out[s.generated - 1 : s.generated]
+            if not self._make_room(s, n, plan):
+                continue  # s itself was preempted or rejected (it was the last in `running`)
+            alloc.append(s.id, tokens)
+            prefill = s.in_prefill
+            if prefill:
+                prefill_budget -= n
+            plan.add(Work(s, s.held, tokens, prefill, samples=(not prefill) or s.held + n == len(s.prompt)))
+            s.held += n
+            i += 1
+
+        if plan.preempted == 0:
+            budget_left = budget - plan.tokens
+            budget_left = self._resume_swapped(plan, budget_left)
+            self._admit_waiting(plan, budget_left)
+        return plan
+
+    def _make_room(self, s: Sequence, n: int, plan: StepPlan) -> bool:
+        """Preempt from the back of `running` until `s` can append n tokens. False if `s` itself had to go."""
+        alloc = self.alloc
+        running = self.running
+        while not alloc.can_append(s.id, n):
+            victim = running.pop()
+            if victim is s and not running:
+                self._reject(s, admitted=True)  # alone and still no room: it can never reach its final length
+                return False
+            self._preempt(victim)
+            plan.preempted += 1
+            if victim is s:
+                return False
+        return True
+
+    def _resume_swapped(self, plan: StepPlan, budget_left: int) -> int:
+        alloc = self.alloc
+        while self.swapped and len(self.running) < self.cfg.max_batch:
+            s = self.swapped[0]
+            if not alloc.can_swap_in(s.id):
+                if not self.running:  # even an empty GPU cannot take it back
+                    self.swapped.popleft()
+                    self._reject(s, admitted=True)
+                    continue
+                break
+            self.swapped.popleft()
+            alloc.swap_in(s.id)
+            s.status = RUNNING
+            self.running.append(s)
+            # Its step: one decode token, or the next prefill chunk, when the budget and memory allow.
+            if s.in_prefill:
+                n = min(len(s.prompt) - s.held, budget_left)
+                tokens = s.prompt[s.held : s.held + n] if n > 0 else None
+            else:
+                n = 1
+                tokens = s.output[s.generated - 1 : s.generated] if budget_left > 0 else None
+            if tokens is not None and alloc.can_append(s.id, n):
+                alloc.append(s.id, tokens)
+                prefill = s.in_prefill
+                plan.add(Work(s, s.held, tokens, prefill, samples=(not prefill) or s.held + n == len(s.prompt)))
+                s.held += n
+                budget_left -= n
+        return budget_left
+
+    def _admit_waiting(self, plan: StepPlan, budget_left: int) -> None:
+        alloc = self.alloc
+        cfg = self.cfg
+        waiting = self.waiting
+        first_prefill = plan.prefill_tokens == 0
+        while waiting:
+            s = waiting[0]
+            need = len(s.prompt) - s.held
+            batch_after = len(self.running) + (s.request.n if s.pending_forks else 1)
+            if self.running and batch_after > cfg.max_batch:
+                break
+            if cfg.chunked_prefill:
+                if budget_left <= 0:
+                    break
+            elif need > budget_left and not (first_prefill and need > cfg.max_tokens_per_step):
+                break
+            if not alloc.can_admit(len(s.prompt), s.final_len):
+                if not self.running and not self.swapped:  # nothing else holds memory: it can never fit
+                    waiting.popleft()
+                    self._reject(s)
+                    continue
+                break
+            waiting.popleft()
+            hit = alloc.admit(s.id, s.prompt, s.final_len)
+            self.rec.emit(Kind.ADMIT, seq=s.id, n=len(s.prompt), aux=hit)
+            s.held = hit
+            n = len(s.prompt) - hit
+            if cfg.chunked_prefill:
+                n = min(n, budget_left)
+            tokens = s.prompt[hit : hit + n]
+            if not alloc.can_append(s.id, n):  # only if can_admit was optimistic: undo and wait
+                alloc.free(s.id)
+                s.held = 0
+                waiting.appendleft(s)
+                break
+            s.output_ids()
+            s.status = RUNNING
+            self.running.append(s)
+            alloc.append(s.id, tokens)
+            plan.add(Work(s, hit, tokens, True, samples=hit + n == len(s.prompt), hit=hit, fresh=True))
+            s.held = hit + n
+            budget_left -= n
+            first_prefill = False
+
+    # ---- after the forward pass --------------------------------------------------------------------------------
+    def complete(self, plan: StepPlan) -> list[tuple[int, int]]:
+        """Count the tokens the step generated, fork new samples, finish sequences that are done (FINISH + free).
+        Returns (parent, child) for the sequences forked in this step (data copies, if any, are queued in the
+        allocator's pending_copies)."""
+        forked: list[Sequence] = []
+        any_finished = False
+        for w in plan.work:
+            if not w.samples:
+                continue
+            s = w.seq
+            if s.status != RUNNING:
+                continue
+            s.generated += 1
+            self.generated_tokens += 1
+            if s.pending_forks:
+                s.pending_forks = False
+                forked += self._fork_children(s)
+            if s.generated >= s.request.output_len:
+                self._finish(s)
+                any_finished = True
+        for c in forked:
+            if c.status == RUNNING and c.generated >= c.request.output_len:
+                self._finish(c)
+                any_finished = True
+        if any_finished:
+            self.running = [s for s in self.running if s.status == RUNNING]
+        return [(c.parent, c.id) for c in forked]
+
+    def _fork_children(self, parent: Sequence) -> list[Sequence]:
+        r = parent.request
+        children: list[Sequence] = []
+        unplaced: list[Sequence] = []
+        for sample in range(1, r.n):
+            cid = self._next_child
+            self._next_child += 1
+            c = Sequence(cid, r, sample, parent.prompt, parent.final_len, held=parent.held, generated=1, parent=parent.id)
+            c.output_ids()
+            self.sequences[cid] = c
+            self._req_of[cid] = self._req_of[parent.id]
+            try:
+                self.alloc.fork(parent.id, cid)
+            except KVOutOfMemory:
+                # No room for the child's own copy (static and vmm take a new slot): FORK with 0 tokens; it waits at
+                # the head of the queue and is prefilled later with its first token, like a recomputed sequence.
+                self.rec.emit(Kind.FORK, seq=cid, n=0, aux=parent.id)
+                c.held = 0
+                if c.generated >= r.output_len:  # O == 1: the sample is complete without memory of its own
+                    self.rec.emit(Kind.FINISH, seq=cid, n=0)
+                    c.status = FINISHED
+                    self._count_finished(c)
+                    continue
+                c.prompt = np.concatenate([r.prompt_tokens(), c.output[:1]])
+                c.status = WAITING
+                unplaced.append(c)
+                continue
+            if self.alloc.name not in ALLOCATORS_EMITTING_FORK:
+                self.rec.emit(Kind.FORK, seq=cid, n=parent.held, aux=parent.id)
+            c.status = RUNNING
+            self.running.append(c)
+            children.append(c)
+        self.waiting.extendleft(reversed(unplaced))
+        return children
+
+    # ---- lifecycle helpers ------------------------------------------------------------------------------------
+    def _preempt(self, s: Sequence) -> None:
+        self.preemptions += 1
+        if self.swap and self.alloc.can_swap_out(s.id):
+            self.rec.emit(Kind.PREEMPT, seq=s.id, n=s.held, aux=1)
+            self.alloc.swap_out(s.id)
+            s.status = SWAPPED
+            self.swapped.append(s)
+            return
+        self.rec.emit(Kind.PREEMPT, seq=s.id, n=s.held, aux=0)
+        self.alloc.free(s.id)
+        self.released.append(s.id)
+        s.held = 0
+        if s.generated:
+            s.prompt = np.concatenate([s.request.prompt_tokens(), s.output[: s.generated]])
+        s.status = WAITING
+        self.waiting.appendleft(s)
+
+    def _finish(self, s: Sequence) -> None:
+        self.rec.emit(Kind.FINISH, seq=s.id, n=s.held)
+        self.alloc.free(s.id)
+        self.released.append(s.id)
+        s.status = FINISHED
+        s.output = None
+        self._count_finished(s)
+
+    def _count_finished(self, s: Sequence) -> None:
+        self.finished_seqs += 1
+        req = self._req_of[s.id]
+        self._samples_left[req] -= 1
+        if self._samples_left[req] == 0 and not self._rejected_req[req]:
+            self.finished_requests += 1
+
+    def _reject(self, s: Sequence, *, admitted: bool = False) -> None:
+        """The request can never run to completion here (too long for max_len, or for the whole pool)."""
+        self.rec.emit(Kind.REJECT, seq=s.id, n=s.final_len)
+        if admitted:
+            self.alloc.free(s.id)
+            self.released.append(s.id)
+        s.status = REJECTED
+        s.output = None
+        req = self._req_of[s.id]
+        if not self._rejected_req[req]:
+            self._rejected_req[req] = True
+            self.rejected += 1

@@ -1,0 +1,174 @@
+"""Real forward passes with torch: the Llama-shaped model, K/V written into and read from the allocator's layout.
+
+Token ids are the workload's deterministic ones (prefix caching and traces stay deterministic); logits are computed
+for every sequence that samples in the step, but the next token is the workload's, not the logits' argmax.
+
+Shadow mode (tests, debugging): every sequence's K/V is also kept in a plain contiguous tensor, and each attention
+call is recomputed on it; any difference beyond the tolerance raises ShadowMismatch naming the layer and sequence.
+Prefix-cache hits, which this sequence never computed, are recomputed into the shadow from the token ids, so the
+shadow never trusts the allocator's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvscope.alloc.base import KVAllocator
+from kvscope.engine.costmodel import ModelCosts
+from kvscope.engine.executor import ExecResult, ExecutorOptions
+from kvscope.engine.layout import make_layout
+from kvscope.engine.model import LlamaModel, attention
+from kvscope.engine.scheduler import StepPlan, Work
+from kvscope.spec import KVSpec
+
+MAX_WEIGHT_BYTES = {"cpu": 4 << 30, "cuda": 200 << 30}
+
+
+class ShadowMismatch(AssertionError):
+    """Attention through the allocator's layout differs from attention on the contiguous shadow copy."""
+
+
+class TorchExecutor:
+    measured = True
+
+    def __init__(
+        self, spec: KVSpec, allocator: KVAllocator, options: ExecutorOptions | None = None, *, device: str = "cpu"
+    ) -> None:
+        from kvscope.cli import UserError
+
+        options = options or ExecutorOptions()
+        weights = ModelCosts.from_spec(spec).weight_bytes
+        if weights > MAX_WEIGHT_BYTES.get(device, 0):
+            raise UserError(
+                f"--model {spec.name}: {weights / 2**30:.1f} GiB of weights is too much for --device {device}; "
+                "use --model tiny, fewer --layers, or --device sim"
+            )
+        self.device = device
+        self.torch_device = torch.device(device)
+        self.spec = spec
+        self.alloc = allocator
+        self.model = LlamaModel(spec, seed=options.seed, device=self.torch_device)
+        self.layout = make_layout(spec, allocator, self.torch_device)
+        self.bytes_per_token = spec.bytes_per_token
+        self.tolerance = options.shadow_tolerance
+        # seq -> per layer [k, v], contiguous [tokens, kv_heads, head_dim]
+        self.shadow: dict[int, list[list[torch.Tensor]]] | None = {} if options.shadow else None
+        self.max_shadow_error = 0.0
+        self.last_logits: torch.Tensor | None = None
+        self._cuda = self.torch_device.type == "cuda"
+
+    # ---- executor protocol ----------------------------------------------------------------------------------
+    def execute(self, plan: StepPlan) -> ExecResult:
+        copies = self.alloc.pending_copies
+        if copies:
+            self.layout.apply(copies)
+            copies.clear()
+        if not plan.work:
+            return ExecResult()
+        if self.shadow is not None:
+            for w in plan.work:
+                if w.fresh:
+                    self._shadow_prefix(w)
+        if self._cuda:
+            start_ev = torch.cuda.Event(enable_timing=True)
+            end_ev = torch.cuda.Event(enable_timing=True)
+            start_ev.record()
+        self.last_logits = self._forward(plan.work)
+        kernel_ns = 0
+        if self._cuda:
+            end_ev.record()
+            end_ev.synchronize()
+            kernel_ns = int(start_ev.elapsed_time(end_ev) * 1e6)
+        return ExecResult(kernel_ns=kernel_ns, kv_bytes_read=plan.kv_tokens_read * self.bytes_per_token)
+
+    def after_step(self, forked: list[tuple[int, int]], released: list[int]) -> None:
+        if self.shadow is None:
+            return
+        for parent, child in forked:
+            self.shadow[child] = [[k.clone(), v.clone()] for k, v in self.shadow[parent]]
+        for seq in released:
+            self.shadow.pop(seq, None)
+
+    def device_name(self) -> str:
+        if self._cuda:
+            return torch.cuda.get_device_name(self.torch_device)
+        from kvscope.runmeta import cpu_name
+
+        return cpu_name()
+
+    def close(self) -> None:
+        self.layout.close()
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def _forward(self, work: list[Work]) -> torch.Tensor | None:
+        dev = self.torch_device
+        tokens = torch.from_numpy(np.concatenate([w.tokens for w in work]).astype(np.int64)).to(dev)
+        positions = torch.cat([torch.arange(w.start, w.start + len(w.tokens)) for w in work]).to(dev)
+        segments = []  # (work, offset in the step's rows, new tokens, rows of tokens 0..end-1)
+        logits_rows = []
+        off = 0
+        for w in work:
+            n = len(w.tokens)
+            segments.append((w, off, n, self.layout.rows(w.seq.id, w.start + n)))
+            off += n
+            if w.samples:
+                logits_rows.append(off - 1)
+        layout = self.layout
+        shadow = self.shadow
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys, values = layout.keys(layer), layout.values(layer)
+            out = torch.empty_like(q)
+            for w, o, n, rows in segments:
+                new = rows[w.start :]
+                keys.index_copy_(0, new, k[o : o + n])
+                values.index_copy_(0, new, v[o : o + n])
+                res = attention(q[o : o + n], keys.index_select(0, rows), values.index_select(0, rows), w.start)
+                out[o : o + n] = res
+                if shadow is not None:
+                    sk, sv = self._shadow_append(w.seq.id, layer, w.start, k[o : o + n], v[o : o + n])
+                    ref = attention(q[o : o + n], sk, sv, w.start)
+                    self._compare(res, ref, layer, w.seq.id)
+            return out
+
+        rows_t = torch.tensor(logits_rows, dtype=torch.int64, device=dev)
+        with torch.inference_mode():
+            return self.model.forward(tokens, positions, attend, rows_t)
+
+    # ---- shadow copy --------------------------------------------------------------------------------------------
+    def _shadow_prefix(self, w: Work) -> None:
+        """A (re)admitted sequence starts a new shadow; prefix-cache hits are recomputed into it from token ids."""
+        seq = w.seq.id
+        self.shadow[seq] = [[None, None] for _ in range(self.spec.num_layers)]  # type: ignore[list-item]
+        if w.hit == 0:
+            return
+        ids = torch.from_numpy(w.seq.prompt[: w.hit].astype(np.int64)).to(self.torch_device)
+        pos = torch.arange(w.hit, device=self.torch_device)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            sk, sv = self._shadow_append(seq, layer, 0, k, v)
+            return attention(q, sk, sv, 0)
+
+        with torch.inference_mode():
+            self.model.forward(ids, pos, attend, None)
+
+    def _shadow_append(
+        self, seq: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self.shadow[seq][layer]
+        have = 0 if entry[0] is None else entry[0].shape[0]
+        if have != start:
+            raise ShadowMismatch(f"seq {seq} layer {layer}: shadow holds {have} tokens, the step writes at {start}")
+        entry[0] = k.clone() if entry[0] is None else torch.cat([entry[0], k])
+        entry[1] = v.clone() if entry[1] is None else torch.cat([entry[1], v])
+        return entry[0], entry[1]
+
+    def _compare(self, got: torch.Tensor, ref: torch.Tensor, layer: int, seq: int) -> None:
+        err = float((got.float() - ref.float()).abs().max())
+        self.max_shadow_error = max(self.max_shadow_error, err)
+        if not err <= self.tolerance:
+            raise ShadowMismatch(
+                f"seq {seq} layer {layer}: attention through the {self.alloc.name} layout differs from the "
+                f"contiguous reference by {err:.3g} (tolerance {self.tolerance:g})"
+            )

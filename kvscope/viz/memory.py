@@ -1,0 +1,105 @@
+"""Memory stack over time: where every byte of the KV pool is at each step, and the two usage figures that people
+confuse (vLLM's block usage vs the share of token slots actually filled)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from kvscope.viz._common import MAX_TIMELINE_POINTS, base_layout, bin_steps, byte_unit, empty_figure, numeric
+from kvscope.viz._common import require_columns as _require
+from kvscope.viz.palette import LOGICAL_LINE_COLOR, MEMORY_BANDS, USAGE_LINE_COLOR, state_color, state_label
+
+TIMELINE_COLUMNS = ["step", *MEMORY_BANDS, "capacity", "block_usage_frac", "token_usage_frac"]
+TITLE = "KV memory by state over time"
+
+
+def memory_stack_figure(
+    timeline: pd.DataFrame, *, title: str = TITLE, max_points: int = MAX_TIMELINE_POINTS
+) -> go.Figure:
+    """Stacked bands (used, internal, reservation, mapped-idle, cached-idle, free; they add up to capacity) against
+    the step, with block usage (reserved / capacity, what vLLM reports) and token-slot usage (used / capacity) on
+    a right-hand percent axis. Input: analysis.memory.memory_timeline(trace)."""
+    _require(timeline, TIMELINE_COLUMNS, "memory stack")
+    if timeline.empty:
+        return empty_figure(title, "no memory samples in this trace")
+    how = {c: "mean" for c in [*MEMORY_BANDS, "capacity", "logical", "used", "block_usage_frac", "token_usage_frac"]}
+    df, width = bin_steps(timeline.sort_values("step"), max_points, how)
+    steps = numeric(df["step"])
+    div, unit = byte_unit(float(np.nanmax(numeric(df["capacity"]))) if len(df) else 0.0)
+
+    fig = go.Figure()
+    for band in MEMORY_BANDS:
+        values = numeric(df[band]) / div
+        if band != "free" and not np.any(values > 0):
+            continue  # a band this allocator never has (cached-idle in a static run): keep the legend short
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=values,
+                name=state_label(band),
+                stackgroup="memory",
+                mode="lines",
+                line=dict(width=0.5, color=state_color(band)),
+                fillcolor=state_color(band),
+                hovertemplate=f"%{{y:.3f}} {unit}<extra>{state_label(band)}</extra>",
+            )
+        )
+    if "logical" in df.columns:
+        logical = numeric(df["logical"])
+        if np.any(np.abs(logical - numeric(df["used"])) > 0):
+            # Only drawn when sharing changes something: the gap to `used` is what sharing saved.
+            fig.add_trace(
+                go.Scatter(
+                    x=steps,
+                    y=logical / div,
+                    name="logical (tokens without sharing)",
+                    mode="lines",
+                    line=dict(color=LOGICAL_LINE_COLOR, dash="dot", width=1.5),
+                    hovertemplate=f"%{{y:.3f}} {unit}<extra>logical, no sharing</extra>",
+                )
+            )
+    fig.add_trace(
+        go.Scatter(
+            x=steps,
+            y=100 * numeric(df["block_usage_frac"]),
+            name="block usage % (vLLM kv_cache_usage: reserved / capacity)",
+            mode="lines",
+            line=dict(color=USAGE_LINE_COLOR, width=2),
+            yaxis="y2",
+            hovertemplate="%{y:.1f}%<extra>block usage (reserved / capacity)</extra>",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=steps,
+            y=100 * numeric(df["token_usage_frac"]),
+            name="token-slot usage % (used / capacity)",
+            mode="lines",
+            line=dict(color=USAGE_LINE_COLOR, width=2, dash="dash"),
+            yaxis="y2",
+            hovertemplate="%{y:.1f}%<extra>token slots filled (used / capacity)</extra>",
+        )
+    )
+    xlabel = "engine step" if width == 1 else f"engine step (mean of each {width}-step bin)"
+    base_layout(
+        fig,
+        title,
+        height=460,
+        hovermode="x unified",
+        xaxis=dict(title=dict(text=xlabel)),
+        yaxis=dict(title=dict(text=f"KV memory ({unit})"), rangemode="tozero"),
+        yaxis2=dict(
+            title=dict(text="usage (% of capacity)"),
+            overlaying="y",
+            side="right",
+            range=[0, 105],
+            tickmode="auto",  # plotly aligns an overlaying axis's ticks to the main one by default ('sync')
+            ticksuffix="%",
+            showgrid=False,
+        ),
+        legend=dict(orientation="h", yanchor="top", y=-0.22, x=0),
+        margin=dict(l=70, r=70, t=70, b=150),
+    )
+    return fig

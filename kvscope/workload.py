@@ -1,0 +1,397 @@
+"""Requests: the record, deterministic token ids, the JSONL file format (contract) and named workloads.
+
+File format: one JSON object per line (blank lines are skipped)::
+
+    {"id": "r0", "arrival": 0.0, "prompt_len": 161, "output_len": 338}
+    {"id": "r1", "arrival": 0.12, "prompt": [1, 2, 3], "output_len": 8, "n": 4}
+    {"id": "r2", "arrival": 0.3, "prompt_len": 700, "output_len": 90, "shared_prefix": {"id": "system-0", "len": 256}}
+    {"id": "c0-t1", "arrival": 5.1, "prompt_len": 900, "output_len": 80, "conversation": "c0"}
+
+`arrival` is seconds since the run starts; `n` (default 1) is the number of parallel samples; `prompt` (explicit
+token ids) may replace or accompany `prompt_len`.
+
+Token ids. Prefix caching hashes token ids, so every request has deterministic ones without storing them: token i
+comes from a named stream, a counter-based hash (splitmix64 of the stream's seed and the absolute position i) taken
+mod VOCAB_SIZE. Which stream:
+  - positions below `shared_prefix.len`: the prefix's stream, so every request naming that prefix starts with the
+    same tokens (a shared system prompt);
+  - the rest of the prompt, and the generated tokens of sample 0: the conversation's stream if the request names
+    one, else the request's own stream;
+  - the generated tokens of samples 1..n-1: a stream of their own per sample.
+A conversation is one growing token sequence of which each turn is a prefix: turn k+1's prompt (previous prompt,
+previous answer, new user text) reads the same positions of the same streams as turn k did, so it begins with turn
+k's prompt and sample-0 answer token for token, and a prefix cache holding turn k serves turn k+1. A conversation
+may also use a shared system prompt (its turns all name the same `shared_prefix`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VOCAB_SIZE = 32000
+_MAX_TOKEN_ID = 2**31 - 1  # token ids travel as int32
+
+# splitmix64 constants (Steele, Lea, Flood 2014): a strong, vectorizable counter-based hash.
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@lru_cache(maxsize=1 << 16)
+def stream_seed(name: str) -> int:
+    """64-bit seed of a named token stream; stable across processes and machines (unlike Python's hash())."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def stream_tokens(name: str, start: int, count: int) -> np.ndarray:
+    """Token ids at absolute positions start..start+count-1 of the named stream (int32, in [0, VOCAB_SIZE))."""
+    z = np.arange(start + 1, start + count + 1, dtype=np.uint64) * _GAMMA + np.uint64(stream_seed(name))
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z ^= z >> np.uint64(31)
+    return (z % np.uint64(VOCAB_SIZE)).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The first `len` prompt tokens are the same in every request naming prefix `id` (e.g. a system prompt)."""
+
+    id: str
+    len: int
+
+    def __post_init__(self) -> None:
+        _check_str("shared_prefix.id", self.id)
+        object.__setattr__(self, "len", _check_int("shared_prefix.len", self.len, minimum=1))
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request. Invalid values raise ValueError("field 'NAME': ...") so the file loader can say where."""
+
+    id: str
+    arrival: float
+    prompt_len: int
+    output_len: int
+    n: int = 1
+    prompt: tuple[int, ...] | None = field(default=None, repr=False)
+    shared_prefix: SharedPrefix | None = None
+    conversation: str | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalize numpy scalars and arrays to plain Python values once
+        _check_str("id", self.id)
+        arrival = self.arrival
+        if isinstance(arrival, bool) or not isinstance(arrival, numbers.Real) or not math.isfinite(arrival):
+            raise ValueError(f"field 'arrival': must be a finite number of seconds >= 0, got {arrival!r}")
+        if arrival < 0:
+            raise ValueError(f"field 'arrival': must be a finite number of seconds >= 0, got {arrival!r}")
+        set_(self, "arrival", float(arrival))
+        set_(self, "prompt_len", _check_int("prompt_len", self.prompt_len, minimum=1))
+        set_(self, "output_len", _check_int("output_len", self.output_len, minimum=1))
+        set_(self, "n", _check_int("n", self.n, minimum=1))
+        if self.prompt is not None:
+            prompt = _check_prompt(self.prompt)
+            if len(prompt) != self.prompt_len:
+                raise ValueError(
+                    f"field 'prompt_len': {self.prompt_len} disagrees with the prompt's {len(prompt)} tokens"
+                )
+            set_(self, "prompt", prompt)
+        if self.shared_prefix is not None:
+            if not isinstance(self.shared_prefix, SharedPrefix):
+                raise ValueError(f"field 'shared_prefix': must be a SharedPrefix, got {self.shared_prefix!r}")
+            if self.shared_prefix.len > self.prompt_len:
+                raise ValueError(
+                    f"field 'shared_prefix.len': {self.shared_prefix.len} exceeds the prompt length {self.prompt_len}"
+                )
+        if self.conversation is not None:
+            _check_str("conversation", self.conversation)
+
+    @property
+    def _tail_stream(self) -> str:
+        # Namespaced so a prefix, a conversation and a request that happen to share a name never share tokens.
+        return f"conv:{self.conversation}" if self.conversation is not None else f"req:{self.id}"
+
+    def prompt_tokens(self) -> np.ndarray:
+        """The prompt's token ids (int32, length prompt_len): explicit if given, else from the streams."""
+        if self.prompt is not None:
+            return np.asarray(self.prompt, dtype=np.int32)
+        shared = self.shared_prefix.len if self.shared_prefix is not None else 0
+        tail = stream_tokens(self._tail_stream, shared, self.prompt_len - shared)
+        if not shared:
+            return tail
+        return np.concatenate([stream_tokens(f"prefix:{self.shared_prefix.id}", 0, shared), tail])
+
+    def output_tokens(self, sample: int, start: int, count: int) -> np.ndarray:
+        """Generated token ids of sample `sample` at output positions start..start+count-1 (int32)."""
+        if not 0 <= sample < self.n:
+            raise ValueError(f"request {self.id!r}: sample {sample} out of range (n={self.n})")
+        if start < 0 or count < 0 or start + count > self.output_len:
+            raise ValueError(
+                f"request {self.id!r}: output positions {start}..{start + count} outside 0..{self.output_len}"
+            )
+        stream = self._tail_stream if sample == 0 else f"req:{self.id}#{sample}"
+        return stream_tokens(stream, self.prompt_len + start, count)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSONL object (defaults left out)."""
+        d: dict[str, Any] = {"id": self.id, "arrival": self.arrival, "prompt_len": self.prompt_len}
+        if self.prompt is not None:
+            d["prompt"] = list(self.prompt)
+        d["output_len"] = self.output_len
+        if self.n != 1:
+            d["n"] = self.n
+        if self.shared_prefix is not None:
+            d["shared_prefix"] = {"id": self.shared_prefix.id, "len": self.shared_prefix.len}
+        if self.conversation is not None:
+            d["conversation"] = self.conversation
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any) -> Request:
+        """Build from a parsed JSONL object; raises ValueError("field 'NAME': ...") naming the bad field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - _JSON_FIELDS)
+        if unknown:
+            raise ValueError(f"field {unknown[0]!r}: unknown field (known: {', '.join(sorted(_JSON_FIELDS))})")
+        for name in ("id", "arrival", "output_len"):
+            if name not in d:
+                raise ValueError(f"field {name!r}: missing")
+        if "prompt_len" not in d and "prompt" not in d:
+            raise ValueError("field 'prompt_len': missing (give prompt_len or prompt)")
+        prompt = d.get("prompt")
+        prompt_len = d.get("prompt_len")
+        if prompt is not None:
+            prompt = _check_prompt(prompt)
+            if prompt_len is None:
+                prompt_len = len(prompt)
+        shared = d.get("shared_prefix")
+        if shared is not None:
+            if not isinstance(shared, dict):
+                raise ValueError(f"field 'shared_prefix': must be an object with id and len, got {shared!r}")
+            for name in ("id", "len"):
+                if name not in shared:
+                    raise ValueError(f"field 'shared_prefix.{name}': missing")
+            extra = sorted(set(shared) - {"id", "len"})
+            if extra:
+                raise ValueError(f"field 'shared_prefix.{extra[0]}': unknown field (known: id, len)")
+            shared = SharedPrefix(shared["id"], shared["len"])
+        return cls(
+            id=d["id"],
+            arrival=d["arrival"],
+            prompt_len=prompt_len,
+            output_len=d["output_len"],
+            n=d.get("n", 1),
+            prompt=prompt,
+            shared_prefix=shared,
+            conversation=d.get("conversation"),
+        )
+
+
+_JSON_FIELDS = {"id", "arrival", "prompt_len", "prompt", "output_len", "n", "shared_prefix", "conversation"}
+
+
+def _check_str(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"field {name!r}: must be a non-empty string, got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"field {name!r}: must be {what}, got {value!r}")
+    return int(value)
+
+
+def _check_prompt(prompt: Any) -> tuple[int, ...]:
+    if isinstance(prompt, np.ndarray):
+        if prompt.ndim != 1 or prompt.dtype.kind not in "iu":
+            raise ValueError(
+                f"field 'prompt': must be a 1-D array of integer token ids, got {prompt.dtype}{prompt.shape}"
+            )
+        values = prompt.tolist()
+    elif isinstance(prompt, (list, tuple)):
+        values = list(prompt)
+    else:
+        raise ValueError(f"field 'prompt': must be a list of token ids, got {type(prompt).__name__}")
+    if not values:
+        raise ValueError("field 'prompt': must not be empty")
+    for i, t in enumerate(values):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= _MAX_TOKEN_ID:
+            raise ValueError(f"field 'prompt': token {i} must be an integer id in 0..{_MAX_TOKEN_ID}, got {t!r}")
+    return tuple(int(t) for t in values)
+
+
+# ---------------------------------------------------------------------------------------------------- file format
+
+
+def load_workload(path: str | os.PathLike) -> list[Request]:
+    """Read a JSONL workload, sorted by arrival (ties keep file order). Errors: ValueError('FILE:LINE: ...')."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such workload file")
+    requests: list[Request] = []
+    first_line: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
+            try:
+                req = Request.from_json(obj)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if req.id in first_line:
+                raise ValueError(f"{where}: field 'id': duplicate id {req.id!r} (first on line {first_line[req.id]})")
+            first_line[req.id] = lineno
+            requests.append(req)
+    if not requests:
+        raise ValueError(f"{path}: no requests in the file")
+    _check_explicit_prefixes(requests, path, first_line)
+    return sort_by_arrival(requests)
+
+
+def _check_explicit_prefixes(requests: list[Request], path: Path, line_of: dict[str, int]) -> None:
+    """Requests naming one shared prefix must agree on its tokens; only explicit prompts can disagree."""
+    groups: dict[str, list[Request]] = {}
+    for r in requests:
+        if r.shared_prefix is not None:
+            groups.setdefault(r.shared_prefix.id, []).append(r)
+    for prefix_id, group in groups.items():
+        if all(r.prompt is None for r in group):
+            continue
+        ref = group[0]
+        ref_tokens = ref.prompt_tokens()
+        for r in group[1:]:
+            m = min(ref.shared_prefix.len, r.shared_prefix.len)
+            if not np.array_equal(r.prompt_tokens()[:m], ref_tokens[:m]):
+                raise ValueError(
+                    f"{path}:{line_of[r.id]}: field 'prompt': its first {m} tokens differ from request {ref.id!r} "
+                    f"(line {line_of[ref.id]}) although both name shared prefix {prefix_id!r}"
+                )
+
+
+def save_workload(requests: Iterable[Request], path: str | os.PathLike) -> None:
+    """Write requests as JSONL (one compact object per line), in the order given."""
+    with Path(path).open("w", encoding="utf-8") as f:
+        for r in requests:
+            f.write(json.dumps(r.to_json(), separators=(",", ":")) + "\n")
+
+
+def sort_by_arrival(requests: Iterable[Request]) -> list[Request]:
+    return sorted(requests, key=lambda r: r.arrival)  # stable: ties keep their order
+
+
+# ---------------------------------------------------------------------------------------------------- descriptions
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "max": 0.0}
+    return {
+        "mean": round(float(values.mean()), 2),
+        "p50": float(np.percentile(values, 50)),
+        "p90": float(np.percentile(values, 90)),
+        "max": float(values.max()),
+    }
+
+
+def declared_reuse(requests: Sequence[Request]) -> dict[str, int]:
+    """Per request id: leading prompt tokens that an earlier-arriving request already had (a prefix cache could serve
+    them): the shared prefix after its first user, or the previous turn's prompt + answer in a conversation."""
+    reuse: dict[str, int] = {}
+    seen_prefix: set[str] = set()
+    last_turn: dict[str, Request] = {}
+    for r in sort_by_arrival(requests):
+        shared = 0
+        if r.shared_prefix is not None:
+            if r.shared_prefix.id in seen_prefix:
+                shared = r.shared_prefix.len
+            seen_prefix.add(r.shared_prefix.id)
+        if r.conversation is not None:
+            prev = last_turn.get(r.conversation)
+            if prev is not None:
+                shared = max(shared, min(r.prompt_len, prev.prompt_len + prev.output_len))
+            last_turn[r.conversation] = r
+        reuse[r.id] = shared
+    return reuse
+
+
+def describe_lengths(requests: Sequence[Request]) -> dict[str, Any]:
+    """The distribution a workload actually has: counts, and mean/p50/p90/max of prompt and output lengths."""
+    prompt = np.array([r.prompt_len for r in requests], dtype=np.int64)
+    output = np.array([r.output_len for r in requests], dtype=np.int64)
+    reused = sum(declared_reuse(requests).values())
+    arrivals = [r.arrival for r in requests]
+    return {
+        "requests": len(requests),
+        "samples": int(sum(r.n for r in requests)),
+        "prompt_len": _stats(prompt),
+        "output_len": _stats(output),
+        "prompt_tokens": int(prompt.sum()),
+        "output_tokens": int(output.sum()),
+        "shared_prefixes": len({r.shared_prefix.id for r in requests if r.shared_prefix is not None}),
+        "conversations": len({r.conversation for r in requests if r.conversation is not None}),
+        "reusable_prompt_fraction": round(reused / int(prompt.sum()), 4) if len(requests) else 0.0,
+        "duration_s": round(max(arrivals) - min(arrivals), 3) if arrivals else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- named workloads
+
+DEFAULT_REQUESTS = 1000
+
+
+def resolve_workload(
+    name_or_path: str | os.PathLike, requests: int | None = None, seed: int = 0, **opts: Any
+) -> tuple[list[Request], dict[str, Any]]:
+    """A named synthetic workload (see kvscope.workload_gen.NAMED_WORKLOADS) or a .jsonl file -> (requests,
+    description for the trace metadata). Options set to None are ignored, so a CLI can pass all of its flags.
+    For a file, `max_len` drops requests longer than it, `requests` keeps the first N by arrival, and generator
+    options are refused."""
+    from kvscope import workload_gen
+
+    opts = {k: v for k, v in opts.items() if v is not None}
+    name = os.fspath(name_or_path)
+    if name in workload_gen.NAMED_WORKLOADS:
+        count = DEFAULT_REQUESTS if requests is None else requests
+        reqs, params = workload_gen.generate_named(name, count, seed, **opts)
+        desc: dict[str, Any] = {"name": name, "source": "generated", "params": params, "seed": seed}
+    elif name.endswith(".jsonl") or os.path.exists(name):
+        max_len = opts.pop("max_len", None)
+        if opts:
+            raise ValueError(
+                f"workload file {name}: generator options ({', '.join(sorted(opts))}) apply only to named workloads"
+            )
+        reqs = load_workload(name)
+        if max_len is not None:
+            reqs = [r for r in reqs if r.prompt_len + r.output_len <= max_len]
+            if not reqs:
+                raise ValueError(f"max_len: {max_len} drops every request of {name}")
+        if requests is not None:
+            if requests < 1:
+                raise ValueError(f"requests: must be a positive integer, got {requests}")
+            reqs = reqs[:requests]
+        params = {} if max_len is None else {"max_len": max_len}
+        desc = {"name": Path(name).name, "source": "file", "path": str(Path(name).resolve()), "params": params}
+    else:
+        raise ValueError(
+            f"unknown workload {name!r}: use one of {', '.join(workload_gen.NAMED_WORKLOADS)} or a .jsonl file path"
+        )
+    desc.update(describe_lengths(reqs))
+    return reqs, desc

@@ -1,0 +1,233 @@
+"""Property tests: random admit / append / fork / free (and, for VMM, ensure_room and injected driver failures)
+against a model of the token counts. After every step: the allocator's own invariants, Usage.check(), live rows
+never overlap, no page mapped twice or both mapped and pooled (as the backend sees it); at the end everything is
+released (VMM: after close(), no page, mapping or reservation left in the backend)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from kvscope.alloc.base import Copy, KVOutOfMemory
+from kvscope.alloc.static import VARIANTS, StaticAllocator
+from kvscope.alloc.vmm import VMMAllocator
+from kvscope.backends.sim import SimMemory
+from kvscope.recorder import Recorder
+from kvscope.spec import get_spec
+
+SPEC = get_spec("tiny")
+BPT = SPEC.bytes_per_token
+PAGE = 1024  # tiny: 8 tokens a page per layer buffer, 2 in the megacache: growth (and a dry pool) comes often
+
+
+def toks(n: int) -> np.ndarray:
+    return np.zeros(n, dtype=np.int64)
+
+
+class _Machine(RuleBasedStateMachine):
+    """Shared rules; subclasses build `self.alloc` in an @initialize rule."""
+
+    alloc: StaticAllocator | VMMAllocator
+
+    def _setup(self, alloc) -> None:
+        self.alloc = alloc
+        self.tokens: dict[int, int] = {}  # the model: seq -> tokens held
+        self.next_seq = 0
+
+    def _new_seq(self) -> int:
+        self.next_seq += 1
+        return self.next_seq
+
+    def _expect_oom_unchanged(self, call, strict: bool) -> bool:
+        """Run `call`; on KVOutOfMemory check that nothing changed (strict) or that nothing but idle pages moved
+        to the pool (an injected driver failure), and return False."""
+        before = self.alloc.usage()
+        copies = len(self.alloc.pending_copies)
+        try:
+            call()
+        except KVOutOfMemory:
+            after = self.alloc.usage()
+            if strict:
+                assert after == before
+            else:
+                assert after.used == before.used and after.reserved <= before.reserved
+            assert len(self.alloc.pending_copies) == copies
+            return False
+        return True
+
+    def _strict(self) -> bool:
+        """Whether can_admit / can_append must predict the outcome exactly."""
+        return True
+
+    @rule(data=st.data())
+    def admit(self, data):
+        max_len = self.alloc.max_len
+        prompt = data.draw(st.integers(0, max_len), label="prompt")
+        final = data.draw(st.integers(max(prompt, 1), max_len), label="final_len")
+        seq = self._new_seq()
+        can, strict = self.alloc.can_admit(prompt, final), self._strict()
+        ok = self._expect_oom_unchanged(lambda: self.alloc.admit(seq, toks(prompt), final), strict)
+        if strict:
+            assert ok == can
+        if not ok:
+            assert seq not in self.alloc.live_sequences()
+            return
+        self.tokens[seq] = 0
+        if prompt:  # the prefill: admit took room for the prompt, so this never fails (mapping ahead is best effort)
+            self.alloc.append(seq, toks(prompt))
+            self.tokens[seq] = prompt
+
+    @rule(prompt=st.integers(0, 8), over=st.integers(1, 8), shorter=st.booleans())
+    def admit_a_bad_final_length(self, prompt, over, shorter):
+        final = prompt - over if shorter else self.alloc.max_len + over
+        before = self.alloc.usage()
+        try:
+            self.alloc.admit(self._new_seq(), toks(prompt), final)
+        except ValueError:
+            assert self.alloc.usage() == before
+            return
+        raise AssertionError(f"admit(prompt={prompt}, final_len={final}) did not raise ValueError")
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), n=st.integers(1, 40))
+    def append(self, data, n):
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        can, strict = self.alloc.can_append(seq, n), self._strict()
+        ok = self._expect_oom_unchanged(lambda: self.alloc.append(seq, toks(n)), strict)
+        if strict:
+            assert ok == can
+        if ok:
+            self.tokens[seq] += n
+        assert self.alloc.num_tokens(seq) == self.tokens[seq]
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def fork(self, data):
+        parent = data.draw(st.sampled_from(sorted(self.tokens)))
+        child = self._new_seq()
+        if self._expect_oom_unchanged(lambda: self.alloc.fork(parent, child), self._strict()):
+            self.tokens[child] = self.tokens[parent]
+            copy = self.alloc.pending_copies[-1]
+            assert copy == Copy(
+                "rows", self.alloc.token_base(parent), self.alloc.token_base(child), self.tokens[parent]
+            )
+        else:
+            assert child not in self.alloc.live_sequences()
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def free(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        self.alloc.free(seq)
+        del self.tokens[seq]
+
+    @invariant()
+    def books_balance(self):
+        self.alloc.check_invariants()
+        u = self.alloc.usage()
+        u.check()
+        assert u.used == u.logical == sum(self.tokens.values()) * BPT
+        assert sorted(self.alloc.live_sequences()) == sorted(self.tokens)
+        for seq, n in self.tokens.items():
+            assert self.alloc.num_tokens(seq) == n
+
+    @invariant()
+    def live_rows_never_overlap(self):
+        spans = sorted((self.alloc.token_base(s), self._rows_of(s)) for s in self.tokens)
+        for (base, rows), (next_base, _) in zip(spans, spans[1:], strict=False):
+            assert base + rows <= next_base, f"rows [{base}, {base + rows}) overlap the next at {next_base}"
+
+    def _rows_of(self, seq: int) -> int:
+        raise NotImplementedError
+
+
+class StaticMachine(_Machine):
+    @initialize(variant=st.sampled_from(VARIANTS), rows=st.integers(1, 200), max_len=st.integers(1, 80))
+    def setup(self, variant, rows, max_len):
+        self._setup(StaticAllocator(SPEC, rows * BPT, Recorder(), max_len=max_len, variant=variant))
+
+    def _rows_of(self, seq: int) -> int:
+        return self.alloc.reserved_rows(seq)
+
+    def teardown(self):
+        for seq in list(self.tokens):
+            self.alloc.free(seq)
+        u = self.alloc.usage()
+        u.check()
+        assert u.reserved == 0 and u.free == u.capacity
+        assert self.alloc.largest_free_range() == self.alloc.num_rows
+
+
+class VMMMachine(_Machine):
+    @initialize(
+        deferred=st.booleans(),
+        eager=st.sampled_from([0, 1]),
+        megacache=st.booleans(),
+        groups=st.integers(1, 16),
+        max_batch=st.integers(2, 5),
+        max_len=st.integers(1, 100),
+    )
+    def setup(self, deferred, eager, megacache, groups, max_batch, max_len):
+        self.backend = SimMemory(PAGE)
+        nbuf = 1 if megacache else 2 * SPEC.num_layers
+        alloc = VMMAllocator(
+            SPEC, groups * nbuf * PAGE, Recorder(), backend=self.backend, max_batch=max_batch, max_len=max_len,
+            page_size=PAGE, megacache=megacache, eager_pages=eager, deferred_reclaim=deferred,
+        )  # fmt: skip
+        self._setup(alloc)
+
+    def _strict(self) -> bool:
+        return not self.backend.faults_pending
+
+    def _rows_of(self, seq: int) -> int:
+        return self.alloc.rows_per_slot
+
+    @rule(op=st.sampled_from(["map", "set_access"]), after=st.integers(1, 6))
+    def inject_fault(self, op, after):
+        self.backend.inject_fault(op, after)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), ahead=st.integers(0, 40))
+    def ensure_room(self, data, ahead):
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        want = self.tokens[seq] + ahead
+        if want > self.alloc.max_len:
+            return
+        strict = self._strict()
+        if self._expect_oom_unchanged(lambda: self.alloc.ensure_room(seq, want), strict) and strict:
+            assert self.alloc.can_append(seq, ahead)  # the room is there now
+
+    @invariant()
+    def backend_agrees(self):
+        """Every page the allocator thinks mapped is mapped, exactly where it says; the backend has no others."""
+        a = self.alloc
+        mapped = 0
+        for slot in range(a.max_batch):
+            pages = a._slot_pages[slot]
+            for i, pid in enumerate(pages):
+                group, buf = divmod(i, a.num_buffers)
+                va = a.buffer_addresses()[buf] + slot * a.slot_bytes + group * a.page_size
+                assert self.backend.mapped_handle(va) == a._handles[pid]
+            mapped += len(pages)
+        assert self.backend.live_mappings == mapped
+        assert self.backend.live_handles == a.num_pages
+
+    def teardown(self):
+        self.backend.clear_faults()
+        for seq in list(self.tokens):
+            self.alloc.free(seq)
+        u = self.alloc.usage()
+        u.check()
+        assert u.used == 0 and u.reservation == 0 and u.internal == 0
+        self.alloc.close()
+        self.alloc.check_invariants()
+        assert (self.backend.live_handles, self.backend.live_mappings, self.backend.live_reservations) == (0, 0, 0)
+        assert self.backend.calls["create"] == self.backend.calls["release"]
+
+
+TestStaticAllocatorProperties = StaticMachine.TestCase
+TestStaticAllocatorProperties.settings = settings(settings(), stateful_step_count=40)
+TestVMMAllocatorProperties = VMMMachine.TestCase
+TestVMMAllocatorProperties.settings = settings(settings(), stateful_step_count=40)

@@ -1,0 +1,437 @@
+"""The cuda VMM backend: the no-driver path and the driver plumbing on any machine (through a fake driver that keeps
+cuda-python's real structs, enums and calling convention), the real driver calls on a GPU (@pytest.mark.gpu)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from kvscope.backends.base import BackendError, BackendOutOfMemory, BackendUnavailable, PhysicalMemory
+from kvscope.cudainfo import probe, require_cuda
+
+cuda_driver = pytest.importorskip("cuda.bindings.driver", reason="cuda-python (a kvscope dependency) is missing")
+from kvscope.backends.cuda_vmm import CudaArray, CudaMemory  # noqa: E402
+
+MiB = 1 << 20
+PAGE = 2 * MiB
+R = cuda_driver.CUresult
+HAS_DRIVER = probe().available
+
+
+class FakeDriver:
+    """cuda-python's driver module, minus the GPU: same return tuples, same argument types, the same refusals a real
+    driver makes for the VMM calls (mapping over a mapping, freeing address space that still has mappings...).
+    `results` forces a CUresult for the next call of a function name."""
+
+    def __init__(self, *, physical_pages: int = 64, init_error: R | None = None, init_raises: bool = False) -> None:
+        # The real module's types: the backend must build its structs exactly as cuda-python wants them.
+        for name in (
+            "CUresult",
+            "CUmemAllocationProp",
+            "CUmemAccessDesc",
+            "CUmemAllocationType",
+            "CUmemLocationType",
+            "CUmemAccess_flags",
+            "CUmemAllocationGranularity_flags",
+        ):
+            setattr(self, name, getattr(cuda_driver, name))
+        self.physical_pages = physical_pages
+        self.init_error = init_error
+        self.init_raises = init_raises
+        self.results: dict[str, R] = {}
+        self.log: list[str] = []
+        self.bound_threads: set[int] = set()
+        self.ctx_refs = 0
+        self.reservations: dict[int, int] = {}
+        self.handles: dict[int, int] = {}
+        self.maps: dict[int, tuple[int, int]] = {}
+        self.access: dict[int, object] = {}
+        self._next_va = 1 << 40
+        self._next_handle = 100
+
+    def _result(self, fn: str) -> R:
+        self.log.append(fn)
+        return self.results.pop(fn, R.CUDA_SUCCESS)
+
+    def cuInit(self, flags):
+        if self.init_raises:
+            raise RuntimeError('"cuda" is an NVIDIA driver library and can only be found via system search.')
+        return (self.init_error or R.CUDA_SUCCESS,)
+
+    def cuDeviceGet(self, ordinal):
+        return (self._result("cuDeviceGet"), ordinal)
+
+    def cuDevicePrimaryCtxRetain(self, dev):
+        self.ctx_refs += 1
+        return (self._result("cuDevicePrimaryCtxRetain"), "primary-ctx")
+
+    def cuDevicePrimaryCtxRelease(self, dev):
+        self.ctx_refs -= 1
+        return (self._result("cuDevicePrimaryCtxRelease"),)
+
+    def cuCtxSetCurrent(self, ctx):
+        assert ctx == "primary-ctx"
+        self.bound_threads.add(threading.get_ident())
+        return (self._result("cuCtxSetCurrent"),)
+
+    def cuCtxSynchronize(self):
+        return (self._result("cuCtxSynchronize"),)
+
+    def _on_bound_thread(self) -> None:
+        # A real driver answers CUDA_ERROR_INVALID_CONTEXT on a thread with no current context.
+        assert threading.get_ident() in self.bound_threads, "driver called on a thread with no current context"
+
+    def cuMemGetAllocationGranularity(self, prop, option):
+        assert isinstance(prop, cuda_driver.CUmemAllocationProp)
+        assert prop.type == cuda_driver.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        assert prop.location.type == cuda_driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        return (self._result("cuMemGetAllocationGranularity"), PAGE)
+
+    def cuMemAddressReserve(self, size, alignment, addr, flags):
+        self._on_bound_thread()
+        err = self._result("cuMemAddressReserve")
+        if err != R.CUDA_SUCCESS:
+            return (err, cuda_driver.CUdeviceptr(0))
+        va = self._next_va
+        self._next_va += size + PAGE
+        self.reservations[va] = size
+        return (err, cuda_driver.CUdeviceptr(va))
+
+    def cuMemAddressFree(self, ptr, size):
+        self._on_bound_thread()
+        va = int(ptr)
+        if self.reservations.get(va) != size or any(va <= m < va + size for m in self.maps):
+            return (R.CUDA_ERROR_INVALID_VALUE,)
+        del self.reservations[va]
+        return (self._result("cuMemAddressFree"),)
+
+    def cuMemCreate(self, size, prop, flags):
+        self._on_bound_thread()
+        err = self._result("cuMemCreate")
+        if err == R.CUDA_SUCCESS and sum(self.handles.values()) + size > self.physical_pages * PAGE:
+            err = R.CUDA_ERROR_OUT_OF_MEMORY
+        if err != R.CUDA_SUCCESS:
+            return (err, cuda_driver.CUmemGenericAllocationHandle(0))
+        self._next_handle += 1
+        self.handles[self._next_handle] = size
+        return (err, cuda_driver.CUmemGenericAllocationHandle(self._next_handle))
+
+    def cuMemRelease(self, handle):
+        self._on_bound_thread()
+        if int(handle) not in self.handles:
+            return (R.CUDA_ERROR_INVALID_VALUE,)
+        del self.handles[int(handle)]
+        return (self._result("cuMemRelease"),)
+
+    def cuMemMap(self, ptr, size, offset, handle, flags):
+        self._on_bound_thread()
+        va = int(ptr)
+        if int(handle) not in self.handles or va in self.maps:
+            return (R.CUDA_ERROR_INVALID_VALUE,)
+        err = self._result("cuMemMap")
+        if err == R.CUDA_SUCCESS:
+            self.maps[va] = (size, int(handle))
+        return (err,)
+
+    def cuMemSetAccess(self, ptr, size, desc, count):
+        self._on_bound_thread()
+        assert count == 1 and desc[0].flags == cuda_driver.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        if int(ptr) not in self.maps:
+            return (R.CUDA_ERROR_INVALID_VALUE,)
+        err = self._result("cuMemSetAccess")
+        if err == R.CUDA_SUCCESS:
+            self.access[int(ptr)] = desc[0]
+        return (err,)
+
+    def cuMemUnmap(self, ptr, size):
+        self._on_bound_thread()
+        if int(ptr) not in self.maps:
+            return (R.CUDA_ERROR_INVALID_VALUE,)
+        err = self._result("cuMemUnmap")
+        if err == R.CUDA_SUCCESS:
+            del self.maps[int(ptr)]
+            self.access.pop(int(ptr), None)
+        return (err,)
+
+
+def fake_memory(**kwargs) -> tuple[CudaMemory, FakeDriver]:
+    driver = FakeDriver(**kwargs)
+    return CudaMemory(0, driver=driver), driver
+
+
+def map_page(mem: CudaMemory, va: int) -> int:
+    handle = mem.create(PAGE)
+    mem.map(va, PAGE, handle)
+    mem.set_access(va, PAGE)
+    return handle
+
+
+# ---- no driver --------------------------------------------------------------------------------------------------
+
+
+def test_no_driver_is_one_line_backend_unavailable():
+    with pytest.raises(BackendUnavailable) as err:
+        CudaMemory(0, driver=FakeDriver(init_raises=True))
+    assert "\n" not in str(err.value)
+    assert "no NVIDIA driver" in str(err.value)
+
+
+def test_no_device_names_the_cuinit_result():
+    with pytest.raises(BackendUnavailable, match="CUDA_ERROR_NO_DEVICE") as err:
+        CudaMemory(0, driver=FakeDriver(init_error=R.CUDA_ERROR_NO_DEVICE))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(HAS_DRIVER, reason="this machine has a usable CUDA driver")
+def test_real_no_driver_machine_gives_one_line():
+    info = probe()
+    assert not info.available and info.reason and "\n" not in info.reason
+    with pytest.raises(BackendUnavailable) as err:
+        require_cuda()
+    assert str(err.value) == info.reason
+    with pytest.raises(BackendUnavailable) as err:
+        CudaMemory()
+    assert "\n" not in str(err.value)
+
+
+# ---- driver plumbing (fake driver) -----------------------------------------------------------------------------
+
+
+def test_follows_the_protocol_and_reads_the_granularity():
+    mem, _ = fake_memory()
+    assert isinstance(mem, PhysicalMemory)
+    assert mem.name == "cuda" and mem.granularity == PAGE
+
+
+def test_map_unmap_round_trip_reaches_the_driver_in_order():
+    mem, drv = fake_memory()
+    va = mem.reserve(8 * PAGE)
+    handles = [map_page(mem, va + i * PAGE) for i in range(3)]
+    assert set(drv.maps) == {va, va + PAGE, va + 2 * PAGE}
+    assert set(drv.access) == set(drv.maps)
+    assert mem.live() == {"reservations": 1, "handles": 3, "mappings": 3}
+    for i, h in enumerate(handles):
+        mem.unmap(va + i * PAGE, PAGE)
+        mem.release(h)
+    mem.free_reservation(va, 8 * PAGE)
+    assert drv.maps == {} and drv.handles == {} and drv.reservations == {}
+    assert mem.live() == {"reservations": 0, "handles": 0, "mappings": 0}
+    mem.close()
+    assert mem.leaked == {"reservations": 0, "handles": 0, "mappings": 0}
+    assert drv.ctx_refs == 0
+
+
+def test_driver_oom_becomes_backend_out_of_memory_and_changes_nothing():
+    mem, drv = fake_memory(physical_pages=2)
+    va = mem.reserve(4 * PAGE)
+    map_page(mem, va)
+    map_page(mem, va + PAGE)
+    with pytest.raises(BackendOutOfMemory, match="cuMemCreate failed: CUDA_ERROR_OUT_OF_MEMORY"):
+        mem.create(PAGE)
+    assert mem.live_handles == 2 and len(drv.handles) == 2
+
+
+def test_other_driver_errors_name_the_cuda_result():
+    mem, drv = fake_memory()
+    va = mem.reserve(2 * PAGE)
+    handle = mem.create(PAGE)
+    drv.results["cuMemMap"] = R.CUDA_ERROR_INVALID_DEVICE
+    with pytest.raises(BackendError, match="cuMemMap failed: CUDA_ERROR_INVALID_DEVICE") as err:
+        mem.map(va, PAGE, handle)
+    assert not isinstance(err.value, BackendOutOfMemory)
+    assert mem.live_mappings == 0
+    mem.map(va, PAGE, handle)  # the books were left as they were: the same map now goes through
+    assert mem.live_mappings == 1
+
+
+def test_strict_checks_stop_bad_calls_before_the_driver():
+    mem, drv = fake_memory()
+    va = mem.reserve(2 * PAGE)
+    handle = map_page(mem, va)
+    calls_before = len(drv.log)
+    with pytest.raises(BackendError, match="over the mapping"):
+        mem.map(va, PAGE, mem.create(PAGE))
+    with pytest.raises(BackendError, match="still mapped"):
+        mem.release(handle)
+    with pytest.raises(BackendError, match="multiple of"):
+        mem.create(PAGE + 4096)
+    assert drv.log[calls_before:] == ["cuMemCreate"]  # only the (legal) create reached the driver
+
+
+def test_fault_injection_fails_the_kth_call_and_leaves_books_unchanged():
+    mem, drv = fake_memory()
+    va = mem.reserve(4 * PAGE)
+    mem.inject_fault("map", nth=2)
+    h0 = map_page(mem, va)
+    h1 = mem.create(PAGE)
+    with pytest.raises(BackendOutOfMemory, match="injected"):
+        mem.map(va + PAGE, PAGE, h1)
+    assert set(drv.maps) == {va} and mem.live_mappings == 1
+    mem.map(va + PAGE, PAGE, h1)  # armed once: the next map goes through
+    mem.inject_fault("create", nth=1, oom=False)
+    with pytest.raises(BackendError) as err:
+        mem.create(PAGE)
+    assert not isinstance(err.value, BackendOutOfMemory)
+    assert mem.live_handles == 2 == len(drv.handles)
+    assert {h0, h1} == set(drv.handles)
+    with pytest.raises(ValueError, match="unknown op"):
+        mem.inject_fault("mmap")
+
+
+def test_every_thread_gets_the_primary_context_before_calling_the_driver():
+    mem, drv = fake_memory()
+    va = mem.reserve(16 * PAGE)
+    errors: list[BaseException] = []
+    all_alive = threading.Barrier(4)  # thread ids are reused once a thread ends: keep all four alive together
+
+    def grow(first: int) -> None:
+        try:
+            all_alive.wait(timeout=30)
+            for i in range(first, 16, 4):
+                map_page(mem, va + i * PAGE)
+            all_alive.wait(timeout=30)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=grow, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(drv.bound_threads) == 5  # the creating thread and the four growers
+    assert mem.live_mappings == 16 == len(drv.maps)
+
+
+def test_close_gives_back_what_was_left_in_the_right_order():
+    mem, drv = fake_memory()
+    va = mem.reserve(8 * PAGE)
+    for i in range(3):
+        map_page(mem, va + i * PAGE)
+    mem.create(PAGE)  # created, never mapped
+    mem.close()
+    assert mem.leaked == {"reservations": 1, "handles": 4, "mappings": 3}
+    assert drv.maps == {} and drv.handles == {} and drv.reservations == {}
+    assert drv.ctx_refs == 0
+    with pytest.raises(BackendError, match="closed"):
+        mem.create(PAGE)
+    mem.close()  # twice is fine
+
+
+def test_cuda_array_interface_describes_the_range():
+    arr = CudaArray(0x7F0000000000, (4, 2, 8), "<i2", owner="keep-me")
+    cai = arr.__cuda_array_interface__
+    assert cai == {"shape": (4, 2, 8), "typestr": "<i2", "data": (0x7F0000000000, False), "version": 3}
+    assert arr.owner == "keep-me"
+
+
+# ---- the real driver ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gpu_mem():
+    mem = CudaMemory()
+    yield mem
+    mem.close()
+
+
+@pytest.mark.gpu
+def test_gpu_granularity_and_round_trip(gpu_mem):
+    import torch
+
+    from kvscope.backends.cuda_vmm import tensor_view
+
+    assert gpu_mem.granularity == PAGE
+    va = gpu_mem.reserve(4 * PAGE)
+    handles = [map_page(gpu_mem, va + i * PAGE) for i in range(4)]
+    t = tensor_view(va, (4 * PAGE // 2,), torch.bfloat16)
+    assert t.data_ptr() == va and t.device.type == "cuda" and t.dtype == torch.bfloat16
+    src = torch.randn(t.shape, device="cuda", dtype=torch.bfloat16)
+    t.copy_(src)
+    assert torch.equal(t, src)
+    del t
+    torch.cuda.synchronize()
+    for i, h in enumerate(handles):
+        gpu_mem.unmap(va + i * PAGE, PAGE)
+        gpu_mem.release(h)
+    gpu_mem.free_reservation(va, 4 * PAGE)
+    assert gpu_mem.live() == {"reservations": 0, "handles": 0, "mappings": 0}
+
+
+@pytest.mark.gpu
+def test_gpu_one_handle_at_two_addresses_shares_bytes(gpu_mem):
+    import torch
+
+    from kvscope.backends.cuda_vmm import tensor_view
+
+    va = gpu_mem.reserve(4 * PAGE)
+    handle = gpu_mem.create(PAGE)
+    for at in (va, va + 2 * PAGE):
+        gpu_mem.map(at, PAGE, handle)
+        gpu_mem.set_access(at, PAGE)
+    a = tensor_view(va, (PAGE // 4,), torch.float32)
+    b = tensor_view(va + 2 * PAGE, (PAGE // 4,), torch.float32)
+    a.copy_(torch.randn_like(a))
+    torch.cuda.synchronize()
+    assert torch.equal(a, b)
+    b.fill_(3.0)
+    torch.cuda.synchronize()
+    assert bool((a == 3.0).all())
+    del a, b
+    gpu_mem.unmap(va, PAGE)
+    gpu_mem.unmap(va + 2 * PAGE, PAGE)
+    gpu_mem.release(handle)
+    gpu_mem.free_reservation(va, 4 * PAGE)
+
+
+@pytest.mark.gpu
+def test_gpu_fault_injection_rollback_and_no_leaks():
+    mem = CudaMemory()
+    va = mem.reserve(4 * PAGE)
+    mem.inject_fault("map", nth=2)
+    map_page(mem, va)
+    h = mem.create(PAGE)
+    with pytest.raises(BackendOutOfMemory):
+        mem.map(va + PAGE, PAGE, h)
+    assert mem.live() == {"reservations": 1, "handles": 2, "mappings": 1}
+    mem.close()  # the real driver accepts the clean-up of everything left
+    assert mem.leaked == {"reservations": 1, "handles": 2, "mappings": 1}
+
+
+@pytest.mark.gpu
+def test_gpu_driver_oom_is_backend_out_of_memory():
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    mem = CudaMemory()
+    try:
+        with pytest.raises(BackendOutOfMemory, match="CUDA_ERROR_OUT_OF_MEMORY"):
+            mem.create((free // PAGE + 64) * PAGE)  # more than the card has free
+    finally:
+        mem.close()
+    assert mem.leaked["handles"] == 0
+
+
+@pytest.mark.gpu
+def test_gpu_background_thread_maps_into_the_same_context(gpu_mem):
+    import torch
+
+    from kvscope.backends.cuda_vmm import tensor_view
+
+    va = gpu_mem.reserve(2 * PAGE)
+    errors: list[BaseException] = []
+
+    def grow() -> None:
+        try:
+            map_page(gpu_mem, va)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    worker = threading.Thread(target=grow)
+    worker.start()
+    worker.join()
+    assert errors == [] and gpu_mem.live_mappings == 1
+    t = tensor_view(va, (PAGE // 2,), torch.float16)
+    t.fill_(1.5)
+    assert float(t.float().sum()) == 1.5 * t.numel()

@@ -1,0 +1,264 @@
+"""The HTML report: self-contained (plotly.js inline once, no network), every view present, trace strings escaped,
+a comparison for several traces, the `kvscope report` command, and a size bound for big traces."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvscope.cli import main
+from kvscope.recorder import Recorder
+from kvscope.spec import get_spec
+from kvscope.trace import Trace, load_trace, trace_from_recorder
+
+SPEC = get_spec("tiny")
+XSS = "<script>alert(1)</script>"
+XSS_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
+
+
+def requests_for(count: int, *, seed: int = 0, n_max: int = 1, shared_prefix: int = 0, first_id: str | None = None):
+    from kvscope.workload import Request, SharedPrefix
+
+    rng = np.random.default_rng(seed)
+    out, t = [], 0.0
+    for i in range(count):
+        t += float(rng.exponential(1 / 400))
+        p = int(rng.integers(shared_prefix + 2, shared_prefix + 40))
+        sp = SharedPrefix("sys", shared_prefix) if shared_prefix else None
+        rid = first_id if (i == 0 and first_id) else f"r{i}"
+        out.append(Request(rid, t, p, int(rng.integers(1, 24)), n=int(rng.integers(1, n_max + 1)), shared_prefix=sp))
+    return out
+
+
+def record(
+    kind: str,
+    requests,
+    *,
+    capacity: int = 48 * 1024,
+    max_len: int = 96,
+    max_batch: int = 8,
+    meta=None,
+    path: Path | None = None,
+    **opts,
+) -> Trace:
+    """A sim run through the real engine, scheduler and allocator."""
+    from kvscope.engine.engine import Engine
+    from kvscope.engine.executor import SimExecutor
+    from kvscope.engine.scheduler import SchedulerConfig
+
+    run_meta = {
+        "allocator": kind,
+        "device": "sim",
+        "device_name": "simulated GPU",
+        "model": SPEC.name,
+        "spec": SPEC.to_dict(),
+        "versions": {"python": "3", "torch": "2.13"},
+        "workload": {"name": "test", "requests": len(requests)},
+        "requests": {
+            "seq": list(range(len(requests))),
+            "id": [r.id for r in requests],
+            "arrival": [r.arrival for r in requests],
+            "prompt_len": [r.prompt_len for r in requests],
+            "output_len": [r.output_len for r in requests],
+            "n": [r.n for r in requests],
+        },
+    } | (meta or {})
+
+    def allocator(recorder):
+        if kind == "paged":
+            from kvscope.alloc.paged import PagedAllocator
+
+            return PagedAllocator(SPEC, capacity, recorder, **opts)
+        if kind == "static":
+            from kvscope.alloc.static import StaticAllocator
+
+            return StaticAllocator(SPEC, capacity, recorder, max_len=max_len, **opts)
+        from kvscope.alloc.vmm import VMMAllocator
+        from kvscope.backends.sim import SimMemory
+
+        return VMMAllocator(
+            SPEC,
+            capacity,
+            recorder,
+            backend=SimMemory(4096),
+            max_batch=max_batch,
+            max_len=max_len,
+            page_size=4096,
+            **opts,
+        )
+
+    # The trace file's metadata is written when the recorder opens: ask a scratch allocator for its config first.
+    run_meta["allocator_config"] = allocator(None).config()
+    rec = Recorder(path, run_meta)
+    alloc = allocator(rec)
+    cfg = SchedulerConfig(max_len=max_len, max_batch=max_batch, max_tokens_per_step=256)
+    Engine(requests, alloc, SimExecutor(SPEC, alloc), rec, SPEC, cfg).run()
+    return load_trace(path) if path is not None else trace_from_recorder(rec)
+
+
+@pytest.fixture(scope="module")
+def paged_trace() -> Trace:
+    reqs = requests_for(40, seed=1, n_max=3, shared_prefix=16, first_id=XSS)
+    return record("paged", reqs, enable_prefix_caching=True, meta={"command": XSS})
+
+
+@pytest.fixture(scope="module")
+def paged_html(paged_trace) -> str:
+    from kvscope.report import build_report
+
+    return build_report([paged_trace])
+
+
+def embedded_figures(html: str) -> list[tuple[str, dict]]:
+    block = html.split("const KVSCOPE_FIGURES = ", 1)[1].split("];\n", 1)[0] + "]"
+    return [(div, fig) for div, fig in json.loads(block)]
+
+
+# ---- self-contained ----------------------------------------------------------------------------------------------
+def test_plotly_js_is_inline_exactly_once_and_nothing_is_fetched(paged_html):
+    from plotly.offline import get_plotlyjs
+
+    js = get_plotlyjs()
+    assert paged_html.count(js[:300]) == 1 and js[-300:] in paged_html
+    page = paged_html.replace(js, "")  # plotly.js mentions plotly.com links of its own (the hidden logo)
+    assert "<script src" not in page.lower()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # no remote script, style or font
+    assert "cdn.plot.ly" not in page and "@import" not in page
+
+
+def test_every_plot_div_has_its_figure_and_every_figure_its_div(paged_html):
+    figures = embedded_figures(paged_html)
+    divs = re.findall(r'<div class="plot" id="([^"]+)">', paged_html)
+    assert divs and sorted(divs) == sorted(d for d, _ in figures)
+    for _, fig in figures:
+        assert fig["data"], fig["layout"].get("title")
+        assert fig["layout"]["title"]["text"]
+    keys = {d.split("-")[-1] for d in divs}
+    assert {"memory", "fragmentation", "blocks", "throughput", "requests", "sharing", "prefix"} <= keys
+
+
+def test_summary_and_metadata_are_shown(paged_trace, paged_html):
+    from kvscope.analysis.summary import summarize
+    from kvscope.units import format_bytes
+
+    s = summarize(paged_trace)
+    assert f'<td class="num">{format_bytes(s["peak_reserved_bytes"])}</td>' in paged_html
+    assert f"{s['generated_tokens']:,}" in paged_html
+    assert "simulated GPU" in paged_html and "torch=2.13" in paged_html
+    assert "Run metadata" in paged_html and "workload" in paged_html
+    assert "block_size=16" in paged_html
+
+
+# ---- escaping ----------------------------------------------------------------------------------------------------
+def test_trace_strings_are_escaped_not_executable(paged_html):
+    from plotly.offline import get_plotlyjs
+
+    page = paged_html.replace(get_plotlyjs(), "")
+    assert XSS not in page
+    assert XSS_ESCAPED in page  # the metadata value, shown as text
+    # Inside the figures' script no "<" survives at all: tojson writes it as \u003c, so nothing can close the tag.
+    block = page.split("const KVSCOPE_FIGURES = ", 1)[1].split("</script>", 1)[0]
+    assert "<" not in block
+    # The request id reached the request-lifetime figure, escaped for plotly's HTML-ish text.
+    figures = dict(embedded_figures(paged_html))
+    requests_fig = json.dumps(next(f for d, f in figures.items() if d.endswith("requests")))
+    assert XSS_ESCAPED.replace("/", "\\u002f") in requests_fig or XSS_ESCAPED in requests_fig
+
+
+def test_a_run_label_cannot_inject_markup(paged_trace):
+    from kvscope.report import build_report
+
+    trace = Trace(
+        meta=paged_trace.meta | {"allocator": "<b onmouseover=alert(1)>x</b>"},
+        events=paged_trace.events,
+        path=Path("/tmp/<img src=x onerror=alert(1)>.kvtrace"),
+    )
+    html = build_report([trace])
+    assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "<b onmouseover" not in html
+
+
+# ---- several traces ----------------------------------------------------------------------------------------------
+def test_several_traces_get_a_comparison_section():
+    from kvscope.report import build_report
+
+    reqs = requests_for(30, seed=2)
+    traces = [
+        record("paged", reqs),
+        record("static", reqs, variant="max"),
+        record("vmm", reqs),
+    ]
+    html = build_report(traces)
+    assert 'id="compare"' in html and 'id="compare-bars"' in html
+    figures = dict(embedded_figures(html))
+    assert "compare-bars" in figures
+    bars = [t for t in figures["compare-bars"]["data"] if t["type"] == "bar"]
+    assert bars and all(len(t["x"]) == 3 for t in bars)
+    for t in traces:
+        assert '<a href="#' in html and t.label in html
+    sections = re.findall(r'<section class="run" id="([^"]+)">', html)
+    assert len(sections) == 3 and len(set(sections)) == 3
+    vmm_divs = [d for d in figures if d.startswith(sections[2])]
+    assert any(d.endswith("driver") for d in vmm_divs) or "No timed driver calls" in html
+    # static arena: no sharing views, and the blocks view is a strip of segments
+    static_divs = [d for d in figures if d.startswith(sections[1])]
+    assert not any(d.endswith(("sharing", "prefix")) for d in static_divs)
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+def test_cli_writes_one_file(tmp_path, capsys):
+    reqs = requests_for(20, seed=3)
+    a = tmp_path / "a.kvtrace"
+    b = tmp_path / "b.kvtrace"
+    record("paged", reqs, path=a)
+    record("vmm", reqs, path=b)
+    out = tmp_path / "r.html"
+    assert main(["report", str(a), str(b), "-o", str(out), "--title", "my <runs>"]) == 0
+    html = out.read_text(encoding="utf-8")
+    assert "<title>my &lt;runs&gt;</title>" in html and 'id="compare"' in html
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_cli_user_mistakes_are_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing.kvtrace"), "-o", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing.kvtrace" in err and "\n" not in err
+    bad = tmp_path / "bad.kvtrace"
+    bad.write_bytes(b"not arrow")
+    assert main(["report", str(bad), "-o", str(tmp_path / "r.html")]) == 2
+    assert "bad.kvtrace" in capsys.readouterr().err
+    good = tmp_path / "good.kvtrace"
+    record("paged", requests_for(5), path=good)
+    assert main(["report", str(good), "-o", str(tmp_path / "no" / "dir" / "r.html")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert main(["report", str(good), "-o", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_write_report_refuses_no_traces(tmp_path):
+    from kvscope.report import write_report
+
+    with pytest.raises(ValueError, match="no traces"):
+        write_report([], tmp_path / "r.html")
+
+
+# ---- size ----------------------------------------------------------------------------------------------------------
+def test_report_size_stays_bounded_for_a_long_run():
+    """~2,000 requests (a few hundred thousand events): the figures add a bounded amount over plotly.js."""
+    from plotly.offline import get_plotlyjs
+
+    from kvscope.report import build_report
+
+    reqs = requests_for(2000, seed=4, n_max=2, shared_prefix=8)
+    trace = record("paged", reqs, capacity=256 * 1024, max_batch=32, enable_prefix_caching=True)
+    assert len(trace.events) > 100_000
+    html = build_report([trace])
+    figures_bytes = len(html) - len(get_plotlyjs())
+    assert figures_bytes < 4_000_000, figures_bytes
+    figures = dict(embedded_figures(html))
+    requests_fig = next(f for d, f in figures.items() if d.endswith("requests"))
+    assert requests_fig["data"][0]["type"] == "heatmap"  # 2000+ sequences: aggregated, not one bar each
