@@ -118,6 +118,8 @@ def _variants() -> list[tuple[str, object, dict[str, object], int, int]]:
         (bf16, {"GROUP": 1}),
         (torch.float16, {"HEAD_DIM": 80, "BLOCK_D": 128}),
         (f32, {"GROUP": 1, "HEAD_DIM": 64, "BLOCK_D": 64}),
+        (f32, {}),
+        (bf16, {"HEAD_DIM": 256, "BLOCK_D": 256}),
     ]:
         cfg = default_decode_config(over.get("HEAD_DIM", d), dtype)
         args = decode_args(dtype, **over)
@@ -150,6 +152,7 @@ def _variants() -> list[tuple[str, object, dict[str, object], int, int]]:
         (bf16, {"PAGED": False, "stride_kt": 2 * 32 * hkv * d, "stride_vt": 2 * 32 * hkv * d}),
         (torch.float16, {"HEAD_DIM": 64, "BLOCK_D": 64}),
         (f32, {}),
+        (bf16, {"HEAD_DIM": 256, "BLOCK_D": 256}),
     ]:
         cfg = default_prefill_config(over.get("HEAD_DIM", d), dtype)
         args = prefill_args(dtype, **over)

@@ -73,9 +73,7 @@ class EventReplay:
             elif kind == Kind.BLOCK_EVICT:
                 assert self.ref[block] == 0 and self.hashed[block], f"evicted block {block} was not cached-idle"
                 assert self.num_free() == 0, "evicted a cached block while free blocks were left"
-                assert block == next(iter(self.idle)), (
-                    f"evicted {block}, least recently used is {next(iter(self.idle))}"
-                )
+                assert block == next(iter(self.idle)), f"evicted {block}, LRU is {next(iter(self.idle))}"
                 del self.idle[block]
                 self.hashed[block] = False
         self.pos = len(log)

@@ -19,6 +19,7 @@ from kvscope.spec import get_spec
 
 SPEC = get_spec("tiny")
 BPT = SPEC.bytes_per_token
+WARMUP = st.lists(st.tuples(st.integers(0, 24), st.integers(0, 100)), max_size=6)
 PAGE = 1024  # tiny: 8 tokens a page per layer buffer, 2 in the megacache: growth (and a dry pool) comes often
 
 
@@ -31,10 +32,19 @@ class _Machine(RuleBasedStateMachine):
 
     alloc: StaticAllocator | VMMAllocator
 
-    def _setup(self, alloc) -> None:
+    def _setup(self, alloc, warmup: list[tuple[int, int]]) -> None:
+        """Start busy: admit the warm-up requests (prompt, tokens to generate), then free every other one, so that
+        runs begin with holes in the arena / idle slots holding pages."""
         self.alloc = alloc
         self.tokens: dict[int, int] = {}  # the model: seq -> tokens held
         self.next_seq = 0
+        max_len = alloc.max_len
+        for prompt, extra in warmup:
+            prompt = min(prompt, max_len)
+            self._admit(prompt, min(max(prompt, 1) + extra, max_len))
+        for seq in sorted(self.tokens)[::2]:
+            self.alloc.free(seq)
+            del self.tokens[seq]
 
     def _new_seq(self) -> int:
         self.next_seq += 1
@@ -61,11 +71,58 @@ class _Machine(RuleBasedStateMachine):
         """Whether can_admit / can_append must predict the outcome exactly."""
         return True
 
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), n=st.integers(1, 40))
+    def append(self, data, n):
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        can, strict = self.alloc.can_append(seq, n), self._strict()
+        ok = self._expect_oom_unchanged(lambda: self.alloc.append(seq, toks(n)), strict)
+        if strict:
+            assert ok == can
+        if ok:
+            self.tokens[seq] += n
+        assert self.alloc.num_tokens(seq) == self.tokens[seq]
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def append_all_that_fits(self, data):
+        """Grow one sequence as far as memory and max_len allow: drives the pool dry, so that idle slots must give
+        up pages and later requests hit out-of-memory."""
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        n = self.alloc.max_len - self.tokens[seq]
+        while n > 0 and not self.alloc.can_append(seq, n):
+            n -= 1
+        if n > 0 and self._expect_oom_unchanged(lambda: self.alloc.append(seq, toks(n)), self._strict()):
+            self.tokens[seq] += n
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def fork(self, data):
+        parent = data.draw(st.sampled_from(sorted(self.tokens)))
+        child = self._new_seq()
+        if self._expect_oom_unchanged(lambda: self.alloc.fork(parent, child), self._strict()):
+            self.tokens[child] = self.tokens[parent]
+            copy = self.alloc.pending_copies[-1]
+            assert copy == Copy(
+                "rows", self.alloc.token_base(parent), self.alloc.token_base(child), self.tokens[parent]
+            )
+        else:
+            assert child not in self.alloc.live_sequences()
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def free(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        self.alloc.free(seq)
+        del self.tokens[seq]
+
     @rule(data=st.data())
     def admit(self, data):
         max_len = self.alloc.max_len
-        prompt = data.draw(st.integers(0, max_len), label="prompt")
-        final = data.draw(st.integers(max(prompt, 1), max_len), label="final_len")
+        prompt = data.draw(st.integers(0, min(max_len, 24)), label="prompt")
+        self._admit(prompt, data.draw(st.integers(max(prompt, 1), max_len), label="final_len"))
+
+    def _admit(self, prompt: int, final: int) -> None:
         seq = self._new_seq()
         can, strict = self.alloc.can_admit(prompt, final), self._strict()
         ok = self._expect_oom_unchanged(lambda: self.alloc.admit(seq, toks(prompt), final), strict)
@@ -90,39 +147,6 @@ class _Machine(RuleBasedStateMachine):
             return
         raise AssertionError(f"admit(prompt={prompt}, final_len={final}) did not raise ValueError")
 
-    @precondition(lambda self: self.tokens)
-    @rule(data=st.data(), n=st.integers(1, 40))
-    def append(self, data, n):
-        seq = data.draw(st.sampled_from(sorted(self.tokens)))
-        can, strict = self.alloc.can_append(seq, n), self._strict()
-        ok = self._expect_oom_unchanged(lambda: self.alloc.append(seq, toks(n)), strict)
-        if strict:
-            assert ok == can
-        if ok:
-            self.tokens[seq] += n
-        assert self.alloc.num_tokens(seq) == self.tokens[seq]
-
-    @precondition(lambda self: self.tokens)
-    @rule(data=st.data())
-    def fork(self, data):
-        parent = data.draw(st.sampled_from(sorted(self.tokens)))
-        child = self._new_seq()
-        if self._expect_oom_unchanged(lambda: self.alloc.fork(parent, child), self._strict()):
-            self.tokens[child] = self.tokens[parent]
-            copy = self.alloc.pending_copies[-1]
-            assert copy == Copy(
-                "rows", self.alloc.token_base(parent), self.alloc.token_base(child), self.tokens[parent]
-            )
-        else:
-            assert child not in self.alloc.live_sequences()
-
-    @precondition(lambda self: self.tokens)
-    @rule(data=st.data())
-    def free(self, data):
-        seq = data.draw(st.sampled_from(sorted(self.tokens)))
-        self.alloc.free(seq)
-        del self.tokens[seq]
-
     @invariant()
     def books_balance(self):
         self.alloc.check_invariants()
@@ -144,9 +168,9 @@ class _Machine(RuleBasedStateMachine):
 
 
 class StaticMachine(_Machine):
-    @initialize(variant=st.sampled_from(VARIANTS), rows=st.integers(1, 200), max_len=st.integers(1, 80))
-    def setup(self, variant, rows, max_len):
-        self._setup(StaticAllocator(SPEC, rows * BPT, Recorder(), max_len=max_len, variant=variant))
+    @initialize(variant=st.sampled_from(VARIANTS), rows=st.integers(1, 200), max_len=st.integers(1, 80), warmup=WARMUP)
+    def setup(self, variant, rows, max_len, warmup):
+        self._setup(StaticAllocator(SPEC, rows * BPT, Recorder(), max_len=max_len, variant=variant), warmup)
 
     def _rows_of(self, seq: int) -> int:
         return self.alloc.reserved_rows(seq)
@@ -168,15 +192,16 @@ class VMMMachine(_Machine):
         groups=st.integers(1, 16),
         max_batch=st.integers(2, 5),
         max_len=st.integers(1, 100),
+        warmup=WARMUP,
     )
-    def setup(self, deferred, eager, megacache, groups, max_batch, max_len):
+    def setup(self, deferred, eager, megacache, groups, max_batch, max_len, warmup):
         self.backend = SimMemory(PAGE)
         nbuf = 1 if megacache else 2 * SPEC.num_layers
         alloc = VMMAllocator(
             SPEC, groups * nbuf * PAGE, Recorder(), backend=self.backend, max_batch=max_batch, max_len=max_len,
             page_size=PAGE, megacache=megacache, eager_pages=eager, deferred_reclaim=deferred,
         )  # fmt: skip
-        self._setup(alloc)
+        self._setup(alloc, warmup)
 
     def _strict(self) -> bool:
         return not self.backend.faults_pending

@@ -194,41 +194,46 @@ def record(kind: str, requests, path=None, **cfg) -> Trace:
     return trace
 
 
-def books_mismatches(trace, steps=None) -> list[str]:
-    """Compare the replayed unit states with the allocator's ACCT books at the end of every step; one line per
-    disagreement (empty: the replay and the books agree everywhere)."""
+def books_mismatches(trace, steps=None, *, max_steps: int = 40) -> list[str]:
+    """Compare the replayed unit states with the allocator's ACCT books at the end of `steps` (default: up to
+    `max_steps` steps spread over the run, the first and last included); one line per disagreement."""
     from kvscope.analysis.fragmentation import block_states
     from kvscope.analysis.memory import memory_timeline
 
     tl = memory_timeline(trace).set_index("step")
+    if steps is None:
+        all_steps = tl.index.to_numpy()
+        steps = all_steps[np.unique(np.linspace(0, len(all_steps) - 1, max_steps).round().astype(int))].tolist()
     alloc = trace.meta["allocator"]
     cfg = trace.meta["allocator_config"]
     bpt = trace.bytes_per_token
     out = []
-    for step in tl.index.tolist() if steps is None else steps:
+    for step in steps:
         books = tl.loc[step]
         bs = block_states(trace, step)
-        states = bs["state"].astype(str)
+        state = bs["state"].astype(str).to_numpy()
+        fill = bs["fill"].to_numpy()
         if alloc == "paged":
             unit = cfg["block_size"] * bpt
+            held = bs["ref_count"].to_numpy() > 0
             got = {
-                "reserved": int((bs["ref_count"] > 0).sum()) * unit,
-                "used": int(bs.loc[bs["ref_count"] > 0, "fill"].sum()) * bpt,
-                "cached_idle": int((states == "cached_idle").sum()) * unit,
-                "free": int((states == "free").sum()) * unit,
+                "reserved": int(held.sum()) * unit,
+                "used": int(fill[held].sum()) * bpt,
+                "cached_idle": int((state == "cached_idle").sum()) * unit,
+                "free": int((state == "free").sum()) * unit,
             }
         elif alloc == "vmm":
             page = cfg["page_size"]
             got = {
-                "reserved": int((states != "pool").sum()) * page,
-                "used": int(bs["fill"].sum()) * cfg["buffer_row_bytes"],
-                "mapped_idle": int((states == "mapped_idle").sum()) * page,
-                "reservation": int(((states == "mapped_used") & (bs["fill"] == 0)).sum()) * page,
-                "free": int((states == "pool").sum()) * page,
+                "reserved": int((state != "pool").sum()) * page,
+                "used": int(fill.sum()) * cfg["buffer_row_bytes"],
+                "mapped_idle": int((state == "mapped_idle").sum()) * page,
+                "reservation": int(((state == "mapped_used") & (fill == 0)).sum()) * page,
+                "free": int((state == "pool").sum()) * page,
             }
         else:
-            rows = bs.groupby(states)["capacity_tokens"].sum()
-            got = {name: int(rows.get(name, 0)) * bpt for name in ("used", "reservation", "internal", "free")}
+            size = bs["capacity_tokens"].to_numpy()
+            got = {name: int(size[state == name].sum()) * bpt for name in ("used", "reservation", "internal", "free")}
         for name, value in got.items():
             if value != int(books[name]):
                 out.append(f"step {step}: {name} replayed {value} != books {int(books[name])}")

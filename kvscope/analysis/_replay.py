@@ -78,9 +78,10 @@ STATE_COLUMNS = ["unit", "state", "fill", "capacity_tokens", "ref_count", "seqs"
 
 
 def _frame(columns: dict[str, Any], states: tuple[str, ...], extra: list[str]) -> pd.DataFrame:
-    df = pd.DataFrame(columns)
-    df["state"] = pd.Categorical(df["state"], categories=list(states))
-    return df[STATE_COLUMNS + extra].reset_index(drop=True)
+    """columns["state"] holds state indices; it becomes a categorical over `states`."""
+    codes = np.asarray(columns["state"], dtype=np.int8)
+    columns = dict(columns, state=pd.Categorical.from_codes(codes, categories=list(states)))
+    return pd.DataFrame({c: columns[c] for c in STATE_COLUMNS + extra})
 
 
 # ---- paged ------------------------------------------------------------------------------------------------------
@@ -215,7 +216,7 @@ class PagedReplay(Replay):
         return _frame(
             {
                 "unit": np.arange(self.n, dtype=np.int64),
-                "state": np.array(self.states, dtype=object)[codes],
+                "state": codes,
                 "fill": fill,
                 "capacity_tokens": np.full(self.n, bs, np.int64),
                 "ref_count": ref,
@@ -342,7 +343,7 @@ class VMMReplay(Replay):
         return _frame(
             {
                 "unit": keep.astype(np.int64),
-                "state": np.array(self.states, dtype=object)[codes[keep]],
+                "state": codes[keep],
                 "fill": fill[keep],
                 "capacity_tokens": capacity[keep],
                 "ref_count": (codes[keep] == 1).astype(np.int64),
@@ -427,7 +428,7 @@ class StaticReplay(Replay):
         return _frame(
             {
                 "unit": start,
-                "state": np.array(self.states, dtype=object)[state] if len(segs) else np.array([], object),
+                "state": state,
                 "fill": np.where(state == 1, length, 0),
                 "capacity_tokens": length,
                 "ref_count": (state > 0).astype(np.int64),

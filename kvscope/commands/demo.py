@@ -1,0 +1,139 @@
+"""`kvscope demo`: the main job. One ShareGPT-like workload through every allocator, a comparison table, a report.
+
+    kvscope demo                      # GPU if there is one, else the simulated device
+    kvscope demo --device sim --requests 2000 --out out/demo
+
+Each run writes a trace (out/demo/<run>.kvtrace); the table comes from kvscope.analysis.compare and the report from
+kvscope.report, the same numbers every other surface shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# (trace name, allocator, allocator options) — the configurations the README's comparison table uses.
+RUNS: list[tuple[str, str, dict]] = [
+    ("static-max", "static", {"static_variant": "max"}),
+    ("static-pow2", "static", {"static_variant": "pow2"}),
+    ("static-oracle", "static", {"static_variant": "oracle"}),
+    ("paged-b1", "paged", {"block_size": 1}),
+    ("paged-b16", "paged", {"block_size": 16}),
+    ("paged-b256", "paged", {"block_size": 256}),
+    ("vmm-2MiB", "vmm", {"page_size": 2 << 20}),
+    ("vmm-2MiB-megacache", "vmm", {"page_size": 2 << 20, "megacache": True}),
+]
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        choices=("auto", "sim", "cpu", "cuda"),
+        default="auto",
+        help="auto: cuda when a GPU is usable, else sim (default)",
+    )
+    p.add_argument("--workload", default="sharegpt", metavar="NAME|FILE", help="workload (default sharegpt)")
+    p.add_argument("--requests", type=int, default=1000, metavar="N", help="requests (default 1000)")
+    p.add_argument("--model", default=None, metavar="PRESET", help="default llama-3-8b (tiny on --device cpu)")
+    p.add_argument("--kv-memory", default=None, metavar="SIZE", help="KV memory (default 16GiB; 64MiB on cpu)")
+    p.add_argument("--max-len", type=int, default=2048, metavar="N")
+    p.add_argument("--max-batch", type=int, default=256, metavar="N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--runs", default=None, metavar="A,B,...", help=f"subset of runs (default all: {', '.join(r[0] for r in RUNS)})"
+    )
+    p.add_argument("--out", default="out/demo", metavar="DIR", help="where traces and report.html go")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")  # fmt: skip
+
+
+def pick_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    from kvscope.cudainfo import probe
+
+    info = probe()
+    if info.available:
+        return "cuda"
+    print(f"kvscope demo: {info.reason}; running on the simulated device (--device sim)")
+    return "sim"
+
+
+def selected_runs(spec: str | None) -> list[tuple[str, str, dict]]:
+    if not spec:
+        return RUNS
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    known = {r[0]: r for r in RUNS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--runs: unknown run {unknown[0]!r}; choose from {', '.join(known)}")
+    return [known[n] for n in names]
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from kvscope.analysis.compare import compare_runs
+    from kvscope.engine.api import RunConfig, record_run
+    from kvscope.report import write_report
+    from kvscope.units import parse_size
+    from kvscope.workload import resolve_workload
+
+    if args.requests < 1:
+        raise ValueError(f"--requests: must be a positive integer, got {args.requests}")
+    device = pick_device(args.device)
+    runs = selected_runs(args.runs)
+    kv_memory = parse_size(args.kv_memory or ("64MiB" if device == "cpu" else "16GiB"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    requests, description = resolve_workload(args.workload, requests=args.requests, seed=args.seed)
+    console = Console(file=sys.stdout)
+    console.print(
+        f"kvscope demo: {len(requests):,} {description.get('name', args.workload)} requests on {device}, "
+        f"KV memory {args.kv_memory or ('64MiB' if device == 'cpu' else '16GiB')}, {len(runs)} allocator setups"
+    )
+    traces = []
+    for name, allocator, options in runs:
+        cfg = RunConfig(allocator=allocator, device=device, model=args.model, kv_memory=kv_memory,
+                        max_len=args.max_len, max_batch=args.max_batch, seed=args.seed, **options)  # fmt: skip
+        if device == "cpu" and "page_size" in options:
+            cfg.page_size = 64 << 10  # the tiny model's rows are small: 2 MiB pages would hold whole requests
+        path = out / f"{name}.kvtrace"
+        result = record_run(requests, cfg, path=path, workload=description, progress=not args.quiet,
+                            command=f"kvscope demo ({name})")  # fmt: skip
+        s = result.stats
+        console.print(f"  {name:<20} {s.steps:>7,} steps  {s.wall_s:6.1f} s wall  -> {path}")
+        traces.append(result.trace())
+    console.print(comparison_table(compare_runs(dict(zip([r[0] for r in runs], traces, strict=True)))))
+    report = write_report(traces, out / "report.html", title=f"kvscope demo: {description.get('name')} on {device}")
+    console.print(f"report: {report}  (open it in a browser; it works offline)")
+    console.print(f"dashboard: kvscope dashboard {out}/*.kvtrace")
+    return 0
+
+
+# (column in compare_runs, header, format) for the demo's one-row-per-run table.
+TABLE_COLUMNS = [
+    ("peak_reserved_bytes", "peak reserved", "bytes"),
+    ("peak_used_bytes", "peak used", "bytes"),
+    ("used_per_reserved", "used / reserved", "pct"),
+    ("mean_waste_fraction", "mean waste", "pct"),
+    ("preemptions", "preemptions", "int"),
+    ("steps", "steps", "int"),
+    ("tokens_per_s", "tokens/s", "rate"),
+]
+
+
+def comparison_table(frame):
+    """A rich table with one row per run from kvscope.analysis.compare.compare_runs."""
+    from rich.table import Table
+
+    from kvscope.commands.summary import format_value
+
+    table = Table(title="peak KV memory per allocator (same workload, same budget)")
+    table.add_column("run", style="bold")
+    for _, header, _ in TABLE_COLUMNS:
+        table.add_column(header, justify="right")
+    for row in frame.to_dict("records"):
+        table.add_row(row["label"], *(format_value(row, key, how) for key, _, how in TABLE_COLUMNS))
+    return table

@@ -1,0 +1,262 @@
+"""The Streamlit dashboard under streamlit.testing.v1.AppTest: every page renders, sliders redraw, uploads are
+checked, and the `kvscope dashboard` command builds the right server command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from kvscope.commands import dashboard as dashboard_cmd  # noqa: E402
+from kvscope.commands import run as run_cmd  # noqa: E402
+
+APP = Path(__file__).resolve().parent.parent / "app" / "main.py"
+PAGES = ["pages/overview.py", "pages/fragmentation.py", "pages/sharing.py", "pages/timelines.py", "pages/events.py"]
+TIMEOUT = 120  # seconds per script run; 2 shared cores can be slow
+
+
+def record(path: Path, *options: str) -> Path:
+    """A small simulated run through `kvscope run`'s own parser and code."""
+    parser = argparse.ArgumentParser()
+    run_cmd.add_parser(parser)
+    args = parser.parse_args([*options, "--device", "sim", "--quiet", "-o", str(path)])
+    assert run_cmd.run(args) == 0
+    return path
+
+
+@pytest.fixture(scope="session")
+def traces(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("app-traces")
+    return {
+        # parallel sampling: forks share blocks, so the sharing page has a graph
+        "paged": record(d / "paged.kvtrace", "-w", "parallel", "-n", "24", "-a", "paged", "--kv-memory", "96MiB"),
+        "vmm": record(d / "vmm.kvtrace", "-w", "alpaca", "-n", "24", "-a", "vmm", "--megacache", "--kv-memory", "1GiB"),
+        "static": record(d / "static.kvtrace", "-w", "alpaca", "-n", "24", "-a", "static", "--max-len", "512"),
+    }
+
+
+@pytest.fixture
+def app(traces, monkeypatch) -> AppTest:
+    from kvscope.app.sources import TRACES_ENV
+
+    monkeypatch.setenv(TRACES_ENV, ":".join(str(traces[k]) for k in ("paged", "vmm", "static")))
+    return AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+
+
+def charts(at: AppTest) -> list:
+    return list(at.get("plotly_chart"))
+
+
+def chart_spec(at: AppTest, key: str) -> dict:
+    for c in charts(at):
+        if c.proto.id and key in c.proto.id or getattr(c, "key", None) == key:
+            return json.loads(c.proto.spec)
+    raise AssertionError(f"no chart with key {key!r}; have {[getattr(c, 'key', None) for c in charts(at)]}")
+
+
+def chart_title(spec: dict) -> str:
+    return spec["layout"]["title"]["text"]
+
+
+def test_every_page_renders_with_charts(app):
+    at = app.run()
+    expected_charts = {
+        "pages/overview.py": 1,  # the comparison (3 runs)
+        "pages/fragmentation.py": 2,  # block grid + whole-run map
+        "pages/sharing.py": 1,  # sharing graph (the prefix tree only with prefix caching)
+        "pages/timelines.py": 3,  # memory, throughput, requests (the driver tab is a note on sim)
+        "pages/events.py": 0,
+    }
+    for page in PAGES:
+        if page != PAGES[0]:
+            at.switch_page(page).run()
+        assert not at.exception, f"{page}: {[e.message for e in at.exception]}"
+        assert not at.error, f"{page}: {[e.value for e in at.error]}"
+        assert len(at.title) == 1, page
+        assert len(charts(at)) >= expected_charts[page], page
+    # The events page shows the focused trace's events.
+    assert len(at.dataframe) == 1
+    assert len(at.dataframe[0].value) > 0
+
+
+def test_overview_summary_matches_analysis(app, traces):
+    from kvscope.analysis.summary import summarize
+    from kvscope.trace import load_trace
+    from kvscope.units import format_bytes
+
+    at = app.run()
+    table = at.dataframe[0].value
+    assert list(table.columns) == ["paged", "vmm", "static"]
+    for name in ("paged", "vmm", "static"):
+        s = summarize(load_trace(traces[name]))
+        assert table.loc["peak used", name] == format_bytes(s["peak_used_bytes"])
+        assert table.loc["requests", name] == f"{s['requests']:,}"
+    compare = chart_spec(at, "overview_compare")
+    assert {t.get("name") for t in compare["data"]} >= {"paged b16"}
+
+
+def test_fragmentation_slider_redraws_the_grid(app):
+    at = app.run()
+    at.switch_page("pages/fragmentation.py").run()
+    slider = at.slider[0]
+    before = chart_spec(at, "frag_grid")
+    target = int(slider.min) if int(slider.value) != int(slider.min) else int(slider.max)
+    slider.set_value(target).run()
+    assert not at.exception
+    after = chart_spec(at, "frag_grid")
+    assert chart_title(after).endswith(f"step {target}")
+    assert chart_title(before) != chart_title(after)
+    assert before["data"][0] != after["data"][0]  # the cells themselves changed, not only the title
+    # The metrics follow the slider too: the whole-run map does not depend on it.
+    assert chart_spec(at, "frag_map")["data"] is not None
+
+
+def test_sharing_page_draws_shared_blocks(app):
+    at = app.run()
+    at.switch_page("pages/sharing.py").run()
+    spec = chart_spec(at, "share_graph")
+    names = {t.get("name") for t in spec["data"]}
+    assert "sequence" in names  # parallel sampling shares prompt blocks between samples
+    assert len(at.dataframe) == 1  # the fork table
+
+
+def test_focus_selector_switches_the_trace(app):
+    at = app.run()
+    box = at.sidebar.selectbox[0]
+    vmm_key = next(o for o in box.options if "vmm" in o)
+    box.set_value(next(k for k in box.proto.options if "vmm" in k) if vmm_key not in box.proto.options else vmm_key)
+    at.run()
+    at.switch_page("pages/fragmentation.py").run()
+    assert not at.exception
+    assert "vmm" in at.caption[0].value
+
+
+def test_events_filters(app):
+    at = app.run()
+    at.switch_page("pages/events.py").run()
+    at.multiselect[0].set_value(["finish"]).run()
+    rows = at.dataframe[0].value
+    assert len(rows) > 0 and set(rows["kind"].astype(str)) == {"finish"}
+    at.text_input[0].set_value("0-2").run()
+    rows = at.dataframe[0].value
+    assert set(rows["seq"]) <= {0, 1, 2} and len(rows) > 0
+    at.text_input[0].set_value("seven").run()
+    assert not at.exception
+    assert any("seven" in e.value for e in at.error)
+
+
+def test_bad_upload_is_rejected_with_the_loader_message(app):
+    at = app.run()
+    at.sidebar.file_uploader[0].upload("broken.kvtrace", b"this is not an arrow stream").run()
+    assert not at.exception
+    messages = [e.value for e in at.error]
+    assert any("broken.kvtrace" in m and "not a kvscope trace" in m for m in messages), messages
+    # The page still works with the other traces.
+    assert list(at.dataframe[0].value.columns) == ["paged", "vmm", "static"]
+    assert charts(at)
+
+
+def test_good_upload_joins_the_comparison(app, traces):
+    at = app.run()
+    data = traces["static"].read_bytes()
+    at.sidebar.file_uploader[0].upload("uploaded-static.kvtrace", data).run()
+    assert not at.exception and not at.error
+    assert "uploaded-static" in at.dataframe[0].value.columns
+
+
+def test_oversized_upload_is_refused(app, traces, monkeypatch):
+    from kvscope.app import state
+
+    monkeypatch.setattr(state, "MAX_UPLOAD_BYTES", 1024)
+    at = app.run()
+    at.sidebar.file_uploader[0].upload("big.kvtrace", traces["static"].read_bytes()).run()
+    assert not at.exception
+    assert any("upload limit" in e.value for e in at.error)
+
+
+def test_no_traces_says_how_to_get_one(tmp_path, monkeypatch):
+    from kvscope.app.sources import SAMPLES_ENV, TRACES_ENV
+
+    monkeypatch.delenv(TRACES_ENV, raising=False)
+    monkeypatch.setenv(SAMPLES_ENV, str(tmp_path))  # an empty sample_runs
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    for page in PAGES:
+        if page != PAGES[0]:
+            at.switch_page(page).run()
+        assert not at.exception, page
+        assert any("No trace loaded" in i.value for i in at.info), page
+
+
+def test_missing_startup_file_is_an_error_not_a_crash(traces, tmp_path, monkeypatch):
+    from kvscope.app.sources import TRACES_ENV
+
+    monkeypatch.setenv(TRACES_ENV, f"{tmp_path / 'gone.kvtrace'}:{traces['paged']}")
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert any("gone.kvtrace" in e.value and "no such file" in e.value for e in at.error)
+    assert list(at.dataframe[0].value.columns) == ["paged"]
+
+
+# ---- pieces without streamlit ---------------------------------------------------------------------------------
+def test_parse_id_list():
+    from kvscope.app.filters import parse_id_list
+
+    assert parse_id_list("") is None
+    assert parse_id_list(" 3, 7-9 ;1") == [1, 3, 7, 8, 9]
+    for bad in ("x", "9-7", "1-2-3", "0-99999999"):
+        with pytest.raises(ValueError, match="sequences"):
+            parse_id_list(bad)
+
+
+def test_filter_events_keeps_only_matching_rows(traces):
+    from kvscope.app.filters import filter_events
+    from kvscope.trace import load_trace
+
+    events = load_trace(traces["paged"]).events
+    out = filter_events(events, kinds=["admit", "finish"], seqs=[0, 1], steps=(0, 10**6))
+    assert len(out) > 0
+    assert set(out["kind"].astype(str)) <= {"admit", "finish"}
+    assert set(out["seq"]) <= {0, 1}
+    assert len(filter_events(events)) == len(events)
+
+
+def test_expand_trace_paths(traces, tmp_path):
+    from kvscope.app.sources import expand_trace_paths
+
+    d = traces["paged"].parent
+    assert expand_trace_paths([d, traces["paged"]]) == sorted(d.glob("*.kvtrace"))
+    with pytest.raises(ValueError, match="no such file"):
+        expand_trace_paths([tmp_path / "nope.kvtrace"])
+    with pytest.raises(ValueError, match="holds no"):
+        expand_trace_paths([tmp_path])
+
+
+def _dashboard_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    dashboard_cmd.add_parser(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_dashboard_command_line(traces):
+    args = _dashboard_args(str(traces["paged"]), "--port", "8600", "--no-browser")
+    cmd = dashboard_cmd.streamlit_command(args, "python")
+    assert cmd[:4] == ["python", "-m", "streamlit", "run"]
+    assert Path(cmd[4]).name == "main.py" and Path(cmd[4]).is_file()
+    assert cmd[cmd.index("--server.port") + 1] == "8600"
+    assert cmd[cmd.index("--server.headless") + 1] == "true"
+    assert cmd[cmd.index("--browser.gatherUsageStats") + 1] == "false"  # offline: no usage statistics
+    assert cmd[cmd.index("--") + 1 :] == [str(traces["paged"].resolve())]
+
+
+def test_dashboard_refuses_bad_paths_and_ports(tmp_path):
+    from kvscope.cli import UserError
+
+    with pytest.raises(ValueError, match="no such file"):
+        dashboard_cmd.run(_dashboard_args(str(tmp_path / "missing.kvtrace")))
+    with pytest.raises(UserError, match="--port"):
+        dashboard_cmd.run(_dashboard_args("--port", "70000"))
