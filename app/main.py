@@ -25,7 +25,7 @@ PAGES = [
 st.set_page_config(page_title="kvscope", page_icon=":material/memory:", layout="wide")
 navigation = st.navigation(
     [
-        st.Page(HERE / "pages" / file, title=title, icon=icon, default=(i == 0))
+        st.Page(HERE / "views" / file, title=title, icon=icon, default=(i == 0))
         for i, (file, title, icon) in enumerate(PAGES)
     ]
 )

@@ -37,7 +37,8 @@ class LoadedTrace:
 
     @property
     def title(self) -> str:
-        return f"{self.trace.label} — {self.name}"
+        label = self.trace.label
+        return self.name if label == self.name else f"{self.name} ({label})"
 
 
 def _load_quietly(path: Path) -> tuple[Trace, str | None]:
@@ -147,7 +148,7 @@ def load_session_traces(argv: list[str]) -> list[LoadedTrace]:
 
     if traces:
         keys = [lt.key for lt in traces]
-        titles = {lt.key: lt.title for lt in traces}
+        titles = display_titles(traces)
         current = st.session_state.get(FOCUS_KEY)
         index = keys.index(current) if current in keys else 0
         with st.sidebar:
@@ -160,6 +161,18 @@ def load_session_traces(argv: list[str]) -> list[LoadedTrace]:
             )
         st.session_state[FOCUS_KEY] = choice
     return traces
+
+
+def display_titles(traces: list[LoadedTrace]) -> dict[str, str]:
+    """key -> title, made unique (two files may share a name): widgets identify options by their shown text."""
+    titles: dict[str, str] = {}
+    for lt in traces:
+        title, n = lt.title, 1
+        while title in titles.values():
+            n += 1
+            title = f"{lt.title} [{n}]"
+        titles[lt.key] = title
+    return titles
 
 
 def session_traces() -> list[LoadedTrace]:
@@ -218,18 +231,9 @@ def step_slider(lt: LoadedTrace, *, label: str, key: str, default: int | None = 
 
 def summary_frame(traces: list[LoadedTrace]) -> pd.DataFrame:
     """The `kvscope summary` table (same rows, labels and formats): one column per trace."""
-    from kvscope.analysis.summary import summarize
-    from kvscope.report import summary_rows
+    from kvscope.widgets import summary_frame as frame
 
-    columns: dict[str, list[str]] = {}
-    labels: list[str] = []
-    for i, lt in enumerate(traces):
-        rows = [r for r in summary_rows(summarize(lt.trace)) if r is not None]
-        if i == 0:
-            labels = [label for label, _ in rows]
-        name = lt.name if lt.name not in columns else f"{lt.name} ({i + 1})"
-        columns[name] = [value for _, value in rows]
-    return pd.DataFrame(columns, index=pd.Index(labels, name="figure"))
+    return frame([lt.trace for lt in traces], [lt.name for lt in traces])
 
 
 def meta_frame(lt: LoadedTrace) -> pd.DataFrame:

@@ -151,20 +151,120 @@ def bench_big_reserve(mem: Any, size: int, rounds: int) -> dict[str, Any]:
     return {"bytes": size, **summarize_ns(samples)}
 
 
+def decode_requests(batch: int, context: int, stagger: int, steps: int) -> list:
+    """`batch` requests arriving together; sequence i starts with context + i * stagger tokens (so page boundaries
+    are crossed at different steps) and decodes `steps` tokens after its prefill."""
+    from kvscope.workload import Request
+
+    return [
+        Request(id=f"d{i}", arrival=0.0, prompt_len=context + i * stagger, output_len=steps + 1) for i in range(batch)
+    ]
+
+
+def decode_figures(trace) -> dict[str, Any]:
+    """Per decode-only step (no prefill tokens): host step time and forward-pass GPU time, in ms."""
+    ev = trace.events
+    by_kind = {k: ev[ev["kind"] == k].set_index("step") for k in ("step", "step_prefill", "step_kernel")}
+    decode_steps = by_kind["step_prefill"].index[by_kind["step_prefill"]["n"] == 0]
+    step_ns = by_kind["step"].loc[decode_steps, "dur_ns"].to_numpy()
+    kernel = by_kind["step_kernel"]
+    fwd_ns = kernel.loc[kernel.index.intersection(decode_steps), "dur_ns"].to_numpy()
+    s = summarize_ns([int(x) for x in step_ns])
+    f = summarize_ns([int(x) for x in fwd_ns])
+
+    def ms(d: dict[str, float], key: str) -> float | None:
+        return d[key] / 1e3 if key in d else None
+
+    return {
+        "decode_steps": int(len(step_ns)),
+        "step_ms_median": ms(s, "median_us"),
+        "step_ms_p90": ms(s, "p90_us"),
+        "step_ms_mean": ms(s, "mean_us"),
+        "step_ms_max": ms(s, "max_us"),
+        "forward_ms_median": ms(f, "median_us"),
+        "page_maps": int((ev["kind"] == "page_map").sum()),
+    }
+
+
 def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
     """Decode steps on VMM memory: premapped vs sync vs background mapping (see the module docstring)."""
-    from kvscope.engine.cuda_executor import decode_mapping_benchmark
+    from dataclasses import replace
 
-    return decode_mapping_benchmark(
+    import torch
+
+    from kvscope.engine.api import RunConfig, record_run
+    from kvscope.spec import get_spec
+
+    spec = get_spec(args.model, args.layers)
+    row = spec.bytes_per_token if args.megacache else spec.token_bytes_per_layer_kv
+    buffers = 1 if args.megacache else 2 * spec.num_layers
+    tokens_per_page = args.page_size // row
+    stagger = max(1, tokens_per_page // args.batch)  # spread page crossings evenly over the steps
+    max_len = args.context + stagger * args.batch + args.steps + 1
+    groups = -(-max_len // tokens_per_page) + 1
+    capacity = args.batch * groups * buffers * args.page_size
+    requests = decode_requests(args.batch, args.context, stagger, args.steps)
+    base = RunConfig(
+        allocator="vmm",
+        device="cuda",
         model=args.model,
         layers=args.layers,
-        batch=args.batch,
-        context=args.context,
-        steps=args.steps,
+        kv_memory=capacity,
+        max_len=max_len,
+        max_batch=args.batch,
+        max_tokens_per_step=16384,
         page_size=args.page_size,
         megacache=args.megacache,
-        attention=args.attention,
     )
+    modes = {
+        "premapped": (replace(base, eager_pages=groups), {"background_map": False}),
+        "sync": (base, {"background_map": False}),
+        "background": (base, {"background_map": True}),
+    }
+    out: dict[str, Any] = {
+        "model": spec.name,
+        "layers": spec.num_layers,
+        "batch": args.batch,
+        "context": args.context,
+        "stagger": stagger,
+        "steps": args.steps,
+        "megacache": args.megacache,
+        "tokens_per_page": tokens_per_page,
+        "kv_memory": capacity,
+        "attention": args.attention,
+        "modes": {},
+    }
+    # Warm-up: compile the kernels for these shapes once.
+    _use_executor({"attention": args.attention, "background_map": False, "nvml": False}, {})
+    record_run(decode_requests(4, args.context, stagger, 4), replace(base, max_batch=4), path=None)
+    for mode, (cfg, extra) in modes.items():
+        grabbed: dict[str, Any] = {}
+        _use_executor({"attention": args.attention, "nvml": False, **extra}, grabbed)
+        torch.cuda.empty_cache()
+        result = record_run(requests, cfg, path=None, command=f"bench_vmm decode {mode}")
+        r = decode_figures(result.trace())
+        m = grabbed["executor"].mapping
+        r["map_on_path_ms"] = m.on_path_driver_ns / 1e6
+        r["map_off_path_ms"] = m.ahead_driver_ns / 1e6
+        r["map_exposed_ms"] = m.exposed_ns / 1e6
+        r["mapping"] = m.to_dict()
+        r["finished_requests"] = result.stats.finished_requests
+        out["modes"][mode] = r
+    return out
+
+
+def _use_executor(extra: dict[str, Any], grabbed: dict[str, Any]) -> None:
+    from dataclasses import replace
+
+    from kvscope.engine.cuda_executor import CudaExecutor
+    from kvscope.engine.executor import register_executor
+
+    def factory(spec, allocator, options):
+        ex = CudaExecutor(spec, allocator, replace(options, extra={**options.extra, **extra}))
+        grabbed["executor"] = ex
+        return ex
+
+    register_executor("cuda", factory)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="llama-3-8b", help="model preset for the decode part")
     p.add_argument("--layers", type=int, default=8, help="layers of the model in the decode part")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--context", type=int, default=1000, help="tokens each sequence holds before the timed steps")
+    p.add_argument("--context", type=int, default=1000, help="prompt tokens of the first sequence")
     p.add_argument("--steps", type=int, default=256, help="timed decode steps")
     p.add_argument("--page-size", default="2MiB")
     p.add_argument("--megacache", action="store_true", help="one buffer for all layers (16 tokens per 2 MiB page)")
@@ -187,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.pages, args.rounds, args.range_pages = 64, 2, 16
         args.layers, args.batch, args.context, args.steps = 2, 8, 200, 32
+        args.megacache = True  # 256 tokens per page at 2 layers: the few quick steps still cross pages
 
     from kvscope.backends.base import BackendUnavailable
     from kvscope.backends.cuda_vmm import CudaMemory
@@ -219,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         mem.close()
     result["leaked"] = mem.leaked
     if not args.skip_decode:
-        result["decode"] = bench_decode(args)
+        # Per-layer buffers (1024 tokens per 2 MiB page for llama-3-8b: rare, large growth steps) and the megacache
+        # (all layers in one row: a page every few dozen tokens); --quick and --megacache run only the one asked.
+        layouts = [args.megacache] if args.quick or args.megacache else [False, True]
+        for mega in layouts:
+            args.megacache = mega
+            result["decode_megacache" if mega else "decode"] = bench_decode(args)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -241,14 +347,23 @@ def print_table(result: dict[str, Any]) -> None:
     )
     big = result["reserve_big"]
     print(f"reserve {big['bytes'] >> 30} GiB: {big['median_us']:.1f} us")
-    dec = result.get("decode")
-    if dec:
-        print(f"{'decode':<12}{'step ms':>10}{'p90 ms':>10}{'fwd ms':>10}{'map on-path ms':>16}{'map off-path ms':>17}")
+    for key in ("decode", "decode_megacache"):
+        dec = result.get(key)
+        if not dec:
+            continue
+        print(f"{key} ({dec['batch']} sequences, {dec['layers']} layers, {dec['tokens_per_page']} tokens per page):")
+        print(
+            f"{'mode':<12}{'step ms':>10}{'p90 ms':>10}{'mean ms':>10}{'fwd ms':>10}{'map on ms':>11}{'map off ms':>12}"
+        )
         for mode, r in dec["modes"].items():
             print(
-                f"{mode:<12}{r['step_ms_median']:>10.3f}{r['step_ms_p90']:>10.3f}{r['forward_ms_median']:>10.3f}"
-                f"{r['map_on_path_ms']:>16.2f}{r['map_off_path_ms']:>17.2f}"
+                f"{mode:<12}{_f(r['step_ms_median']):>10}{_f(r['step_ms_p90']):>10}{_f(r['step_ms_mean']):>10}"
+                f"{_f(r['forward_ms_median']):>10}{r['map_on_path_ms']:>11.2f}{r['map_off_path_ms']:>12.2f}"
             )
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 if __name__ == "__main__":

@@ -79,8 +79,9 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # kv heads vary fastest: programs running side by side read the neighbouring heads of the same token rows.
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
     seq = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -188,8 +189,11 @@ def _decode_reduce_kernel(
         m = m_new
     weight_sum = tl.where(weight_sum == 0.0, 1.0, weight_sum)
     out = acc / weight_sum
-    tl.store(out_ptr + seq.to(tl.int64) * stride_ob + q_head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=d_mask)
+    tl.store(
+        out_ptr + seq.to(tl.int64) * stride_ob + q_head * stride_oh + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=d_mask,
+    )
 
 
 def _decode(
@@ -269,7 +273,7 @@ def _decode(
         part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=device)
         stride_p = (*part_out.stride()[:3], *part_lse.stride()[:2])
 
-    _decode_split_kernel[(num_splits, kv_heads, batch)](
+    _decode_split_kernel[(kv_heads, num_splits, batch)](
         q,
         k,
         v,

@@ -82,7 +82,9 @@ def _store(
     if k.shape != v.shape:
         raise ValueError(f"k and v caches differ in shape: {tuple(k.shape)} vs {tuple(v.shape)}")
     if tuple(k.shape[-2:]) != (kv_heads, head_dim):
-        raise ValueError(f"cache rows are {tuple(k.shape[-2:])} [kv_heads, head_dim], new tokens {(kv_heads, head_dim)}")
+        raise ValueError(
+            f"cache rows are {tuple(k.shape[-2:])} [kv_heads, head_dim], new tokens {(kv_heads, head_dim)}"
+        )
     for name, t in (("key", key), ("value", value), ("k cache", k), ("v cache", v)):
         check_dtype(name, t, FLOAT_DTYPES)
         check_last_dim_contiguous(name, t)

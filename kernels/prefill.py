@@ -168,7 +168,7 @@ def _prefill(
     config: PrefillConfig | None,
 ) -> torch.Tensor:
     paged = block_tables is not None
-    device = check_runnable(q, k, v, cu_seqlens_q, context_lens, block_tables if paged else token_base)
+    check_runnable(q, k, v, cu_seqlens_q, context_lens, block_tables if paged else token_base)
     check_shape("q", q, 3, "[total_new_tokens, q_heads, head_dim]")
     _, num_q_heads, head_dim = q.shape
     kv_heads = k.shape[-2]
@@ -272,8 +272,8 @@ def paged_prefill_attention(
 ) -> torch.Tensor:
     """Causal attention of packed new tokens to their sequence's cached context and to themselves, paged cache.
 
-    q [total_new, q_heads, head_dim]; k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim] (any strides, head_dim
-    contiguous; the new tokens' K/V already stored); block_tables int32/int64 [batch, max_blocks]; cu_seqlens_q
+    q [total_new, q_heads, head_dim]; k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim] (any strides,
+    head_dim contiguous; the new tokens' K/V already stored); block_tables int32/int64 [batch, max_blocks]; cu_seqlens_q
     int32/int64 [batch + 1] (sequence b's new tokens are q rows cu_seqlens_q[b] .. cu_seqlens_q[b+1] - 1);
     context_lens int32/int64 [batch] (tokens cached before this chunk). Returns [total_new, q_heads, head_dim] in q's
     dtype (into `out` when given). max_query_len (>= the longest chunk) sizes the grid; without it one device sync

@@ -26,7 +26,7 @@ def token_slots(pos, mask, block_table_row_ptr, seq_base, PAGE: tl.constexpr, PA
 @triton.jit
 def row_offsets(block, row, stride_block, stride_row, PAGED: tl.constexpr):
     """Element offsets of the rows from `token_slots`."""
-    if PAGED:
+    if PAGED:  # noqa: SIM108 - a constexpr branch, resolved at compile time
         offsets = block * stride_block + row * stride_row
     else:
         offsets = row * stride_row
@@ -40,6 +40,16 @@ def dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         c = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return c
+
+
+@triton.jit
+def dot_acc(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b with the accumulator fed to the MMA (no separate add)."""
+    if UPCAST_DOT:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        c = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return c
 
 
@@ -64,7 +74,7 @@ def online_softmax_tile(
     Scores live in the log2 domain (scale_log2 = scale * log2(e)) so the exponentials are exp2. Every row must have at
     least one unmasked key in the first tile it sees (callers guarantee it), so m_i is finite from then on.
     """
-    if LOAD_MASKED:
+    if LOAD_MASKED:  # noqa: SIM108 - a constexpr branch, resolved at compile time
         k = tl.load(k_ptrs, mask=load_mask, other=0.0)
     else:
         k = tl.load(k_ptrs)
@@ -75,9 +85,9 @@ def online_softmax_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if LOAD_MASKED:
+    if LOAD_MASKED:  # noqa: SIM108
         v = tl.load(v_ptrs, mask=load_mask, other=0.0)
     else:
         v = tl.load(v_ptrs)
-    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+    acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, UPCAST_DOT)
     return acc, l_i, m_new

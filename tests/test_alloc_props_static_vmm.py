@@ -209,9 +209,9 @@ class VMMMachine(_Machine):
     def _rows_of(self, seq: int) -> int:
         return self.alloc.rows_per_slot
 
-    @rule(op=st.sampled_from(["map", "set_access"]), after=st.integers(1, 6))
-    def inject_fault(self, op, after):
-        self.backend.inject_fault(op, after)
+    @rule(op=st.sampled_from(["map", "set_access"]), nth=st.integers(1, 6))
+    def inject_fault(self, op, nth):
+        self.backend.inject_fault(op, nth)
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data(), ahead=st.integers(0, 40))

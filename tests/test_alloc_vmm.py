@@ -276,13 +276,13 @@ def test_out_of_memory_is_atomic():
 
 
 @pytest.mark.parametrize("op", ["map", "set_access"])
-@pytest.mark.parametrize("after", [1, 3, 6])
-def test_backend_failure_during_admit_rolls_back(op, after):
+@pytest.mark.parametrize("nth", [1, 3, 6])
+def test_backend_failure_during_admit_rolls_back(op, nth):
     backend = SimMemory(PAGE)
     alloc = make(backend=backend)
     alloc.admit(1, toks(10), 100)
     before, mappings = checked(alloc), backend.live_mappings
-    backend.inject_fault(op, after)  # fails inside the first (after <= 4) or the second group
+    backend.inject_fault(op, nth)  # fails inside the first (nth <= 4) or the second group
     with pytest.raises(KVOutOfMemory) as err:
         alloc.admit(2, toks(40), 100)
     assert isinstance(err.value.__cause__, BackendOutOfMemory)

@@ -116,7 +116,9 @@ def run_engine(kind: str, requests, *, capacity: int = 64 * 1024, max_len: int =
 class Script:
     """Hand-written events: `at(step)` sets the step, `emit` records, `acct(**usage)` writes one step's books."""
 
-    def __init__(self, allocator: str, config: dict, requests: list[tuple[int, int]] | None = None) -> None:
+    def __init__(self, allocator: str, config: dict, requests: list[tuple[int, int]] | None = None, *,
+                 simulated: bool = True) -> None:
+        self.simulated = simulated
         meta = {
             "allocator": allocator,
             "allocator_config": config,
@@ -148,7 +150,7 @@ class Script:
         self.rec.emit(Kind.STEP_PREFILL, n=prefill)
         self.rec.emit(Kind.STEP_DECODE, n=decode)
         self.clock += STEP_NS
-        self.rec.emit(Kind.STEP, n=batch, dur_ns=1000, aux=self.clock)
+        self.rec.emit(Kind.STEP, n=batch, dur_ns=1000, aux=self.clock if self.simulated else -1)
         fields = ["capacity", "reserved", "used", "logical", "internal", "reservation", "mapped_idle",
                   "cached_idle", "free"]
         from kvscope.events import ACCT_FIELDS

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvscope.kernels import (
     DecodeConfig,
     contiguous_decode_attention,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvscope.kernels import contiguous_rows, copy_blocks, reference, store_kv_contiguous, store_kv_paged
 from kvscope.kernels.block_copy import _copy_between_devices
 from kvscope.kernels.testing import random_contiguous_kv, random_paged_kv

@@ -74,7 +74,7 @@ def report_file(tmp_path_factory) -> Path:
 
     reqs = requests_for(12, seed=5, n_max=3, shared_prefix=16, first_id=XSS)  # <= 40 rows: ids label the axis
     traces = [
-        record("paged", reqs, enable_prefix_caching=True, meta={"workload": {"name": XSS}}),
+        record("paged", reqs, prefix_caching=True, workload={"name": XSS}),
         record("vmm", reqs),
     ]
     out = tmp_path_factory.mktemp("report") / "report.html"

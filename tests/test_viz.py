@@ -305,7 +305,8 @@ def test_prefix_tree_places_children_deeper_and_colours_hits():
     x = dict(zip(np.asarray(nodes.customdata)[:, 0].astype(int), nodes.x, strict=True))
     assert x[3] == 48 and x[0] == 16  # depth x block size
     assert "tokens" in fig.layout.xaxis.title.text
-    assert np.allclose(np.asarray(nodes.marker.color, dtype=float), [10, 4, 1, 0, 2])
+    assert np.allclose(np.asarray(nodes.marker.color, dtype=float), np.log10(1 + np.array([10, 4, 1, 0, 2])))
+    assert list(nodes.marker.colorbar.ticktext) == ["0", "10", "100"]  # log colour scale labelled in hits
     edge_x = [v for v in fig.data[0].x if v is not None]
     assert len(edge_x) == 3 * 2 * 2  # links 0->1, 0->2, 1->3, each an elbow of 2 segments of 2 points
     big = pd.DataFrame(
@@ -444,3 +445,16 @@ def test_every_figure_serializes_to_json_under_a_size_bound():
         payload = figure_json(fig)
         json.loads(payload)
         assert len(payload) < 1_500_000, (fig.layout.title.text, len(payload))
+
+
+def test_forked_samples_sit_under_their_request():
+    lt = lifetimes_frame(4)
+    # seq 4 and 5 were forked from seq 1 at its admission: no arrival of their own
+    forks = lt.iloc[[1, 1]].assign(seq=[4, 5], parent=[1, 1], arrive_step=-1, admit_step=3, request_id="req-1")
+    lt = pd.concat([lt.assign(root=lt["seq"]), forks.assign(root=1)], ignore_index=True)
+    fig = request_lifetimes_figure(lt)
+    running = next(t for t in fig.data if t.name == state_label("running"))
+    rows = dict(zip(np.asarray(running.customdata)[:, 0].astype(int), running.y, strict=True))
+    assert [s for s, _ in sorted(rows.items(), key=lambda kv: kv[1])] == [0, 1, 4, 5, 2]
+    assert "4 requests, 6 sequences" in fig.layout.title.text
+    assert "parent seq" in running.hovertemplate

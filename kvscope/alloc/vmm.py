@@ -225,7 +225,7 @@ class VMMAllocator:
     # ---- protocol -------------------------------------------------------------------------------------------
     def can_admit(self, prompt_len: int, final_len: int) -> bool:
         with self.lock:
-            if self._closed or final_len > self.max_len or not self._free_slots:
+            if self._closed or not self._free_slots or final_len > self.max_len or final_len < max(prompt_len, 1):
                 return False
             return self._groups_for(prompt_len) <= self._available_groups()
 

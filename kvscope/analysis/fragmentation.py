@@ -22,7 +22,7 @@ __all__ = ["MATRIX_COLUMNS", "STATE_COLUMNS", "block_states", "state_matrix", "u
 
 MATRIX_COLUMNS = ["step_bin", "step_end", "unit_bin", "unit_end", "state", "fraction"]
 # state_matrix samples at most this many unit-states in all (each sample converts the whole pool once).
-SAMPLE_BUDGET = 20_000_000
+SAMPLE_BUDGET = 4_000_000
 
 
 def unit_states(trace) -> list[str]:

@@ -123,7 +123,8 @@ def _build(trace) -> pd.DataFrame:
     frame["arrive_step"] = _steps(first(Kind.ARRIVE, "step"), frame)
     admit = _steps(first(Kind.ADMIT, "step"), frame)
     fork_step = _steps(fork["step"], frame)
-    frame["admit_step"] = np.where(admit >= 0, admit, fork_step)
+    # A fork holds memory from its fork step; a later ADMIT of it is a re-admission after a preemption.
+    frame["admit_step"] = np.where(fork_step >= 0, fork_step, admit)
     frame["prompt_len"] = np.nan_to_num(prompt, nan=-1).astype(np.int64)
     frame["output_len"] = np.nan_to_num(output, nan=-1).astype(np.int64)
 

@@ -140,11 +140,10 @@ def _finished_requests(lt, meta) -> np.ndarray:
     """Root seqs of requests whose every sample finished (as many as the request's n) and none was rejected."""
     if lt.empty:
         return np.zeros(0, np.int64)
-    fam = lt.groupby("root").agg(
-        done=("status", lambda s: int((s == "finished").sum())),
-        rejected=("status", lambda s: bool((s == "rejected").any())),
-        size=("seq", "size"),
-    )
+    status = lt["status"].astype(str)
+    fam = pd.DataFrame(
+        {"done": (status == "finished").astype("int64"), "rejected": status == "rejected", "size": 1}
+    ).groupby(lt["root"].to_numpy()).agg({"done": "sum", "rejected": "any", "size": "sum"})
     want = fam["size"]
     if len(meta) and "n" in meta.columns:
         n = pd.to_numeric(meta.set_index("seq")["n"], errors="coerce").reindex(fam.index)

@@ -48,14 +48,14 @@ class SimMemory:
         self._closed = False
 
     # ---- fault injection (tests) ------------------------------------------------------------------------------
-    def inject_fault(self, op: str, after: int = 1) -> None:
-        """Make the `after`-th next call of `op` (create, map or set_access) raise BackendOutOfMemory, as a driver
-        out of memory would: for testing that callers roll back."""
+    def inject_fault(self, op: str, nth: int = 1) -> None:
+        """Make the `nth` next call of `op` (create, map or set_access) raise BackendOutOfMemory, as a driver out of
+        memory would: for testing that callers roll back. (CudaMemory has its own, richer inject_fault.)"""
         if op not in ("create", "map", "set_access"):
             raise ValueError(f"inject_fault: op must be create, map or set_access, got {op!r}")
-        if after < 1:
-            raise ValueError(f"inject_fault: after must be >= 1, got {after}")
-        self._faults[op] = after
+        if nth < 1:
+            raise ValueError(f"inject_fault: nth must be >= 1, got {nth}")
+        self._faults[op] = nth
 
     def clear_faults(self) -> None:
         self._faults.clear()

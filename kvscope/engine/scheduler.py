@@ -3,7 +3,7 @@
 Every step, in this order:
   1. running sequences, in admission order: a decoding one appends its last generated token (1 token of the step's
      token budget); a chunked prefill in progress takes what is left of the budget after all decodes. When an append
-     does not fit, the most recently admitted running sequence is preempted (recompute: freed and requeued at the
+     does not fit (the allocator records OOM), the most recently admitted running sequence is preempted (recompute: freed and requeued at the
      front with prompt + generated tokens as its new prompt; swap, paged only: its blocks go to the CPU pool and it
      waits in the swapped queue) until the append fits or the sequence preempted itself. A sequence that cannot grow
      even when it runs alone can never finish: it is rejected (REJECT).
@@ -192,32 +192,54 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         alloc = self.alloc
+        can_append, append = alloc.can_append, alloc.append
         budget = self.cfg.max_tokens_per_step
         running = self.running
-        prefill_budget = budget - sum(1 for s in running if not s.in_prefill)
-
+        work = plan.work
+        decoding = 0
+        for s in running:
+            if s.held >= len(s.prompt):
+                decoding += 1
+        prefill_budget = budget - decoding
+        # The hot loop: every running sequence, every step. Decode counters are summed locally and added at the end.
+        # A decode tries its append first and makes room only when the allocator refuses (OOM event, then PREEMPT):
+        # one allocator call per token instead of two.
+        decode_tokens = decode_kv = 0
         i = 0
         while i < len(running):
             s = running[i]
-            if s.in_prefill:  # a chunked prefill in progress
-                n = min(len(s.prompt) - s.held, prefill_budget)
-                if n <= 0:
-                    i += 1
-                    continue
-                tokens = s.prompt[s.held : s.held + n]
-            else:
-                n = 1
-                out = s.output
-                tokens = out[s.generated - 1 : s.generated]
-            if not self._make_room(s, n, plan):
-                continue  # s itself was preempted or rejected (it was the last in `running`)
-            alloc.append(s.id, tokens)
-            prefill = s.in_prefill
-            if prefill:
-                prefill_budget -= n
-            plan.add(Work(s, s.held, tokens, prefill, samples=(not prefill) or s.held + n == len(s.prompt)))
-            s.held += n
+            held = s.held
+            plen = len(s.prompt)
+            if held >= plen:  # decode: append the last generated token
+                g = s.generated
+                tokens = s.output[g - 1 : g]
+                try:  # appends are atomic: a failed one changes nothing (and the allocator records an OOM)
+                    append(s.id, tokens)
+                except KVOutOfMemory:
+                    if not self._make_room(s, 1, plan):
+                        continue  # s itself was preempted or rejected (it was the last in `running`)
+                    append(s.id, tokens)
+                work.append(Work(s, held, tokens, False, True))
+                s.held = held + 1
+                decode_tokens += 1
+                decode_kv += held + 1
+                i += 1
+                continue
+            n = min(plen - held, prefill_budget)  # a chunked prefill in progress
+            if n <= 0:
+                i += 1
+                continue
+            if not can_append(s.id, n) and not self._make_room(s, n, plan):
+                continue
+            tokens = s.prompt[held : held + n]
+            append(s.id, tokens)
+            plan.add(Work(s, held, tokens, True, samples=held + n == plen))
+            s.held = held + n
+            prefill_budget -= n
             i += 1
+        plan.decode_tokens += decode_tokens
+        plan.kv_tokens_read += decode_kv
+        plan.attn_pairs += decode_kv  # a decode token's query sees every held token
 
         if plan.preempted == 0:
             budget_left = budget - plan.tokens

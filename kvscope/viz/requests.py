@@ -150,7 +150,11 @@ def _gantt(df: pd.DataFrame, title: str, last_step: float) -> go.Figure:
         hovermode="closest",
         xaxis=dict(title=dict(text="engine step")),
         yaxis=dict(
-            title=dict(text="request / sequence (in arrival order)"), autorange="reversed", showticklabels=len(df) <= 40
+            title=dict(text="request / sequence (in arrival order)"),
+            autorange="reversed",
+            showticklabels=len(df) <= 40,
+            ticks="outside" if len(df) <= 40 else "",
+            showgrid=False,
         ),
         legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0.3),
     )
@@ -190,10 +194,11 @@ def _aggregated(df: pd.DataFrame, title: str, last_step: float) -> go.Figure:
             x=edges[:-1],
             y=bounds[:-1],
             zmin=0,
-            zmax=1,
+            # Each sequence holds KV for a short part of a long run: scale to the busiest cell, not to 100%.
+            zmax=max(float(np.nanmax(running)), 0.01),
             colorscale=COUNT_SCALE,
             customdata=percents,
-            colorbar=dict(title=dict(text="share holding KV"), tickformat=".0%"),
+            colorbar=dict(title=dict(text="share of the group<br>holding KV"), tickformat=".0%"),
             hovertemplate=(
                 "requests from #%{y} in arrival order, steps from %{x}<br>running (holds KV): %{customdata[0]}%"
                 "<br>waiting: %{customdata[1]}%<extra></extra>"

@@ -173,6 +173,15 @@ def prefix_tree_figure(
         pairs.append(((x[p], y[c]), (x[c], y[c])))
     xs, ys = _segments(pairs)
     hits = numeric(df["hits"])
+    # Hits are heavy-tailed (a system prompt is hit by every request): colour on a log scale, labelled in hits.
+    shade = np.log10(1 + np.nan_to_num(hits))
+    top = max(1, int(np.ceil(shade.max())))
+    ticks = [0, *range(1, top + 1)]
+    colorbar = dict(
+        title=dict(text="hits"),
+        tickvals=[np.log10(1 + (10**t if t else 0)) for t in ticks],
+        ticktext=["0", *(f"{10**t:,}" for t in ticks[1:])],
+    )
     big = len(df) > 1000
     marker_trace = go.Scattergl if big else go.Scatter
     fig = go.Figure(
@@ -186,11 +195,12 @@ def prefix_tree_figure(
             name="cached block",
             marker=dict(
                 size=np.clip(6 + 2 * np.sqrt(np.nan_to_num(hits)), 6, 22),
-                color=hits,
+                color=shade,
                 colorscale=COUNT_SCALE,
                 cmin=0,
+                cmax=np.log10(1 + 10**top),
                 line=dict(color=STATE_COLORS["cached_idle"], width=1),
-                colorbar=dict(title=dict(text="hits")),
+                colorbar=colorbar,
             ),
             customdata=np.stack([numeric(df["node"]), numeric(df["block"]), depth, hits], axis=1),
             hovertemplate=(

@@ -12,7 +12,13 @@ if not traces:
     state.no_traces_message()
     st.stop()
 
-titles = {lt.key: lt.title for lt in traces}
+titles = state.display_titles(traces)
+# Traces loaded since the last run (an upload, a new file) join the comparison; ones the user removed stay out.
+seen = st.session_state.get("overview_seen", set())
+if "overview_runs" in st.session_state:
+    kept = [k for k in st.session_state["overview_runs"] if k in titles]
+    st.session_state["overview_runs"] = kept + [k for k in titles if k not in seen and k not in kept]
+st.session_state["overview_seen"] = set(titles)
 chosen_keys = st.multiselect(
     "Runs to compare", list(titles), default=list(titles), format_func=titles.__getitem__, key="overview_runs"
 )
