@@ -38,6 +38,7 @@ from typing import Any
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 BLOCK_SIZES = (1, 16, 64, 256)
 GiB = 1 << 30
+DEVICE = "cuda"  # a module constant so that a dry run can point it elsewhere
 
 FULL_DECODE_BATCHES = (1, 4, 16, 64, 256)
 FULL_DECODE_CONTEXTS = (1024, 4096, 16384, 32768)
@@ -45,6 +46,8 @@ QUICK_DECODE_BATCHES = (1, 64)
 QUICK_DECODE_CONTEXTS = (1024, 4096)
 FULL_PREFILL = ((1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (8, 2048))
 QUICK_PREFILL = ((1, 1024), (1, 4096))
+SWEEP_DECODE = ((64, 4096), (1, 32768), (256, 1024))  # (batch, context) points of the --sweep
+SWEEP_PREFILL_LENGTH = 8192
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -197,7 +200,8 @@ def check_correctness(torch, K, ref, testing) -> list[dict[str, Any]]:
     K.copy_blocks(pool, None, [3, 40, 9], [60, 1, 33], block_dim=2)
     ref.copy_blocks(expected, None, [3, 40, 9], [60, 1, 33], block_dim=2)
     record("copy blocks (in pool)", pool, expected, exact=True)
-    host = torch.zeros(4, 2, 8, 16, KV_HEADS, HEAD_DIM, dtype=dtype).pin_memory()
+    host = torch.zeros(4, 2, 8, 16, KV_HEADS, HEAD_DIM, dtype=dtype)
+    host = host.pin_memory() if torch.cuda.is_available() else host
     K.copy_blocks(pool, host, [3, 40], [7, 0], block_dim=2)
     record("copy blocks (gpu -> pinned cpu)", host[:, :, [7, 0]], pool[:, :, [3, 40]].cpu(), exact=True)
     return results
@@ -238,16 +242,25 @@ def _decode_point(torch, K, batch: int, context: int, dtype, kv_bytes: int, ceil
     k4 = k.view(batch, context, KV_HEADS, HEAD_DIM).transpose(1, 2)  # the same memory as SDPA sees it
     v4 = v.view(batch, context, KV_HEADS, HEAD_DIM).transpose(1, 2)
     sdpa, backend = sdpa_call(torch, q.unsqueeze(2), k4, v4, is_causal=False)
-    timings[f"sdpa-{backend}"] = bench_ms(sdpa)
-    timings["contiguous"] = bench_ms(
-        lambda: K.contiguous_decode_attention(q, k, v, token_base, seq_lens, max_seq_len=context, out=out)
+    expected = sdpa().squeeze(2).float()
+    errors: dict[str, float] = {}
+
+    def timed(name: str, fn) -> None:
+        timings[name] = bench_ms(fn)
+        errors[name] = (fn().float() - expected).abs().max().item()  # same data, same answer
+
+    timed(f"sdpa-{backend}", lambda: sdpa().squeeze(2))
+    timed(
+        "contiguous",
+        lambda: K.contiguous_decode_attention(q, k, v, token_base, seq_lens, max_seq_len=context, out=out),
     )
     for bs in BLOCK_SIZES:
         k_cache, v_cache, tables = paged_copy(torch, k, v, batch, context, bs)
-        timings[f"paged-{bs}"] = bench_ms(
+        timed(
+            f"paged-{bs}",
             lambda kc=k_cache, vc=v_cache, bt=tables: K.paged_decode_attention(
                 q, kc, vc, bt, seq_lens, max_seq_len=context, out=out
-            )
+            ),
         )
         del k_cache, v_cache, tables
     sdpa_ms = timings[f"sdpa-{backend}"]
@@ -264,10 +277,12 @@ def _decode_point(torch, K, batch: int, context: int, dtype, kv_bytes: int, ceil
                 "tbps": tbps,
                 "vs_ceiling": tbps / ceiling,
                 "vs_sdpa": sdpa_ms / ms,
+                "max_abs_err_vs_sdpa": errors[name],
             }
         )
     line = "  ".join(f"{r['kernel']} {r['tbps']:.2f}" for r in rows)
-    print(f"  B={batch:<4} L={context:<6} TB/s: {line}")
+    worst = max(errors.values())
+    print(f"  B={batch:<4} L={context:<6} TB/s: {line}  (max |diff| vs sdpa {worst:.1e})")
     return rows
 
 
@@ -303,16 +318,25 @@ def _prefill_point(torch, K, testing, batch: int, length: int, dtype) -> list[di
     k4 = k.view(batch, length, KV_HEADS, HEAD_DIM).transpose(1, 2)
     v4 = v.view(batch, length, KV_HEADS, HEAD_DIM).transpose(1, 2)
     sdpa, backend = sdpa_call(torch, q4, k4, v4, is_causal=True)
-    timings[f"sdpa-{backend}"] = bench_ms(sdpa)
-    timings["contiguous"] = bench_ms(
-        lambda: K.contiguous_prefill_attention(q, k, v, token_base, cu, ctx, max_query_len=length, out=out)
+    expected = sdpa().transpose(1, 2).reshape(batch * length, Q_HEADS, HEAD_DIM).float()
+    errors: dict[str, float] = {}
+
+    def timed(name: str, fn) -> None:
+        timings[name] = bench_ms(fn)
+        errors[name] = (fn().float().reshape(expected.shape) - expected).abs().max().item()
+
+    timed(f"sdpa-{backend}", lambda: sdpa().transpose(1, 2))
+    timed(
+        "contiguous",
+        lambda: K.contiguous_prefill_attention(q, k, v, token_base, cu, ctx, max_query_len=length, out=out),
     )
     for bs in (16, 256):
         k_cache, v_cache, tables = paged_copy(torch, k, v, batch, length, bs)
-        timings[f"paged-{bs}"] = bench_ms(
+        timed(
+            f"paged-{bs}",
             lambda kc=k_cache, vc=v_cache, bt=tables: K.paged_prefill_attention(
                 q, kc, vc, bt, cu, ctx, max_query_len=length, out=out
-            )
+            ),
         )
         del k_cache, v_cache, tables
     sdpa_ms = timings[f"sdpa-{backend}"]
@@ -327,10 +351,12 @@ def _prefill_point(torch, K, testing, batch: int, length: int, dtype) -> list[di
                 "flops": flops,
                 "tflops": flops / (ms * 1e-3) / 1e12,
                 "vs_sdpa": sdpa_ms / ms,
+                "max_abs_err_vs_sdpa": errors[name],
             }
         )
     line = "  ".join(f"{r['kernel']} {r['tflops']:.0f}" for r in rows)
-    print(f"  B={batch:<2} L={length:<6} TFLOP/s: {line}")
+    worst = max(errors.values())
+    print(f"  B={batch:<2} L={length:<6} TFLOP/s: {line}  (max |diff| vs sdpa {worst:.1e})")
     return rows
 
 
@@ -345,7 +371,7 @@ def sweep_configs(torch, K, testing) -> dict[str, Any]:
 
     dtype = torch.bfloat16
     result: dict[str, Any] = {"decode": [], "prefill": []}
-    for batch, context in ((64, 4096), (1, 32768), (256, 1024)):
+    for batch, context in SWEEP_DECODE:
         k, v, token_base, seq_lens = contiguous_kv(torch, batch, context, dtype)
         k_cache, v_cache, tables = paged_copy(torch, k, v, batch, context, 16)
         del k, v
@@ -383,7 +409,7 @@ def sweep_configs(torch, K, testing) -> dict[str, Any]:
         del k_cache, v_cache, tables
         torch.cuda.empty_cache()
 
-    length = 8192
+    length = SWEEP_PREFILL_LENGTH
     k, v, token_base, seq_lens = contiguous_kv(torch, 1, length, dtype)
     k_cache, v_cache, tables = paged_copy(torch, k, v, 1, length, 16)
     q = torch.randn(length, Q_HEADS, HEAD_DIM, device=DEVICE, dtype=dtype)
@@ -455,11 +481,11 @@ def prefill_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def summary(decode: list[dict[str, Any]], prefill: list[dict[str, Any]]) -> dict[str, float]:
-    """Geometric means over the grid of the ratios the targets are stated in."""
+def summary(decode: list[dict[str, Any]], prefill: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Geometric means over the grid of the ratios the targets are stated in (None where nothing was measured)."""
 
-    def gmean(values: list[float]) -> float:
-        return math.exp(sum(math.log(x) for x in values) / len(values)) if values else float("nan")
+    def gmean(values: list[float]) -> float | None:
+        return math.exp(sum(math.log(x) for x in values) / len(values)) if values else None
 
     out = {}
     for name in ("paged-16", "paged-1", "contiguous"):
@@ -551,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     print(prefill_table(prefill))
     print("\n## summary (geometric means over the grid)\n")
     for key, value in totals.items():
-        print(f"- {key}: {value:.3f}")
+        print(f"- {key}: {'n/a' if value is None else f'{value:.3f}'}")
     failed = [c["kernel"] for c in correctness if not c["ok"]]
     if failed:
         print(f"\nCORRECTNESS FAILED: {', '.join(failed)}")

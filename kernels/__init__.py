@@ -9,13 +9,20 @@ Contiguous (static, VMM): k_buf, v_buf [num_rows, kv_heads, head_dim], sequence 
     copy_blocks                                              copy-on-write and swap of whole blocks
 
 On CUDA tensors the kernels run compiled; on CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1 set before
-this package is imported; see `INTERPRETED`). `kvscope.kernels.reference` has the same functions in plain torch.
+this package is imported; see `INTERPRETED` and `kernels_available(device)`). `kvscope.kernels.reference` has the same functions in plain torch.
 """
 
 from __future__ import annotations
 
 from .block_copy import copy_blocks
-from .common import INTERPRETED, DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config
+from .common import (
+    INTERPRETED,
+    DecodeConfig,
+    PrefillConfig,
+    default_decode_config,
+    default_prefill_config,
+    kernels_available,
+)
 from .decode import contiguous_decode_attention, paged_decode_attention
 from .kv_store import contiguous_rows, store_kv_contiguous, store_kv_paged
 from .prefill import contiguous_prefill_attention, paged_prefill_attention
@@ -30,6 +37,7 @@ __all__ = [
     "copy_blocks",
     "default_decode_config",
     "default_prefill_config",
+    "kernels_available",
     "paged_decode_attention",
     "paged_prefill_attention",
     "store_kv_contiguous",

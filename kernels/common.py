@@ -27,6 +27,9 @@ INTERPRETED: bool = not isinstance(_probe_kernel, triton.runtime.JITFunction)
 #: Pretend SM count in interpreter mode: small, so that the default split-K heuristic still splits in tests.
 _INTERPRETER_SMS = 4
 
+#: Largest grid size along CUDA's y and z axes (the batch axis of the attention grids).
+MAX_GRID_YZ = 65535
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -156,6 +159,13 @@ def dot_args(dtype: torch.dtype) -> dict[str, object]:
 # ----------------------------------------------------------------------------------------------------------------
 # input checks: one-line ValueErrors naming the argument and the offending value
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def kernels_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can take tensors on `device` in this process (else use kvscope.kernels.reference):
+    CUDA tensors when compiled, CPU tensors when interpreted (TRITON_INTERPRET=1 before import)."""
+    kind = torch.device(device).type
+    return (kind == "cuda" and not INTERPRETED) or (kind == "cpu" and INTERPRETED)
 
 
 def check_runnable(*tensors: torch.Tensor) -> torch.device:

@@ -128,7 +128,7 @@ def _variants() -> list[tuple[str, object, dict[str, object], int, int]]:
         out.append((name.strip(), decode._decode_split_kernel, args, cfg.num_warps, cfg.num_stages))
 
     reduce_args = dict(
-        part_out_ptr=f32, part_lse_ptr=f32, seq_lens_ptr=i32, out_ptr=bf16, tokens_per_split=512,
+        part_out_ptr=f32, part_lse_ptr=f32, seq_lens_ptr=i32, out_ptr=bf16, tokens_per_split=512, num_splits=57,
         stride_pb=hq * 64 * d, stride_ph=64 * d, stride_ps=d, stride_lb=hq * 64, stride_lh=64, stride_ob=hq * d,
         stride_oh=d, HEAD_DIM=d, BLOCK_D=d,
     )  # fmt: skip

@@ -20,6 +20,7 @@ from .common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     LOG2E,
+    MAX_GRID_YZ,
     DecodeConfig,
     cdiv,
     check_dtype,
@@ -87,6 +88,8 @@ def _decode_split_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     lo = split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, seq_len)
+    # The last split runs to the end even if max_seq_len was underestimated: never silently drop tokens.
+    hi = tl.where(split == tl.num_programs(1) - 1, seq_len, hi)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -155,6 +158,7 @@ def _decode_reduce_kernel(
     seq_lens_ptr,
     out_ptr,
     tokens_per_split,
+    num_splits,
     stride_pb,
     stride_ph,
     stride_ps,
@@ -171,7 +175,7 @@ def _decode_reduce_kernel(
     d_mask = offs_d < HEAD_DIM
 
     seq_len = tl.load(seq_lens_ptr + seq)
-    live_splits = tl.cdiv(seq_len, tokens_per_split)
+    live_splits = tl.minimum(tl.cdiv(seq_len, tokens_per_split), num_splits)
     row = seq.to(tl.int64) * stride_pb + q_head.to(tl.int64) * stride_ph
     lse_row = part_lse_ptr + seq.to(tl.int64) * stride_lb + q_head.to(tl.int64) * stride_lh
 
@@ -241,6 +245,8 @@ def _decode(
         check_last_dim_contiguous("out", out)
     if batch == 0:
         return out
+    if batch > MAX_GRID_YZ:
+        raise ValueError(f"batch {batch} exceeds the CUDA grid limit {MAX_GRID_YZ}: split the batch")
 
     config = config or default_decode_config(head_dim, q.dtype)
     if max_seq_len is None:
@@ -316,6 +322,7 @@ def _decode(
             seq_lens,
             out,
             tokens_per_split,
+            num_splits,
             *stride_p,
             out.stride(0),
             out.stride(1),
@@ -344,7 +351,8 @@ def paged_decode_attention(
     contiguous head_dim, e.g. views of a [layers, 2, num_blocks, block_size, kv_heads, head_dim] pool); block_tables
     int32/int64 [batch, max_blocks]; seq_lens int32/int64 [batch] (tokens to attend to, the new one included, so the
     new K/V must already be stored). scale defaults to 1/sqrt(head_dim). Returns [batch, q_heads, head_dim] in q's
-    dtype (into `out` when given). max_seq_len (>= max(seq_lens)) sizes the split-K grid; without it one device sync
+    dtype (into `out` when given). max_seq_len (max(seq_lens)) sizes the split-K grid (an underestimate stays correct, the
+    last split takes the rest, but loses parallelism); without it one device sync
     reads it. A sequence of length 0 gets zeros.
     """
     check_shape("k_cache", k_cache, 4, "[num_blocks, block_size, kv_heads, head_dim]")

@@ -20,6 +20,7 @@ from .common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     LOG2E,
+    MAX_GRID_YZ,
     PrefillConfig,
     cdiv,
     check_dtype,
@@ -203,6 +204,8 @@ def _prefill(
         check_last_dim_contiguous("out", out)
     if batch == 0 or q.shape[0] == 0:
         return out
+    if batch > MAX_GRID_YZ:
+        raise ValueError(f"batch {batch} exceeds the CUDA grid limit {MAX_GRID_YZ}: split the batch")
 
     config = config or default_prefill_config(head_dim, q.dtype)
     if max_query_len is None:
@@ -277,7 +280,7 @@ def paged_prefill_attention(
     int32/int64 [batch + 1] (sequence b's new tokens are q rows cu_seqlens_q[b] .. cu_seqlens_q[b+1] - 1);
     context_lens int32/int64 [batch] (tokens cached before this chunk). Returns [total_new, q_heads, head_dim] in q's
     dtype (into `out` when given). max_query_len (>= the longest chunk) sizes the grid; without it one device sync
-    reads it.
+    reads it; it must not be smaller than the longest chunk (the rows past it would not be computed).
     """
     check_shape("k_cache", k_cache, 4, "[num_blocks, block_size, kv_heads, head_dim]")
     check_shape("v_cache", v_cache, 4, "[num_blocks, block_size, kv_heads, head_dim]")

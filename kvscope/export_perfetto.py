@@ -1,7 +1,7 @@
 """Export a trace as Chrome trace-event JSON, which ui.perfetto.dev (and chrome://tracing) open.
 
 Layout (pids and tids are fixed so that two exports line up):
-    pid 1  "<label>: KV memory and engine"  process-level counter tracks:
+    pid 1  "<label>: KV pool <size> (<blocks/pages/rows>) and engine"  process-level counter tracks:
              KV memory        args used / internal / reservation / mapped_idle / cached_idle / free (bytes; they add
                               up to the capacity, so chrome://tracing's stacked view is the memory stack)
              KV totals        args reserved / used / logical / waste (bytes)
@@ -70,8 +70,9 @@ def export_perfetto(
     max_instants: int = MAX_INSTANTS,
 ) -> dict[str, Any]:
     """Write `trace` to `path` as trace-event JSON; returns what was written ({'events': n, 'aggregated': [...]})."""
-    exporter = _Exporter(trace, clock, max_counter_points, max_step_slices, max_driver_slices, max_requests,
-                         max_instants)
+    exporter = _Exporter(
+        trace, clock, max_counter_points, max_step_slices, max_driver_slices, max_requests, max_instants
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
@@ -83,7 +84,11 @@ def export_perfetto(
             f.write(json.dumps(event, separators=(",", ":"), allow_nan=False))
             count += 1
         f.write("\n],\n")
-        f.write('"metadata": ' + json.dumps(exporter.metadata(count), default=str, allow_nan=False) + "}\n")
+        # otherData: the format's place for run metadata (string values; viewers show it as trace info).
+        other = {
+            k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in exporter.metadata(count).items()
+        }
+        f.write('"otherData": ' + json.dumps(other, allow_nan=False) + "}\n")
     return {"events": count, "aggregated": list(exporter.aggregated), "path": str(path)}
 
 
@@ -115,14 +120,24 @@ def _clean(value: Any) -> Any:
 
 
 class _Exporter:
-    def __init__(self, trace, clock: str, max_counter_points: int, max_step_slices: int, max_driver_slices: int,
-                 max_requests: int, max_instants: int) -> None:
+    def __init__(
+        self,
+        trace,
+        clock: str,
+        max_counter_points: int,
+        max_step_slices: int,
+        max_driver_slices: int,
+        max_requests: int,
+        max_instants: int,
+    ) -> None:
         from kvscope.analysis._events import is_simulated_clock
 
         if clock not in ("host", "sim"):
             raise ValueError(f"perfetto export: clock must be 'host' or 'sim', got {clock!r}")
         if clock == "sim" and not is_simulated_clock(trace):
-            raise ValueError(f"perfetto export: {trace.name!r} has no simulated clock (not a sim run); use clock='host'")
+            raise ValueError(
+                f"perfetto export: {trace.name!r} has no simulated clock (not a sim run); use clock='host'"
+            )
         for name, value in (
             ("max_counter_points", max_counter_points),
             ("max_step_slices", max_step_slices),
@@ -186,13 +201,32 @@ class _Exporter:
             key = "sort_index" if name.endswith("sort_index") else "name"
             return {"name": name, "ph": "M", "pid": pid, "tid": tid, "args": {key: value}}
 
-        yield meta("process_name", PID_MAIN, 0, f"{self.label}: KV memory and engine")
+        yield meta("process_name", PID_MAIN, 0, f"{self.label}: {self._pool_name()} and engine")
         yield meta("process_sort_index", PID_MAIN, 0, 1)
         yield meta("process_name", PID_REQUESTS, 0, f"{self.label}: requests")
         yield meta("process_sort_index", PID_REQUESTS, 0, 2)
         yield meta("thread_name", PID_MAIN, TID_STEPS, "engine steps")
         yield meta("thread_name", PID_MAIN, TID_DRIVER, "VMM driver calls")
         yield meta("thread_name", PID_MAIN, TID_EVENTS, "events (preemptions, OOM, evictions)")
+
+    def _pool_name(self) -> str:
+        """'KV pool 16.0 GiB (1024 blocks of 16 tokens)' and the like, from the allocator's config."""
+        from kvscope.analysis._events import acct_last, config_value
+        from kvscope.units import format_bytes
+
+        def cfg(key: str):
+            return config_value(self.trace, key)
+
+        capacity = acct_last(self.trace, Kind.ACCT_CAPACITY)
+        name = f"KV pool {format_bytes(capacity)}" if capacity else "KV pool"
+        alloc = self.trace.meta.get("allocator")
+        if alloc == "paged" and cfg("num_blocks"):
+            name += f" ({cfg('num_blocks')} blocks of {cfg('block_size')} tokens)"
+        elif alloc == "vmm" and cfg("pages"):
+            name += f" ({cfg('pages')} pages of {format_bytes(cfg('page_size'))})"
+        elif alloc == "static" and cfg("rows"):
+            name += f" ({cfg('rows')} token rows)"
+        return name
 
     def _sample_rows(self, frame: pd.DataFrame, peak_col: str | None) -> pd.DataFrame:
         if len(frame) <= self.max_counter_points:
@@ -208,7 +242,7 @@ class _Exporter:
         values = [np.asarray(columns[k]) for k in keys]
         for i, t in enumerate(ts.tolist()):
             args = {}
-            for k, v in zip(keys, values):
+            for k, v in zip(keys, values, strict=True):
                 x = _clean(v[i])
                 if x is not None:
                     args[k] = x
@@ -409,8 +443,13 @@ class _Exporter:
             step_ts = self._step_ts
 
             def when(kind: Kind, seqs: np.ndarray) -> np.ndarray:
-                col = {Kind.ARRIVE: "arrive_step", Kind.ADMIT: "admit_step", Kind.FORK: "admit_step",
-                       Kind.FINISH: "finish_step", Kind.REJECT: "finish_step"}[kind]
+                col = {
+                    Kind.ARRIVE: "arrive_step",
+                    Kind.ADMIT: "admit_step",
+                    Kind.FORK: "admit_step",
+                    Kind.FINISH: "finish_step",
+                    Kind.REJECT: "finish_step",
+                }[kind]
                 steps = lt[col].to_numpy()
                 return np.where(steps >= 0, step_ts.reindex(steps).to_numpy(), np.nan)
 

@@ -7,7 +7,9 @@ no string from a trace can close the script element; everything else is autoesca
 into figures (request ids, run labels) are escaped again for plotly, which renders a subset of HTML.
 
 Size: plotly.js is ~4.8 MB; each figure is bounded by the builders' caps (time bins, unit ranges, request groups),
-so a report stays a few MB above that however long the run was.
+so a report stays a few MB above that however long the run was. Measured: a paged run with prefix caching of
+20,000 requests (3.0 M events, 190 k steps, 16.7 MB trace) gives a 6.7 MB report (1.9 MB of figures), built in
+~13 s on 2 CPU cores, drawn by headless Chromium in ~4 s.
 """
 
 from __future__ import annotations
@@ -116,8 +118,8 @@ def run_views(trace: Trace) -> list[View]:
     alloc = str(trace.meta.get("allocator", ""))
     block_size = (trace.meta.get("allocator_config") or {}).get("block_size")
     last_step = max(int(info.get("steps") or 0) - 1, 0)
-    # Steps worth a snapshot: the peak of reserved memory, and the peak of sharing savings.
-    peak_step = int(timeline.loc[timeline["reserved"].idxmax(), "step"]) if len(timeline) else 0
+    # Steps worth a snapshot: the most tokens held (the pool under most pressure), and the peak of sharing savings.
+    peak_step = int(timeline.loc[timeline["used"].idxmax(), "step"]) if len(timeline) else 0
     share_step = None
     if "sharing_saved" in timeline.columns and len(timeline) and timeline["sharing_saved"].max() > 0:
         share_step = int(timeline.loc[timeline["sharing_saved"].idxmax(), "step"])
@@ -143,9 +145,9 @@ def run_views(trace: Trace) -> list[View]:
         _view(
             "memory",
             "Memory over time",
-            "Where every byte of the KV pool is after each step; the bands add up to the capacity. The solid "
-            "orange line is what vLLM's kv_cache_usage reports (blocks taken / capacity); the dashed blue line "
-            "is the share of token slots actually holding tokens. The gap between them is waste.",
+            "Where every byte of the KV pool is after each step; the bands add up to the capacity. The solid black "
+            "line is what vLLM's kv_cache_usage reports (blocks taken / capacity); the dashed black line is the "
+            "share of token slots actually holding tokens. The gap between them is waste.",
             lambda: viz.memory_stack_figure(timeline),
         ),
         _view(
@@ -157,7 +159,7 @@ def run_views(trace: Trace) -> list[View]:
         ),
         _view(
             "blocks",
-            f"Blocks at the peak of reserved memory (step {peak_step})",
+            f"Blocks when the most tokens were held (step {peak_step})",
             "One cell per block or page (a strip of segments for static arenas); hover for its holders, fill "
             "and ref count.",
             lambda: viz.block_grid_figure(fragmentation.block_states(trace, peak_step), step=peak_step),

@@ -21,6 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from kvscope.alloc.base import KVOutOfMemory
 from kvscope.alloc.paged import PagedAllocator, SwapRefused
+from kvscope.events import Kind
 from kvscope.recorder import Recorder
 from kvscope.spec import get_spec
 from kvscope.trace import trace_from_recorder
@@ -52,8 +53,6 @@ class EventReplay:
         self.pos = 0
 
     def feed(self, log: list[tuple[int, int, int, int]]) -> None:
-        from kvscope.events import Kind
-
         for kind, _seq, block, aux in log[self.pos :]:
             if kind in (Kind.BLOCK_ALLOC, Kind.BLOCK_COW):
                 assert self.ref[block] == 0 and not self.hashed[block], f"{Kind(kind).name} of a taken block {block}"
@@ -138,7 +137,7 @@ class PagedMachine(RuleBasedStateMachine):
         except KVOutOfMemory:
             after = (self.alloc.usage(), self.alloc.block_table(seq), self.alloc.ref_counts())
             assert after == before[:3], "a failed append changed the allocator"
-            assert [k for k, *_ in self.rec.log[before[3] :]] == [70], "a failed append must emit exactly one OOM"
+            assert [k for k, *_ in self.rec.log[before[3] :]] == [Kind.OOM], "a failed append must emit exactly one OOM"
             return False
         self.drain_copies()
         self.write(seq, len(self.tokens[seq]), ids)
@@ -206,8 +205,15 @@ class PagedMachine(RuleBasedStateMachine):
     def preempt_or_finish(self, data) -> None:
         self.preempt_seq(data.draw(st.sampled_from(sorted(self.tokens))))
 
+    def released_tail_first(self, table: list[int], since: int) -> None:
+        freed = [b for k, _, b, _ in self.rec.log[since:] if k == Kind.BLOCK_FREE]
+        assert freed == table[::-1], f"blocks {table} released in order {freed}, not chain tail first"
+
     def preempt_seq(self, seq: int) -> None:
+        table = [] if seq in self.swapped else self.alloc.block_table(seq)
+        since = len(self.rec.log)
         self.alloc.free(seq)
+        self.released_tail_first(table, since)
         del self.tokens[seq]
         self.swapped.discard(seq)
 
@@ -217,6 +223,7 @@ class PagedMachine(RuleBasedStateMachine):
         self.swap_out_seq(data.draw(st.sampled_from(self.resident())))
 
     def swap_out_seq(self, seq: int) -> None:
+        table = self.alloc.block_table(seq)
         can = self.alloc.can_swap_out(seq)
         before = (self.alloc.usage(), self.alloc.ref_counts(), len(self.rec.log))
         try:
@@ -226,6 +233,7 @@ class PagedMachine(RuleBasedStateMachine):
             assert (self.alloc.usage(), self.alloc.ref_counts(), len(self.rec.log)) == before
             return
         assert can
+        self.released_tail_first(table, before[2])
         self.swapped.add(seq)
         self.drain_copies()
 

@@ -60,15 +60,20 @@ def test_identities_hold_on_real_runs(kind):
     wb = waste_breakdown(trace)
     per_step = wb.groupby("step")["bytes"].sum()
     assert (per_step.to_numpy() == tl.set_index("step").loc[per_step.index, "capacity"].to_numpy()).all()
-    assert list(wb["category"].cat.categories) == ["used", "internal", "reservation", "mapped_idle", "cached_idle",
-                                                   "free"]
+    assert list(wb["category"].cat.categories) == [
+        "used",
+        "internal",
+        "reservation",
+        "mapped_idle",
+        "cached_idle",
+        "free",
+    ]
 
 
 def test_missing_samples_carry_forward_and_device_samples_align():
     s = Script("paged", PAGED4, simulated=False)
     s.at(0).emit(Kind.MEM_NVML, bytes=1000).emit(Kind.MEM_TORCH, bytes=700)
-    s.step_end(capacity=CAP, reserved=BLOCK, used=2 * BPT, logical=2 * BPT, internal=BLOCK - 2 * BPT,
-               free=CAP - BLOCK)
+    s.step_end(capacity=CAP, reserved=BLOCK, used=2 * BPT, logical=2 * BPT, internal=BLOCK - 2 * BPT, free=CAP - BLOCK)
     s.at(1).emit(Kind.MEM_NVML, bytes=2000)
     # Step 1 records only two of the nine samples (say, a cut-off write): the others carry forward.
     s.emit(Kind.ACCT_RESERVED, bytes=2 * BLOCK).emit(Kind.ACCT_USED, bytes=5 * BPT)

@@ -64,8 +64,9 @@ def test_shared_prefix_floor_loss_uses_declared_prefix_lengths():
 
 
 def test_real_prefix_caching_run():
-    trace = record("paged", make_requests(30, seed=8, shared_prefix=20), prefix_caching=True, kv_memory=20 * 1024,
-                   block_size=4)
+    trace = record(
+        "paged", make_requests(30, seed=8, shared_prefix=20), prefix_caching=True, kv_memory=20 * 1024, block_size=4
+    )
     s = prefix_stats(trace)
     assert s["hit_tokens"] > 0 and s["nodes"] > 0
     assert s["hit_tokens"] == summarize(trace)["prefix_hit_tokens"]

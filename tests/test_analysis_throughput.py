@@ -13,10 +13,33 @@ from kvscope.analysis.summary import summarize
 from kvscope.analysis.throughput import throughput_timeline
 from kvscope.events import Kind
 
-THROUGHPUT_CONTRACT = ["step", "t_s", "dur_s", "batch", "prefill_tokens", "decode_tokens", "tokens_per_s",
-                       "kernel_ms", "kv_bytes_read", "achieved_tbps", "preemptions", "driver_ms"]
-LIFETIME_CONTRACT = ["seq", "request_id", "parent", "arrival_s", "arrive_step", "admit_step", "finish_step",
-                     "prompt_len", "output_len", "preemptions", "prefix_hit_tokens"]
+THROUGHPUT_CONTRACT = [
+    "step",
+    "t_s",
+    "dur_s",
+    "batch",
+    "prefill_tokens",
+    "decode_tokens",
+    "tokens_per_s",
+    "kernel_ms",
+    "kv_bytes_read",
+    "achieved_tbps",
+    "preemptions",
+    "driver_ms",
+]
+LIFETIME_CONTRACT = [
+    "seq",
+    "request_id",
+    "parent",
+    "arrival_s",
+    "arrive_step",
+    "admit_step",
+    "finish_step",
+    "prompt_len",
+    "output_len",
+    "preemptions",
+    "prefix_hit_tokens",
+]
 
 
 def test_throughput_on_the_fork_scenario():
@@ -110,7 +133,7 @@ def test_driver_calls_on_a_vmm_run():
 def test_driver_call_names_follow_the_backend():
     trace = record("vmm", make_requests(3, seed=3), kv_memory=32 * 1024)
     trace.meta["allocator_config"]["backend"] = "cuda"
-    names = dict(zip(driver_calls(trace)["kind"].astype(str), driver_calls(trace)["call"]))
+    names = dict(zip(driver_calls(trace)["kind"].astype(str), driver_calls(trace)["call"], strict=True))
     assert names["page_map"] == "cuMemMap" and names["page_access"] == "cuMemSetAccess"
     assert driver_calls(scenario_fork()).empty and driver_stats(scenario_fork()).empty
 
@@ -120,8 +143,18 @@ def test_compare_runs():
     runs = [record(k, requests, kv_memory=32 * 1024) for k in ("static", "paged", "vmm")]
     table = compare_runs(runs)
     assert table["label"].tolist() == [t.label for t in runs]
-    for col in ("peak_reserved_bytes", "peak_used_bytes", "mean_waste_fraction", "tokens_per_s", "generated_tokens",
-                "finished", "preemptions", "sharing_saved_bytes_peak", "prefix_hit_tokens", "steps"):
+    for col in (
+        "peak_reserved_bytes",
+        "peak_used_bytes",
+        "mean_waste_fraction",
+        "tokens_per_s",
+        "generated_tokens",
+        "finished",
+        "preemptions",
+        "sharing_saved_bytes_peak",
+        "prefix_hit_tokens",
+        "steps",
+    ):
         assert table[col].tolist() == [summarize(t)[col] for t in runs]
     assert (table["waste_bytes_saved_vs_worst"] >= 0).all() and table["waste_bytes_saved_vs_worst"].min() == 0
     assert "allocator_config" not in table.columns

@@ -22,8 +22,16 @@ BPT = SPEC.bytes_per_token
 STEP_NS = 1_000_000
 
 
-def make_requests(count: int, seed: int = 0, *, n_max: int = 1, shared_prefix: int = 0, max_prompt: int = 40,
-                  max_output: int = 24, rate: float = 400.0):
+def make_requests(
+    count: int,
+    seed: int = 0,
+    *,
+    n_max: int = 1,
+    shared_prefix: int = 0,
+    max_prompt: int = 40,
+    max_output: int = 24,
+    rate: float = 400.0,
+):
     from kvscope.workload import Request, SharedPrefix
 
     rng = np.random.default_rng(seed)
@@ -57,9 +65,19 @@ def make_allocator(kind: str, rec: Recorder, capacity: int, **opts):
     raise ValueError(kind)
 
 
-def run_engine(kind: str, requests, *, capacity: int = 64 * 1024, max_len: int = 96, max_batch: int = 8,
-               max_tokens: int = 256, preemption: str = "recompute", chunked: bool = False, max_steps: int = 5000,
-               **alloc_opts) -> Trace:
+def run_engine(
+    kind: str,
+    requests,
+    *,
+    capacity: int = 64 * 1024,
+    max_len: int = 96,
+    max_batch: int = 8,
+    max_tokens: int = 256,
+    preemption: str = "recompute",
+    chunked: bool = False,
+    max_steps: int = 5000,
+    **alloc_opts,
+) -> Trace:
     """Run `requests` through the scheduler and a real allocator; return the in-memory trace."""
     from kvscope.engine.scheduler import Scheduler, SchedulerConfig
 
@@ -69,8 +87,13 @@ def run_engine(kind: str, requests, *, capacity: int = 64 * 1024, max_len: int =
     if kind == "vmm":
         alloc_opts.setdefault("max_batch", max_batch)
     alloc = make_allocator(kind, rec, capacity, **alloc_opts)
-    cfg = SchedulerConfig(max_len=max_len, max_batch=max_batch, max_tokens_per_step=max_tokens,
-                          chunked_prefill=chunked, preemption=preemption)
+    cfg = SchedulerConfig(
+        max_len=max_len,
+        max_batch=max_batch,
+        max_tokens_per_step=max_tokens,
+        chunked_prefill=chunked,
+        preemption=preemption,
+    )
     sched = Scheduler(requests, alloc, rec, cfg)
     rec.meta.update(
         allocator=kind,
@@ -116,8 +139,9 @@ def run_engine(kind: str, requests, *, capacity: int = 64 * 1024, max_len: int =
 class Script:
     """Hand-written events: `at(step)` sets the step, `emit` records, `acct(**usage)` writes one step's books."""
 
-    def __init__(self, allocator: str, config: dict, requests: list[tuple[int, int]] | None = None, *,
-                 simulated: bool = True) -> None:
+    def __init__(
+        self, allocator: str, config: dict, requests: list[tuple[int, int]] | None = None, *, simulated: bool = True
+    ) -> None:
         self.simulated = simulated
         meta = {
             "allocator": allocator,
@@ -151,8 +175,17 @@ class Script:
         self.rec.emit(Kind.STEP_DECODE, n=decode)
         self.clock += STEP_NS
         self.rec.emit(Kind.STEP, n=batch, dur_ns=1000, aux=self.clock if self.simulated else -1)
-        fields = ["capacity", "reserved", "used", "logical", "internal", "reservation", "mapped_idle",
-                  "cached_idle", "free"]
+        fields = [
+            "capacity",
+            "reserved",
+            "used",
+            "logical",
+            "internal",
+            "reservation",
+            "mapped_idle",
+            "cached_idle",
+            "free",
+        ]
         from kvscope.events import ACCT_FIELDS
 
         for kind, name in ACCT_FIELDS.items():
@@ -268,18 +301,40 @@ def scenario_fork() -> Trace:
     s.emit(Kind.APPEND, seq=0, n=5, aux=5)
     s.emit(Kind.ADMIT, seq=1, n=3, aux=0).emit(Kind.BLOCK_ALLOC, seq=1, block=2, addr=0)
     s.emit(Kind.APPEND, seq=1, n=3, aux=3)
-    s.step_end(batch=2, prefill=8, capacity=CAP, reserved=3 * BLOCK, used=8 * BPT, logical=8 * BPT,
-               internal=3 * BLOCK - 8 * BPT, free=5 * BLOCK)
+    s.step_end(
+        batch=2,
+        prefill=8,
+        capacity=CAP,
+        reserved=3 * BLOCK,
+        used=8 * BPT,
+        logical=8 * BPT,
+        internal=3 * BLOCK - 8 * BPT,
+        free=5 * BLOCK,
+    )
     s.at(1).emit(Kind.APPEND, seq=0, n=1, aux=6).emit(Kind.APPEND, seq=1, n=1, aux=4)
     s.emit(Kind.FINISH, seq=1, n=4).emit(Kind.BLOCK_FREE, seq=1, block=2, aux=0)
     s.emit(Kind.FORK, seq=2, n=6, aux=0)
     s.emit(Kind.BLOCK_SHARE, seq=2, block=0, addr=0, aux=2).emit(Kind.BLOCK_SHARE, seq=2, block=1, addr=1, aux=2)
-    s.step_end(batch=2, decode=2, capacity=CAP, reserved=2 * BLOCK, used=6 * BPT, logical=12 * BPT,
-               internal=2 * BLOCK - 6 * BPT, free=6 * BLOCK)
-    s.at(2).emit(Kind.BLOCK_COW, seq=0, block=3, addr=1, aux=1, bytes=BLOCK).emit(Kind.BLOCK_FREE, seq=0, block=1, aux=1)
+    s.step_end(
+        batch=2,
+        decode=2,
+        capacity=CAP,
+        reserved=2 * BLOCK,
+        used=6 * BPT,
+        logical=12 * BPT,
+        internal=2 * BLOCK - 6 * BPT,
+        free=6 * BLOCK,
+    )
+    s.at(2).emit(Kind.BLOCK_COW, seq=0, block=3, addr=1, aux=1, bytes=BLOCK).emit(
+        Kind.BLOCK_FREE, seq=0, block=1, aux=1
+    )
     s.emit(Kind.APPEND, seq=0, n=1, aux=7).emit(Kind.APPEND, seq=2, n=1, aux=7)
-    s.emit(Kind.FINISH, seq=0, n=7).emit(Kind.BLOCK_FREE, seq=0, block=3, aux=0).emit(Kind.BLOCK_FREE, seq=0, block=0, aux=1)
-    s.emit(Kind.FINISH, seq=2, n=7).emit(Kind.BLOCK_FREE, seq=2, block=1, aux=0).emit(Kind.BLOCK_FREE, seq=2, block=0, aux=0)
+    s.emit(Kind.FINISH, seq=0, n=7).emit(Kind.BLOCK_FREE, seq=0, block=3, aux=0).emit(
+        Kind.BLOCK_FREE, seq=0, block=0, aux=1
+    )
+    s.emit(Kind.FINISH, seq=2, n=7).emit(Kind.BLOCK_FREE, seq=2, block=1, aux=0).emit(
+        Kind.BLOCK_FREE, seq=2, block=0, aux=0
+    )
     s.step_end(batch=2, decode=2, capacity=CAP, free=8 * BLOCK)
     return s.trace()
 
@@ -298,19 +353,44 @@ def scenario_prefix() -> Trace:
     s.emit(Kind.BLOCK_ALLOC, seq=0, block=0, addr=0).emit(Kind.BLOCK_CACHE, seq=0, block=0, aux=100)
     s.emit(Kind.BLOCK_ALLOC, seq=0, block=1, addr=1).emit(Kind.BLOCK_CACHE, seq=0, block=1, aux=101)
     s.emit(Kind.BLOCK_ALLOC, seq=0, block=2, addr=2).emit(Kind.APPEND, seq=0, n=9, aux=9)
-    s.step_end(batch=1, prefill=9, capacity=CAP, reserved=3 * BLOCK, used=9 * BPT, logical=9 * BPT,
-               internal=3 * BLOCK - 9 * BPT, free=5 * BLOCK)
+    s.step_end(
+        batch=1,
+        prefill=9,
+        capacity=CAP,
+        reserved=3 * BLOCK,
+        used=9 * BPT,
+        logical=9 * BPT,
+        internal=3 * BLOCK - 9 * BPT,
+        free=5 * BLOCK,
+    )
     s.at(1).emit(Kind.APPEND, seq=0, n=1, aux=10).emit(Kind.ARRIVE, seq=1, n=10, aux=2)
     s.emit(Kind.BLOCK_SHARE, seq=1, block=0, addr=0, aux=2).emit(Kind.BLOCK_SHARE, seq=1, block=1, addr=1, aux=2)
     s.emit(Kind.PREFIX_HIT, seq=1, n=8).emit(Kind.ADMIT, seq=1, n=10, aux=8)
     s.emit(Kind.BLOCK_ALLOC, seq=1, block=3, addr=2).emit(Kind.APPEND, seq=1, n=2, aux=10)
-    s.step_end(batch=2, prefill=2, decode=1, capacity=CAP, reserved=4 * BLOCK, used=12 * BPT, logical=20 * BPT,
-               internal=4 * BLOCK - 12 * BPT, free=4 * BLOCK)
+    s.step_end(
+        batch=2,
+        prefill=2,
+        decode=1,
+        capacity=CAP,
+        reserved=4 * BLOCK,
+        used=12 * BPT,
+        logical=20 * BPT,
+        internal=4 * BLOCK - 12 * BPT,
+        free=4 * BLOCK,
+    )
     s.at(2).emit(Kind.PREEMPT, seq=1, n=10, aux=0)
     s.emit(Kind.BLOCK_FREE, seq=1, block=3, aux=0).emit(Kind.BLOCK_FREE, seq=1, block=1, aux=1)
     s.emit(Kind.BLOCK_FREE, seq=1, block=0, aux=1).emit(Kind.APPEND, seq=0, n=1, aux=11)
-    s.step_end(batch=1, decode=1, capacity=CAP, reserved=3 * BLOCK, used=11 * BPT, logical=11 * BPT,
-               internal=3 * BLOCK - 11 * BPT, free=5 * BLOCK)
+    s.step_end(
+        batch=1,
+        decode=1,
+        capacity=CAP,
+        reserved=3 * BLOCK,
+        used=11 * BPT,
+        logical=11 * BPT,
+        internal=3 * BLOCK - 11 * BPT,
+        free=5 * BLOCK,
+    )
     s.at(3).emit(Kind.APPEND, seq=0, n=1, aux=12).emit(Kind.BLOCK_CACHE, seq=0, block=2, aux=102)
     s.emit(Kind.FINISH, seq=0, n=12)
     for b in (2, 1, 0):
@@ -342,7 +422,15 @@ def write_trace_file(trace: Trace, path, *, flush_events: int = 64, close: bool 
     rec = Recorder(path, trace.meta, flush_events=flush_events)
     for row in trace.events.itertuples(index=False):
         rec.step = int(row.step)
-        rec.emit(KIND_BY_NAME[str(row.kind)], seq=int(row.seq), block=int(row.block), n=int(row.n),
-                 bytes=int(row.bytes), addr=int(row.addr), aux=int(row.aux), dur_ns=int(row.dur_ns))
+        rec.emit(
+            KIND_BY_NAME[str(row.kind)],
+            seq=int(row.seq),
+            block=int(row.block),
+            n=int(row.n),
+            bytes=int(row.bytes),
+            addr=int(row.addr),
+            aux=int(row.aux),
+            dur_ns=int(row.dur_ns),
+        )
     if close:
         rec.abort()  # the events already end with RUN_END when the source trace had one

@@ -129,12 +129,12 @@ def test_focus_selector_switches_the_trace(app, traces):
     at = app.run()
     box = at.sidebar.selectbox[0]
     assert [o.split(" ")[0] for o in box.options] == ["paged", "vmm", "static"]
-    # AppTest drops sidebar elements from its tree on reruns under st.navigation (the browser test clicks the real
-    # one), so the choice is made through the widget's session-state key, as a click would set it.
-    at.session_state["kvscope_focus_select"] = f"path:{traces['vmm'].resolve()}"
+    box.select_index(1).run()
+    assert at.sidebar.selectbox[0].value == f"path:{traces['vmm'].resolve()}"
     at.switch_page("views/fragmentation.py").run()
     assert not at.exception
     assert at.caption[0].value.startswith("vmm")
+    assert len(at.sidebar.file_uploader) == 1  # the sidebar is drawn on every page
 
 
 def test_events_filters(app):
@@ -261,3 +261,11 @@ def test_dashboard_refuses_bad_paths_and_ports(tmp_path):
         dashboard_cmd.run(_dashboard_args(str(tmp_path / "missing.kvtrace")))
     with pytest.raises(UserError, match="--port"):
         dashboard_cmd.run(_dashboard_args("--port", "70000"))
+
+
+def test_pages_show_no_warnings_on_complete_traces(app):
+    at = app.run()
+    for page in PAGES:
+        if page != PAGES[0]:
+            at.switch_page(page).run()
+        assert not at.warning, f"{page}: {[w.value for w in at.warning]}"

@@ -101,6 +101,16 @@ def test_decode_writes_into_out_and_gives_zeros_for_empty_sequences(device):
     _assert_close(out, ref, F32)
 
 
+def test_underestimated_max_seq_len_still_attends_to_every_token(device):
+    gen = torch.Generator().manual_seed(9)
+    kv = random_paged_kv([90, 30], 1, 16, 16, F32, device, generator=gen)
+    q = torch.randn(2, 2, 16, generator=gen).to(device)
+    config = DecodeConfig(block_n=16, num_splits=2)
+    out = paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, max_seq_len=40, config=config)
+    ref = reference.paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens)
+    _assert_close(out, ref, F32)
+
+
 def test_scale_is_applied(device):
     gen = torch.Generator().manual_seed(5)
     kv = random_paged_kv([19], 2, 16, 16, F32, device, generator=gen)

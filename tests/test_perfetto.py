@@ -49,8 +49,9 @@ def check_structure(events: list[dict]) -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def paged_trace():
-    return record("paged", make_requests(25, seed=7, n_max=2, shared_prefix=16), prefix_caching=True,
-                  kv_memory=16 * 1024)
+    return record(
+        "paged", make_requests(25, seed=7, n_max=2, shared_prefix=16), prefix_caching=True, kv_memory=16 * 1024
+    )
 
 
 def test_paged_export_structure(paged_trace, tmp_path):
@@ -58,19 +59,21 @@ def test_paged_export_structure(paged_trace, tmp_path):
     result = export_perfetto(paged_trace, out)
     doc = json.loads(out.read_text())
     events = doc["traceEvents"]
-    assert result["events"] == len(events) and doc["metadata"]["allocator"] == "paged"
+    assert result["events"] == len(events)
+    assert doc["otherData"]["allocator"] == "paged" and all(isinstance(v, str) for v in doc["otherData"].values())
     counters = check_structure(events)
     assert {"KV memory", "KV totals", "throughput", "batch", "requests"} <= set(counters)
 
     tl = memory_timeline(paged_trace)
     mem = counters["KV memory"]
     assert len(mem) == len(tl)
-    for ev, cap in zip(mem, tl["capacity"]):
+    for ev, cap in zip(mem, tl["capacity"], strict=True):
         assert sum(ev["args"].values()) == cap  # the bands stack up to the capacity
     assert max(e["args"]["reserved"] for e in counters["KV totals"]) == summarize(paged_trace)["peak_reserved_bytes"]
 
     names = {(e["name"], e["args"].get("name")) for e in events if e["ph"] == "M"}
-    assert ("process_name", "paged b16: KV memory and engine") in names
+    pool = "paged b16: KV pool 16 KiB (2 blocks of 16 tokens) and engine"  # tiny model: 8 KiB per block
+    assert ("process_name", pool) in names
     assert ("process_name", "paged b16: requests") in names
     assert ("thread_name", "engine steps") in names
 
@@ -91,8 +94,14 @@ def test_vmm_export_has_driver_slices():
     check_structure(events)
     driver = [e for e in events if e["ph"] == "X" and e["cat"] == "driver"]
     assert len(driver) == len(driver_calls(trace)) > 0
-    assert {e["name"] for e in driver} <= {"vmm_reserve", "page_create", "page_map", "page_access", "page_unmap",
-                                           "page_release"}
+    assert {e["name"] for e in driver} <= {
+        "vmm_reserve",
+        "page_create",
+        "page_map",
+        "page_access",
+        "page_unmap",
+        "page_release",
+    }
 
 
 def test_caps_sample_and_aggregate(paged_trace):

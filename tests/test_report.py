@@ -209,7 +209,8 @@ def test_write_report_refuses_no_traces(tmp_path):
 
 # ---- size ----------------------------------------------------------------------------------------------------------
 def test_report_size_stays_bounded_for_a_long_run():
-    """~2,000 requests (a few hundred thousand events): the figures add a bounded amount over plotly.js."""
+    """~2,000 requests (a few hundred thousand events): the figures add a bounded amount over plotly.js.
+    (Measured by hand: 20,000 requests, 3.0 M events -> a 6.7 MB report, 1.9 MB of it figures.)"""
     from plotly.offline import get_plotlyjs
 
     from kvscope.report import build_report

@@ -132,14 +132,15 @@ def test_hostile_strings_show_as_text(report_file):
 
 
 def take_screenshot(report: Path, out: Path = SCREENSHOT) -> Path:
-    """The top of the report (header, summary, memory chart) as a PNG for the README."""
+    """The first run's memory chart and fragmentation map, as a PNG for the README."""
     from playwright.sync_api import sync_playwright
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = launch(p)
         try:
-            page, _ = open_report(browser, report, width=1400, height=1500)
+            page, _ = open_report(browser, report, width=1400, height=1100)
+            page.eval_on_selector("h3[id$='-memory-title']", "el => el.scrollIntoView()")
             page.screenshot(path=str(out), full_page=False)
         finally:
             browser.close()

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from kvscope.viz import (
     STATE_COLORS,
+    Metric,
     block_grid_figure,
     comparison_figure,
     driver_latency_figure,
@@ -458,3 +459,11 @@ def test_forked_samples_sit_under_their_request():
     assert [s for s, _ in sorted(rows.items(), key=lambda kv: kv[1])] == [0, 1, 4, 5, 2]
     assert "4 requests, 6 sequences" in fig.layout.title.text
     assert "parent seq" in running.hovertemplate
+
+
+def test_comparison_leaves_out_panels_where_every_run_is_zero():
+    runs = pd.DataFrame({"label": ["a", "b"], "peak_reserved_bytes": [1, 2], "prefix_hit_tokens": [0, 0]})
+    fig = comparison_figure(runs)
+    assert [a.text for a in fig.layout.annotations] == ["peak KV reserved (B)"]
+    asked = comparison_figure(runs, metrics=[Metric("prefix_hit_tokens", "prefix hits", "tokens")])
+    assert [a.text for a in asked.layout.annotations] == ["prefix hits (tokens)"]

@@ -18,10 +18,10 @@ seen = st.session_state.get("overview_seen", set())
 if "overview_runs" in st.session_state:
     kept = [k for k in st.session_state["overview_runs"] if k in titles]
     st.session_state["overview_runs"] = kept + [k for k in titles if k not in seen and k not in kept]
+else:
+    st.session_state["overview_runs"] = list(titles)
 st.session_state["overview_seen"] = set(titles)
-chosen_keys = st.multiselect(
-    "Runs to compare", list(titles), default=list(titles), format_func=titles.__getitem__, key="overview_runs"
-)
+chosen_keys = st.multiselect("Runs to compare", list(titles), format_func=titles.__getitem__, key="overview_runs")
 chosen = [lt for lt in traces if lt.key in chosen_keys]
 if not chosen:
     st.info("Pick at least one run above.")

@@ -11,6 +11,7 @@ Which events move which state is written next to each handler; the column meanin
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,20 @@ _HELD_KINDS = (Kind.APPEND, Kind.FORK, Kind.PREFIX_HIT, Kind.PREEMPT, Kind.FINIS
 A_APPEND, A_FORK, A_HIT, A_PREEMPT, A_FINISH, A_REJECT, A_ARRIVE = (int(k) for k in _HELD_KINDS)
 
 
+class Events:
+    """The relevant events as numpy columns (code, seq, block, n, addr, aux); rows(lo, hi) iterates Python tuples.
+    Kept as arrays (48 bytes an event) rather than a list of tuples (several times more) for million-event traces."""
+
+    def __init__(self, *columns: np.ndarray) -> None:
+        self.columns = [np.asarray(c, dtype=np.int64) for c in columns]
+
+    def __len__(self) -> int:
+        return len(self.columns[0])
+
+    def rows(self, lo: int, hi: int):
+        return zip(*(c[lo:hi].tolist() for c in self.columns), strict=True)
+
+
 class Replay:
     """State of one allocator's units, moved forward event by event."""
 
@@ -47,16 +62,16 @@ class Replay:
     def _held_event(self, code: int, seq: int, n: int, aux: int) -> None:
         if code == A_APPEND:
             self.held[seq] = aux
-        elif code == A_FORK or code == A_HIT:  # a fork starts with n tokens; an admit with its n prefix hits
+        elif code in (A_FORK, A_HIT):  # a fork starts with n tokens; an admit with its n prefix hits
             self.held[seq] = n
         elif code == A_PREEMPT:
             if aux != 1:  # recompute drops the tokens; a swapped-out sequence keeps them (on the CPU)
                 self.held.pop(seq, None)
-        elif code == A_FINISH or code == A_REJECT:
+        elif code in (A_FINISH, A_REJECT):
             self.held.pop(seq, None)
 
     # ---- to implement ----------------------------------------------------------------------------------------
-    def apply(self, ev: list[tuple], lo: int, hi: int) -> None:
+    def apply(self, ev: Events, lo: int, hi: int) -> None:
         raise NotImplementedError
 
     def snapshot(self) -> Any:
@@ -120,14 +135,14 @@ class PagedReplay(Replay):
             lst.extend([v] * extra)
         self.n = b + 1
 
-    def apply(self, ev: list[tuple], lo: int, hi: int) -> None:
+    def apply(self, ev: Events, lo: int, hi: int) -> None:
         ALLOC, SHARE, FREE, COW, CACHE, EVICT = (int(k) for k in self.kinds[:6])
         ref, owner, index, hashed, multi = self.ref, self.owner, self.index, self.hashed, self.multi
-        for code, seq, b, n, addr, aux in ev[lo:hi]:
+        for code, seq, b, n, addr, aux in ev.rows(lo, hi):
             if b >= self.n:
                 self._grow(b)
                 ref, owner, index, hashed = self.ref, self.owner, self.index, self.hashed
-            if code == ALLOC or code == COW:
+            if code in (ALLOC, COW):
                 # A fresh block (COW: the writer's private copy; the source loses the writer by a BLOCK_FREE).
                 ref[b] = 1
                 owner[b] = seq
@@ -210,7 +225,7 @@ class PagedReplay(Replay):
         multi = self.multi
         seqs[active] = [
             ",".join(map(str, multi[b])) if b in multi else str(o)
-            for b, o in zip(active.tolist(), owner[active].tolist())
+            for b, o in zip(active.tolist(), owner[active].tolist(), strict=True)
         ]
         hash_col = np.where(hashed, np.array(self.hash, np.int64), 0)
         return _frame(
@@ -274,10 +289,10 @@ class VMMReplay(Replay):
             lst.extend([v] * extra)
         self.n = p + 1
 
-    def apply(self, ev: list[tuple], lo: int, hi: int) -> None:
+    def apply(self, ev: Events, lo: int, hi: int) -> None:
         CREATE, MAP, UNMAP, RELEASE, SALLOC, SFREE, RECLAIM = (int(k) for k in self.kinds[:7])
         owner = self.slot_owner
-        for code, seq, p, n, addr, aux in ev[lo:hi]:
+        for code, seq, p, n, addr, aux in ev.rows(lo, hi):
             if p >= self.n:
                 self._grow(p)
             if code == MAP:
@@ -293,7 +308,7 @@ class VMMReplay(Replay):
             elif code == RELEASE:
                 self.live[p] = False
                 self.slot[p] = -1
-            elif code == SALLOC or code == RECLAIM:
+            elif code in (SALLOC, RECLAIM):
                 owner[addr] = seq
             elif code == SFREE:
                 if owner.get(addr) == seq:
@@ -371,10 +386,10 @@ class StaticReplay(Replay):
         self.resv: dict[int, tuple[int, int]] = {}  # seq -> (first row, rows)
         self.final: dict[int, int] = {}  # seq -> final length (P + O - 1)
 
-    def apply(self, ev: list[tuple], lo: int, hi: int) -> None:
+    def apply(self, ev: Events, lo: int, hi: int) -> None:
         RESERVE, RELEASE = int(Kind.STATIC_RESERVE), int(Kind.STATIC_RELEASE)
         resv, final = self.resv, self.final
-        for code, seq, _b, n, addr, aux in ev[lo:hi]:
+        for code, seq, _b, n, addr, aux in ev.rows(lo, hi):
             if code == RESERVE:
                 resv[seq] = (addr, n)
             elif code == RELEASE:
@@ -474,9 +489,7 @@ def replay_class(trace) -> type[Replay]:
     for name, kinds in (("paged", (Kind.BLOCK_ALLOC,)), ("vmm", (Kind.PAGE_MAP,)), ("static", (Kind.STATIC_RESERVE,))):
         if mask(trace, *kinds).any():
             return REPLAYS[name]
-    raise ValueError(
-        f"trace {trace.name!r}: unknown allocator {alloc!r} and no block, page or arena events to replay"
-    )
+    raise ValueError(f"trace {trace.name!r}: unknown allocator {alloc!r} and no block, page or arena events to replay")
 
 
 # ---- checkpointed timeline ----------------------------------------------------------------------------------
@@ -488,9 +501,9 @@ class Timeline:
         self.cls = replay_class(trace)
         rel = mask(trace, *self.cls.kinds)
         self.positions = np.flatnonzero(rel)  # row positions of the relevant events
-        codes = kind_codes(trace)[rel].tolist()
-        cols = [column(trace, c)[rel].tolist() for c in ("seq", "block", "n", "addr", "aux")]
-        self.events: list[tuple] = list(zip(codes, *cols))
+        self.events = Events(
+            kind_codes(trace)[rel], *(column(trace, c)[rel] for c in ("seq", "block", "n", "addr", "aux"))
+        )
         self.live = self.cls(trace)
         units = max(getattr(self.live, "n", 0), getattr(self.live, "rows", 0) // 16, 1)
         per_snapshot = 32 * units
@@ -499,6 +512,8 @@ class Timeline:
         self.interval = max(MIN_INTERVAL, n_events // MAX_CHECKPOINTS + 1, by_memory)
         self.live_at = 0
         self.checkpoints: dict[int, Any] = {0: self.live.snapshot()}
+        # The live replay moves; a dashboard may ask from several threads at once.
+        self._lock = threading.RLock()
 
     def index_of_step(self, step: int) -> int:
         """Relevant events [0, i) make the state at the end of `step`."""
@@ -514,6 +529,10 @@ class Timeline:
 
     def at(self, index: int, use: Callable[[Replay], Any]) -> Any:
         """use(replay positioned after `index` relevant events)."""
+        with self._lock:
+            return self._at(index, use)
+
+    def _at(self, index: int, use: Callable[[Replay], Any]) -> Any:
         if index >= self.live_at:
             self._advance(index)
             return use(self.live)
@@ -528,6 +547,10 @@ class Timeline:
 
     def scan(self, indices: list[int], use: Callable[[Replay], Any]) -> list[Any]:
         """[use(replay after i events) for i in indices] (ascending), in one forward pass."""
+        with self._lock:
+            return self._scan(indices, use)
+
+    def _scan(self, indices: list[int], use: Callable[[Replay], Any]) -> list[Any]:
         if not indices:
             return []
         if indices[0] >= self.live_at:

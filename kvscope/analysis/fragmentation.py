@@ -90,7 +90,7 @@ def state_matrix(trace, max_units: int = 256, max_steps: int = 200) -> pd.DataFr
         c[:m] = codes[:m]
         return np.bincount(unit_bin_of * n_states + c, minlength=n_ubins * n_states).reshape(n_ubins, n_states)
 
-    for b, hist in zip(sample_bin, tl.scan(indices, lambda replay: accumulate(replay.codes()))):
+    for b, hist in zip(sample_bin, tl.scan(indices, lambda replay: accumulate(replay.codes())), strict=True):
         counts[b] += hist
     samples_per_bin = np.bincount(np.array(sample_bin), minlength=len(step_chunks)).astype(np.float64)
     sizes = np.diff(unit_edges).astype(np.float64)
@@ -120,4 +120,3 @@ def _empty(states: list[str]) -> pd.DataFrame:
     frame["state"] = pd.Categorical([], categories=states)
     frame["fraction"] = frame["fraction"].astype("float64")
     return frame
-

@@ -67,7 +67,7 @@ def generated_tokens(trace) -> int:
 
 def _build(trace) -> pd.DataFrame:
     clock = step_clock(trace)
-    t_of_step = dict(zip(clock["step"].tolist(), clock["t_s"].tolist()))
+    t_of_step = dict(zip(clock["step"].tolist(), clock["t_s"].tolist(), strict=True))
     life = select(
         trace,
         Kind.ARRIVE,
@@ -141,7 +141,11 @@ def _build(trace) -> pd.DataFrame:
     reached = held[(held["prompt_len"] >= 0) & (held["held"] >= held["prompt_len"]) & (held["held"] > 0)]
     frame["first_token_step"] = _steps(reached.groupby("seq")["step"].min(), frame)
     frame["finish_step"] = _steps(first(Kind.FINISH, "step"), frame)
-    for step_col, t_col in (("admit_step", "admit_s"), ("first_token_step", "first_token_s"), ("finish_step", "finish_s")):
+    for step_col, t_col in (
+        ("admit_step", "admit_s"),
+        ("first_token_step", "first_token_s"),
+        ("finish_step", "finish_s"),
+    ):
         frame[t_col] = [t_of_step.get(s, np.nan) if s >= 0 else np.nan for s in frame[step_col].tolist()]
     frame["preemptions"] = _counts(by_seq(Kind.PREEMPT), frame)
     frame["swaps"] = _counts(by_seq(Kind.SWAP_OUT), frame)
@@ -169,7 +173,7 @@ def first_admission_hits(life: pd.DataFrame) -> pd.Series:
 
 
 def _roots(seqs: np.ndarray, parent: np.ndarray) -> np.ndarray:
-    parent_of = dict(zip(seqs.tolist(), parent.tolist()))
+    parent_of = dict(zip(seqs.tolist(), parent.tolist(), strict=True))
     roots = []
     for s in seqs.tolist():
         r, hops = s, 0

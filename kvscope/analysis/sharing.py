@@ -71,8 +71,8 @@ def fork_tree(trace) -> pd.DataFrame:
         frame["t_s"] = frame["t_s"].astype("float64")
         return frame
     clock = step_clock(trace)
-    t_of = dict(zip(clock["step"].tolist(), clock["t_s"].tolist()))
-    parent_of = dict(zip(forks["seq"].tolist(), forks["aux"].tolist()))
+    t_of = dict(zip(clock["step"].tolist(), clock["t_s"].tolist(), strict=True))
+    parent_of = dict(zip(forks["seq"].tolist(), forks["aux"].tolist(), strict=True))
     roots, depths = [], []
     for child in forks["seq"].tolist():
         node, depth = child, 0
@@ -137,6 +137,7 @@ def _prefix_pass(trace) -> _PrefixPass:
             kind_codes(trace)[m].tolist(),
             column(trace, "step")[m].tolist(),
             *(column(trace, c)[m].tolist() for c in ("seq", "block", "n", "addr", "aux")),
+            strict=True,
         )
         ALLOC, SHARE, COW, FREE, CACHE, EVICT, HIT, PREEMPT = (int(k) for k in kinds)
         table: dict[int, dict[int, int]] = {}  # seq -> index -> block
@@ -149,7 +150,7 @@ def _prefix_pass(trace) -> _PrefixPass:
         hits_readmit: dict[int, int] = {}
         cached_blocks = peak = 0
         for code, step, seq, b, n, addr, aux in rows:
-            if code == ALLOC or code == SHARE or code == COW:
+            if code in (ALLOC, SHARE, COW):
                 table.setdefault(seq, {})[addr] = b
                 where.setdefault(seq, {})[b] = addr
                 if code != SHARE and b in block_node:  # a fresh block carries no hash any more

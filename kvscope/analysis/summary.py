@@ -141,9 +141,11 @@ def _finished_requests(lt, meta) -> np.ndarray:
     if lt.empty:
         return np.zeros(0, np.int64)
     status = lt["status"].astype(str)
-    fam = pd.DataFrame(
-        {"done": (status == "finished").astype("int64"), "rejected": status == "rejected", "size": 1}
-    ).groupby(lt["root"].to_numpy()).agg({"done": "sum", "rejected": "any", "size": "sum"})
+    fam = (
+        pd.DataFrame({"done": (status == "finished").astype("int64"), "rejected": status == "rejected", "size": 1})
+        .groupby(lt["root"].to_numpy())
+        .agg({"done": "sum", "rejected": "any", "size": "sum"})
+    )
     want = fam["size"]
     if len(meta) and "n" in meta.columns:
         n = pd.to_numeric(meta.set_index("seq")["n"], errors="coerce").reindex(fam.index)

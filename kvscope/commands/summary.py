@@ -25,9 +25,11 @@ def run(args: argparse.Namespace) -> int:
         payload = summaries[0] if len(summaries) == 1 else summaries
         print(json.dumps(payload, indent=2, allow_nan=False, default=_json_default))
         return 0
+    from pathlib import Path
+
     from rich.console import Console
 
-    Console(file=sys.stdout).print(summary_table(summaries, [str(p) for p in args.traces]))
+    Console(file=sys.stdout).print(summary_table(summaries, [Path(p).name for p in args.traces]))
     return 0
 
 
@@ -59,7 +61,7 @@ def _json_default(value):
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-# (key, label, how to show it); None rows are section rules.
+# (key, label, how to show it); None rows are section rules. The HTML report shows the same rows (kvscope.report).
 _ROWS: list[tuple[str, str, str] | None] = [
     ("label", "run", "str"),
     ("device", "device", "device"),

@@ -39,6 +39,14 @@ METRICS: list[Metric] = [
 ]
 
 
+def _worth_a_panel(column: pd.Series, explicit: list[Metric] | None) -> bool:
+    """A default panel needs a non-zero value somewhere (no empty 'prefix-cache hits' panel when no run caches);
+    a metric asked for by name is drawn whenever it has a number."""
+    values = numeric(column)
+    finite = values[np.isfinite(values)]
+    return finite.size > 0 and (explicit is not None or bool(np.any(finite != 0)))
+
+
 def comparison_figure(
     runs: pd.DataFrame, *, metrics: list[Metric] | None = None, title: str = TITLE, cols: int = 3
 ) -> go.Figure:
@@ -47,9 +55,7 @@ def comparison_figure(
     _require(runs, ["label"], "run comparison")
     if runs.empty:
         return empty_figure(title, "no runs to compare")
-    chosen = [
-        m for m in (metrics or METRICS) if m.column in runs.columns and np.isfinite(numeric(runs[m.column])).any()
-    ]
+    chosen = [m for m in (metrics or METRICS) if m.column in runs.columns and _worth_a_panel(runs[m.column], metrics)]
     if not chosen:
         return empty_figure(title, "the runs have no summary figures in common")
     labels = [esc(truncate(str(v), 40)) for v in runs["label"]]
@@ -67,8 +73,10 @@ def comparison_figure(
         else:
             scaled.append((values, m.unit, "%{y:,.4g} " + m.unit))
         panel_titles.append(f"{m.title} ({scaled[-1][1]})")
+    height = 230 * rows + 110
+    # ~80 px between rows whatever the number of rows (plotly takes the gap as a fraction of the height).
     fig = make_subplots(
-        rows=rows, cols=cols, subplot_titles=panel_titles, vertical_spacing=0.16, horizontal_spacing=0.08
+        rows=rows, cols=cols, subplot_titles=panel_titles, vertical_spacing=80 / height, horizontal_spacing=0.08
     )
     colors = [series_color(i) for i in range(len(labels))]
     for i, (values, _unit, fmt) in enumerate(scaled):
@@ -93,5 +101,5 @@ def comparison_figure(
                 x=[None], y=[None], mode="markers", name=label, marker=dict(symbol="square", size=12, color=color)
             )
         )
-    base_layout(fig, title, height=260 * rows + 120, hovermode="closest", legend=dict(title=dict(text="run")))
+    base_layout(fig, title, height=height, hovermode="closest", legend=dict(title=dict(text="run")))
     return fig
