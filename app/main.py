@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import streamlit as st
-
 from kvscope.app import state
 
 HERE = Path(__file__).resolve().parent

@@ -18,8 +18,8 @@ from typing import Any
 
 import pandas as pd
 import streamlit as st
-
 from kvscope.app.sources import TRACE_SUFFIX, startup_trace_paths
+
 from kvscope.trace import Trace, TraceError, TruncatedTraceWarning, load_trace
 
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024  # matches --server.maxUploadSize that `kvscope dashboard` passes

@@ -173,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.requests, args.layers, args.kv_memory, args.max_len, args.max_batch = 48, 2, "512MiB", 1024, 64
-    if args.device == "cpu":  # no GPU: the tiny model, reference kernels, host pages
-        args.model, args.layers, args.kv_memory, args.page_size = "tiny", None, "256KiB", "4KiB"
-        args.requests, args.max_len, args.max_batch = min(args.requests, 12), 512, 16
+    if args.device == "cpu":  # no GPU: the tiny model, reference kernels, host pages, one thread for tiny tensors
+        args.model, args.layers, args.kv_memory, args.page_size = "tiny", None, "1MiB", "4KiB"
+        args.workload, args.requests, args.max_len, args.max_batch = "alpaca", min(args.requests, 8), 256, 8
+        import torch
+
+        torch.set_num_threads(1)
 
     from kvscope.cudainfo import probe, versions
     from kvscope.units import parse_size

@@ -9,7 +9,8 @@ Contiguous (static, VMM): k_buf, v_buf [num_rows, kv_heads, head_dim], sequence 
     copy_blocks                                              copy-on-write and swap of whole blocks
 
 On CUDA tensors the kernels run compiled; on CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1 set before
-this package is imported; see `INTERPRETED` and `kernels_available(device)`). `kvscope.kernels.reference` has the same functions in plain torch.
+this package is imported; see `INTERPRETED` and `kernels_available(device)`). `kvscope.kernels.reference` has the same
+functions in plain torch.
 """
 
 from __future__ import annotations

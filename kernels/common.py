@@ -73,6 +73,7 @@ def _check_tile(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a power of two >= 16, got {value}")
 
 
+@functools.lru_cache(maxsize=64)
 def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
     """Tile heuristic: 16 KiB of K (and as much V) per iteration for 16-bit dtypes, checked spill-free on sm90 by
     `python -m kvscope.kernels.compile_check`."""
@@ -86,6 +87,7 @@ def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
     return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3)
 
 
+@functools.lru_cache(maxsize=64)
 def default_prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
     """Tile heuristic after Triton's fused-attention tutorial (Hopper, d=128: 128x64 tiles, 8 warps, 3 stages)."""
     if INTERPRETED:
@@ -148,6 +150,11 @@ def cdiv(a: int, b: int) -> int:
 
 def dot_args(dtype: torch.dtype) -> dict[str, object]:
     """The DOT_PRECISION / UPCAST_DOT constexprs of the attention kernels for inputs of `dtype`."""
+    return _dot_args(dtype).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _dot_args(dtype: torch.dtype) -> dict[str, object]:
     return {
         # fp32 inputs must not silently drop to TF32 on tensor cores (the CPU tiny model compares against fp32 torch).
         "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",

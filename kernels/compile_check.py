@@ -87,6 +87,10 @@ def compile_kernel(kernel, args: dict[str, object], num_warps: int, num_stages: 
     return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def _short(value: object) -> str:
+    return str(value).removeprefix("torch.").removesuffix("_ptr")
+
+
 def _variants() -> list[tuple[str, object, dict[str, object], int, int]]:
     """(name, kernel, args, num_warps, num_stages) for each variant the wrappers can launch."""
     from . import block_copy, decode, kv_store, prefill
@@ -120,11 +124,15 @@ def _variants() -> list[tuple[str, object, dict[str, object], int, int]]:
         (f32, {"GROUP": 1, "HEAD_DIM": 64, "BLOCK_D": 64}),
         (f32, {}),
         (bf16, {"HEAD_DIM": 256, "BLOCK_D": 256}),
+        (bf16, {"seq_lens_ptr": i64, "block_tables_ptr": i64}),  # int64 index tensors from the engine
+        (bf16, {"PAGED": False, "seq_lens_ptr": i64, "token_base_ptr": i32}),
     ]:
         cfg = default_decode_config(over.get("HEAD_DIM", d), dtype)
         args = decode_args(dtype, **over)
         args["BLOCK_N"] = cfg.block_n
-        name = "decode " + str(dtype).removeprefix("torch.") + " " + " ".join(f"{k}={v}" for k, v in over.items())
+        name = (
+            "decode " + str(dtype).removeprefix("torch.") + " " + " ".join(f"{k}={_short(v)}" for k, v in over.items())
+        )
         out.append((name.strip(), decode._decode_split_kernel, args, cfg.num_warps, cfg.num_stages))
 
     reduce_args = dict(
@@ -153,11 +161,15 @@ def _variants() -> list[tuple[str, object, dict[str, object], int, int]]:
         (torch.float16, {"HEAD_DIM": 64, "BLOCK_D": 64}),
         (f32, {}),
         (bf16, {"HEAD_DIM": 256, "BLOCK_D": 256}),
+        (bf16, {"cu_seqlens_q_ptr": i64, "context_lens_ptr": i64, "block_tables_ptr": i64}),
+        (bf16, {"PAGED": False, "cu_seqlens_q_ptr": i64, "context_lens_ptr": i32, "token_base_ptr": i32}),
     ]:
         cfg = default_prefill_config(over.get("HEAD_DIM", d), dtype)
         args = prefill_args(dtype, **over)
         args["BLOCK_M"], args["BLOCK_N"] = cfg.block_m, cfg.block_n
-        name = "prefill " + str(dtype).removeprefix("torch.") + " " + " ".join(f"{k}={v}" for k, v in over.items())
+        name = (
+            "prefill " + str(dtype).removeprefix("torch.") + " " + " ".join(f"{k}={_short(v)}" for k, v in over.items())
+        )
         out.append((name.strip(), prefill._prefill_kernel, args, cfg.num_warps, cfg.num_stages))
 
     for paged in (True, False):

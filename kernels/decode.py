@@ -258,13 +258,13 @@ def _decode(
     num_splits = cdiv(max(max_seq_len, 1), tokens_per_split)
 
     if paged:
-        stride_kb, stride_kt, stride_kh = k.stride(0), k.stride(1), k.stride(2)
-        stride_vb, stride_vt, stride_vh = v.stride(0), v.stride(1), v.stride(2)
+        stride_kb, stride_kt, stride_kh = k.stride()[:3]
+        stride_vb, stride_vt, stride_vh = v.stride()[:3]
         stride_bt = block_tables.stride(0)
         token_base = seq_lens  # unused by the paged kernel; any int tensor keeps the signature fixed
     else:
-        stride_kb, stride_kt, stride_kh = 0, k.stride(0), k.stride(1)
-        stride_vb, stride_vt, stride_vh = 0, v.stride(0), v.stride(1)
+        stride_kb, (stride_kt, stride_kh) = 0, k.stride()[:2]
+        stride_vb, (stride_vt, stride_vh) = 0, v.stride()[:2]
         stride_bt = 0
         block_tables = seq_lens
 
@@ -291,8 +291,7 @@ def _decode(
         part_lse,
         default_scale(scale, head_dim) * LOG2E,
         tokens_per_split,
-        q.stride(0),
-        q.stride(1),
+        *q.stride()[:2],
         stride_kb,
         stride_kt,
         stride_kh,
@@ -300,8 +299,7 @@ def _decode(
         stride_vt,
         stride_vh,
         stride_bt,
-        out.stride(0),
-        out.stride(1),
+        *out.stride()[:2],
         *stride_p,
         GROUP=group,
         BLOCK_G=max(16, next_power_of_2(group)),
@@ -324,8 +322,7 @@ def _decode(
             tokens_per_split,
             num_splits,
             *stride_p,
-            out.stride(0),
-            out.stride(1),
+            *out.stride()[:2],
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             num_warps=1 if block_d <= 64 else 2,
@@ -351,9 +348,9 @@ def paged_decode_attention(
     contiguous head_dim, e.g. views of a [layers, 2, num_blocks, block_size, kv_heads, head_dim] pool); block_tables
     int32/int64 [batch, max_blocks]; seq_lens int32/int64 [batch] (tokens to attend to, the new one included, so the
     new K/V must already be stored). scale defaults to 1/sqrt(head_dim). Returns [batch, q_heads, head_dim] in q's
-    dtype (into `out` when given). max_seq_len (max(seq_lens)) sizes the split-K grid (an underestimate stays correct, the
-    last split takes the rest, but loses parallelism); without it one device sync
-    reads it. A sequence of length 0 gets zeros.
+    dtype (into `out` when given). max_seq_len (max(seq_lens)) sizes the split-K grid (an underestimate stays
+    correct, the last split takes the rest, but loses parallelism); without it one device sync reads it. A sequence
+    of length 0 gets zeros.
     """
     check_shape("k_cache", k_cache, 4, "[num_blocks, block_size, kv_heads, head_dim]")
     check_shape("v_cache", v_cache, 4, "[num_blocks, block_size, kv_heads, head_dim]")

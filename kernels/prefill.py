@@ -214,13 +214,13 @@ def _prefill(
         return out
 
     if paged:
-        stride_kb, stride_kt, stride_kh = k.stride(0), k.stride(1), k.stride(2)
-        stride_vb, stride_vt, stride_vh = v.stride(0), v.stride(1), v.stride(2)
+        stride_kb, stride_kt, stride_kh = k.stride()[:3]
+        stride_vb, stride_vt, stride_vh = v.stride()[:3]
         stride_bt = block_tables.stride(0)
         token_base = context_lens  # unused by the paged kernel
     else:
-        stride_kb, stride_kt, stride_kh = 0, k.stride(0), k.stride(1)
-        stride_vb, stride_vt, stride_vh = 0, v.stride(0), v.stride(1)
+        stride_kb, (stride_kt, stride_kh) = 0, k.stride()[:2]
+        stride_vb, (stride_vt, stride_vh) = 0, v.stride()[:2]
         stride_bt = 0
         block_tables = context_lens  # unused by the contiguous kernel
 
@@ -235,8 +235,7 @@ def _prefill(
         cu_seqlens_q,
         context_lens,
         default_scale(scale, head_dim) * LOG2E,
-        q.stride(0),
-        q.stride(1),
+        *q.stride()[:2],
         stride_kb,
         stride_kt,
         stride_kh,
@@ -244,8 +243,7 @@ def _prefill(
         stride_vt,
         stride_vh,
         stride_bt,
-        out.stride(0),
-        out.stride(1),
+        *out.stride()[:2],
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, next_power_of_2(head_dim)),

@@ -8,7 +8,8 @@ Layout (pids and tids are fixed so that two exports line up):
              device memory    args nvml / torch (bytes; only when sampled)
              throughput       args tokens_per_s / decode_tokens_per_s
              batch            args sequences / prefill_tokens / decode_tokens
-             requests         args waiting / running (sequences)
+             requests         args waiting (arrived, never admitted yet) / running (admitted, not finished;
+                              preempted ones included)
              KV bandwidth     args achieved_tbps (only with kernel timings)
            tid 1 "engine steps": one complete ("X") slice per step
            tid 2 "VMM driver calls": one "X" slice per timed driver / OS call (aggregated past a cap)
@@ -23,7 +24,7 @@ Timestamps are microseconds: host time (t_ns / 1000) by default; `clock="sim"` p
 simulated time instead (simulated runs only). Counters carry one sample per step; a run with more steps than
 `max_counter_points` is sampled evenly (the step of the peak reserved bytes always kept). Step slices, driver calls,
 request slices and evictions have caps as well, past which they are aggregated into counters or left out (the
-trace's metadata says which). The file is written as a stream, never held in memory as one string.
+file's otherData.aggregated says which). The file is written as a stream, never held in memory as one string.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ SUBCOMMANDS = {
     "report": "write a self-contained HTML report (options of `kvscope report`)",
     "explore": "step-slider explorer widget for a trace",
 }
+CELL_COMMAND = "%%kvscope"  # meta['command'] of traces recorded from allocators a cell built without a recorder
 CELL_HELP = (
     "%%kvscope [--no-show] [--name NAME]: run the cell, recording every kvscope allocator (static, paged, vmm) it "
     "builds or drives; then show each as a trace. Allocators built without a recorder get an in-memory one."
@@ -155,6 +156,35 @@ def show_traces(traces: list[Trace], *, views: list[str] | None = None) -> None:
             _display(view.figure if view.figure is not None else Markdown(f"*{view.note}*"))
 
 
+def show_allocator_state(trace: Trace) -> None:
+    """A hand-driven allocator (recorded by %%kvscope: no engine, so no requests or steps): its books at the end of
+    the cell and its blocks / pages, plus the sharing graph when blocks are shared."""
+    import pandas as pd
+    from IPython.display import Markdown
+
+    from kvscope import viz
+    from kvscope.analysis.fragmentation import block_states
+    from kvscope.analysis.memory import FIELDS, memory_timeline
+    from kvscope.analysis.sharing import sharing_edges
+    from kvscope.units import format_bytes
+
+    timeline = memory_timeline(trace)
+    if timeline.empty:
+        _display(Markdown(f"*{_escape(trace.label)}: no memory sample recorded.*"))
+        return
+    last = timeline.iloc[-1]
+    step = int(last["step"])
+    books = pd.DataFrame(
+        {"bytes": [format_bytes(int(last[f])) for f in FIELDS]},  # the Usage fields, as the timeline holds them
+        index=pd.Index(FIELDS, name=f"{trace.label}: allocator's books at the end of the cell"),
+    )
+    _display(books)
+    _display(viz.block_grid_figure(block_states(trace, step), step=step))
+    edges = sharing_edges(trace, step)
+    if not edges.empty:
+        _display(viz.sharing_graph_figure(edges, step=step))
+
+
 def compare_traces(traces: list[Trace]) -> None:
     from kvscope.analysis.compare import compare_runs
     from kvscope.viz import comparison_figure
@@ -218,7 +248,7 @@ def capture_allocators() -> Iterator[list[Captured]]:
             owned = bound.arguments.get("recorder") is None
             if owned:
                 spec = bound.arguments.get("spec")
-                meta = {"allocator": cls.name, "command": "%%kvscope"}
+                meta = {"allocator": cls.name, "command": CELL_COMMAND}
                 if spec is not None:
                     meta |= {"model": spec.name, "spec": spec.to_dict()}
                 recorder = Recorder(None, meta)
@@ -376,7 +406,12 @@ class KVScopeMagics(Magics):
         if opts.name:
             self.shell.user_ns[opts.name] = result
         if not opts.no_show:
-            show_traces(traces, views=["memory", "blocks", "sharing"])
+            by_hand = [t for t in traces if t.meta.get("command") == CELL_COMMAND]
+            engine_runs = [t for t in traces if t.meta.get("command") != CELL_COMMAND]
+            if engine_runs:
+                show_traces(engine_runs, views=["memory", "blocks", "sharing"])
+            for trace in by_hand:
+                show_allocator_state(trace)
         return result
 
 

@@ -162,7 +162,9 @@ class TraceExplorer:
         display(self.widget)
 
 
-def explore(trace_or_path: Trace | str | os.PathLike, *, view: str = "blocks", step: int | None = None) -> TraceExplorer:
+def explore(
+    trace_or_path: Trace | str | os.PathLike, *, view: str = "blocks", step: int | None = None
+) -> TraceExplorer:
     """An explorer for a trace (a Trace or a .kvtrace path); a notebook displays it when it is a cell's result."""
     return TraceExplorer(as_trace(trace_or_path), view=view, step=step)
 

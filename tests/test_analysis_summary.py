@@ -105,6 +105,7 @@ def test_real_runs_agree_with_the_engine(kind, opts):
     assert s["prefill_tokens_computed"] == stats.prefill_tokens
     assert s["decode_tokens_computed"] == stats.decode_tokens
     assert s["run_time_s"] == pytest.approx(stats.clock_s)
+    assert s["generated_tokens"] == stats.generated_tokens
     # Every sample of every finished request generated its output_len tokens; unfinished ones generated fewer.
     lt = request_lifetimes(trace)
     out = {r.id: r.output_len for r in requests}
@@ -137,3 +138,47 @@ def test_summary_is_cached_but_returns_copies():
     a = summarize(trace)
     a["generated_tokens"] = -1
     assert summarize(trace)["generated_tokens"] == 8
+
+
+def test_forked_samples_without_memory_at_the_fork():
+    from test_analysis_tracegen import PAGED4, Script
+
+    from kvscope.analysis.sharing import prefix_stats
+    from kvscope.events import Kind
+
+    # Request 0 (P=4, O=3, two samples): the fork finds no room (FORK n=0); the sample is admitted a step later
+    # with prompt + its first token (5 tokens), 4 of them served from the prefix cache: the request's own work.
+    s = Script("paged", PAGED4, requests=[(4, 3)])
+    s.at(0).emit(Kind.ARRIVE, seq=0, n=4, aux=3).emit(Kind.ADMIT, seq=0, n=4)
+    s.emit(Kind.BLOCK_ALLOC, seq=0, block=0, addr=0).emit(Kind.APPEND, seq=0, n=4, aux=4)
+    s.emit(Kind.BLOCK_CACHE, seq=0, block=0, aux=7).emit(Kind.FORK, seq=1, n=0, aux=0)
+    s.step_end(capacity=CAP, reserved=BLOCK, used=BLOCK, logical=BLOCK, free=CAP - BLOCK)
+    s.at(1).emit(Kind.BLOCK_ALLOC, seq=0, block=1, addr=1).emit(Kind.APPEND, seq=0, n=1, aux=5)
+    s.emit(Kind.BLOCK_SHARE, seq=1, block=0, addr=0, aux=2).emit(Kind.PREFIX_HIT, seq=1, n=4)
+    s.emit(Kind.ADMIT, seq=1, n=5, aux=4).emit(Kind.BLOCK_ALLOC, seq=1, block=2, addr=1)
+    s.emit(Kind.APPEND, seq=1, n=1, aux=5)
+    s.step_end(capacity=CAP, reserved=3 * BLOCK, used=6 * BPT, logical=10 * BPT, internal=6 * BPT, free=5 * BLOCK)
+    s.at(2).emit(Kind.APPEND, seq=0, n=1, aux=6).emit(Kind.FINISH, seq=0, n=6)
+    s.emit(Kind.APPEND, seq=1, n=1, aux=6).emit(Kind.FINISH, seq=1, n=6)
+    s.step_end(capacity=CAP, free=CAP)
+    trace = s.trace()
+    trace.meta["requests"]["n"] = [2]
+    summary = summarize(trace)
+    assert summary["generated_tokens"] == 3 + 3
+    assert summary["finished"] == 1 and summary["forks"] == 1
+    assert summary["prefix_hit_tokens"] == 0
+    assert prefix_stats(trace)["readmission_hit_tokens"] == 4
+    lt = request_lifetimes(trace).set_index("seq")
+    assert lt.loc[1, "admit_step"] == 1 and lt.loc[1, "parent"] == 0 and lt.loc[1, "prefix_hit_tokens"] == 0
+
+    # O = 1: the sample is complete at its fork without any memory (FORK n=0, FINISH n=0): it generated 1 token.
+    s = Script("paged", PAGED4, requests=[(3, 1)])
+    s.at(0).emit(Kind.ARRIVE, seq=0, n=3, aux=1).emit(Kind.ADMIT, seq=0, n=3)
+    s.emit(Kind.BLOCK_ALLOC, seq=0, block=0, addr=0).emit(Kind.APPEND, seq=0, n=3, aux=3)
+    s.emit(Kind.FORK, seq=1, n=0, aux=0).emit(Kind.FINISH, seq=1, n=0).emit(Kind.FINISH, seq=0, n=3)
+    s.emit(Kind.BLOCK_FREE, seq=0, block=0, aux=0)
+    s.step_end(capacity=CAP, free=CAP)
+    trace = s.trace()
+    trace.meta["requests"]["n"] = [2]
+    assert summarize(trace)["generated_tokens"] == 2
+    assert summarize(trace)["finished"] == 1

@@ -180,6 +180,16 @@ def test_oversized_upload_is_refused(app, traces, monkeypatch):
     assert any("upload limit" in e.value for e in at.error)
 
 
+def test_cut_off_upload_loads_with_a_warning(app, traces):
+    data = traces["paged"].read_bytes()
+    at = app.run()
+    at.sidebar.file_uploader[0].upload("cut.kvtrace", data[: len(data) * 2 // 3]).run()
+    assert not at.exception and not at.error
+    assert any("cut off" in w.value for w in at.warning)
+    assert "cut" in at.dataframe[0].value.columns
+    assert at.dataframe[0].value.loc["cut off", "cut"] == "yes"
+
+
 def test_no_traces_says_how_to_get_one(tmp_path, monkeypatch):
     from kvscope.app.sources import SAMPLES_ENV, TRACES_ENV
 
@@ -216,6 +226,7 @@ def test_parse_id_list():
 
 def test_filter_events_keeps_only_matching_rows(traces):
     from kvscope.app.filters import filter_events
+
     from kvscope.trace import load_trace
 
     events = load_trace(traces["paged"]).events
@@ -252,6 +263,14 @@ def test_dashboard_command_line(traces):
     assert cmd[cmd.index("--server.headless") + 1] == "true"
     assert cmd[cmd.index("--browser.gatherUsageStats") + 1] == "false"  # offline: no usage statistics
     assert cmd[cmd.index("--") + 1 :] == [str(traces["paged"].resolve())]
+
+
+def test_dashboard_cli_reports_a_missing_trace_in_one_line(tmp_path, capsys):
+    from kvscope.cli import main
+
+    assert main(["dashboard", str(tmp_path / "missing.kvtrace")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"kvscope dashboard: error: {tmp_path / 'missing.kvtrace'}: no such file"
 
 
 def test_dashboard_refuses_bad_paths_and_ports(tmp_path):

@@ -1,6 +1,7 @@
 """The dashboard served for real (streamlit on a free port) and opened in headless Chromium with Playwright:
 pages render their charts with no exception box, navigation and the step slider work, and a screenshot is taken
-(docs/dashboard.png when KVSCOPE_UPDATE_SCREENSHOT=1, else under the test's tmp dir). The server is killed at the end."""
+(docs/dashboard.png when KVSCOPE_UPDATE_SCREENSHOT=1, else under the test's tmp dir). The server is killed at the
+end."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def stop(proc: subprocess.Popen) -> None:
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("browser-traces")
     traces = [
-        record(d / "paged.kvtrace", "-w", "parallel", "-n", "24", "-a", "paged", "--kv-memory", "96MiB"),
+        record(d / "paged.kvtrace", "-w", "parallel", "-n", "32", "-a", "paged", "--kv-memory", "384MiB"),
         record(d / "vmm.kvtrace", "-w", "parallel", "-n", "24", "-a", "vmm", "--megacache", "--kv-memory", "1GiB"),
         record(d / "static.kvtrace", "-w", "parallel", "-n", "24", "-a", "static", "--max-len", "512"),
     ]
@@ -159,7 +160,9 @@ def test_step_slider_redraws_the_block_grid_and_screenshot(server, page, tmp_pat
     before = title.text_content()
     assert before.startswith("Blocks and pages at step")
     # Streamlit's slider is an <input type=range> (older versions: a div with role=slider); arrow keys move it.
-    slider = page.locator("[data-testid='stSlider'] input[type='range'], [data-testid='stSlider'] [role='slider']").first
+    slider = page.locator(
+        "[data-testid='stSlider'] input[type='range'], [data-testid='stSlider'] [role='slider']"
+    ).first
     slider.focus()
     for _ in range(5):
         page.keyboard.press("ArrowRight")

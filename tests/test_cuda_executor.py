@@ -288,3 +288,61 @@ def test_gpu_background_mapping_and_nvml_samples():
     assert nvml and min(nvml) > 0
     assert ex.memory["nvml_used_ready"] > ex.memory["nvml_used_start"]
     assert np.isfinite(ex.max_check_error)
+
+
+# ---- the benchmark scripts: their hidden --device cpu (host pages, the tiny model, reference kernels) ----------
+
+
+def load_benchmark(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"kvscope_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_scripts_say_one_line_without_a_gpu(capsys):
+    from kvscope.cudainfo import probe
+
+    if probe().available:
+        pytest.skip("this machine has a GPU")
+    for name in ("bench_vmm", "bench_e2e"):
+        assert load_benchmark(name).main(["--quick", "--out", "/nonexistent/never-written.json"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"{name}: CUDA unavailable")
+
+
+def test_bench_e2e_plumbing_on_cpu(tmp_path):
+    import json
+
+    out = tmp_path / "e2e.json"
+    bench = load_benchmark("bench_e2e")
+    assert bench.main(["--device", "cpu", "--allocators", "static,vmm", "--requests", "3", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {"static", "vmm"}
+    for name, r in result["runs"].items():
+        assert r["finished_requests"] == 3, name
+        assert r["max_batch_reached"] >= 1 and r["generated_tokens"] > 0
+        assert (tmp_path / f"{name}.kvtrace").exists()
+    assert result["runs"]["vmm"]["vmm_backend_leaked"] is None  # host pages: only the cuda backend keeps that book
+
+
+def test_bench_vmm_plumbing_on_cpu(tmp_path):
+    import json
+
+    out = tmp_path / "vmm.json"
+    bench = load_benchmark("bench_vmm")
+    assert bench.main(["--device", "cpu", "--megacache", "--steps", "12", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    calls = result["driver_calls"]["calls"]
+    assert {"reserve", "create", "map", "set_access", "unmap", "release"} <= set(calls)
+    assert all(calls[op]["n"] > 0 and calls[op]["median_us"] > 0 for op in ("create", "map", "unmap"))
+    assert result["leaked"] == {"reservations": 0, "handles": 0}
+    modes = result["decode_megacache"]["modes"]
+    assert set(modes) == {"premapped", "sync", "background"}
+    assert all(m["finished_requests"] == 4 and m["decode_steps"] == 12 for m in modes.values())
+    assert modes["background"]["mapping"]["ahead_groups"] > 0
+    assert modes["sync"]["mapping"]["ahead_groups"] == 0

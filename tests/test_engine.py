@@ -46,7 +46,7 @@ def reqs(*specs, arrival=0.0):
     return out
 
 
-# ---- the contract: prefill in step 0, one token per later step, finish and free at the end of step O - 1 ----------
+# ---- the contract: prefill in step 0, one token per later step, finish and free at the end of step O - 1 -------------
 
 
 @pytest.mark.parametrize("allocator", ["static", "paged", "vmm"])
@@ -126,7 +126,7 @@ def test_meta_carries_request_table_allocator_config_and_versions():
     assert meta["start_time"].endswith("+00:00")
 
 
-# ---- limits ------------------------------------------------------------------------------------------------------
+# ---- limits ----------------------------------------------------------------------------------------------------------
 
 
 def test_max_batch_caps_the_running_sequences():
@@ -157,7 +157,7 @@ def test_requests_longer_than_max_len_or_the_pool_are_rejected():
     assert kind(ev, Kind.FINISH)["seq"].tolist() == [2]
 
 
-# ---- preemption ---------------------------------------------------------------------------------------------------
+# ---- preemption ------------------------------------------------------------------------------------------------------
 
 # Two requests P=8, O=10 (final length 17) in a pool of 6 blocks of 4 tokens: both grow to 12 tokens (3 blocks each)
 # by step 4; in step 5 r0 needs a 4th block: r1, the most recently admitted, is preempted.
@@ -211,7 +211,7 @@ def test_static_admission_waits_for_a_free_reservation():
     assert stats.finished_requests == 3 and stats.preemptions == 0
 
 
-# ---- parallel sampling ----------------------------------------------------------------------------------------------
+# ---- parallel sampling -----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("allocator", ["paged", "static", "vmm"])
@@ -242,7 +242,7 @@ def test_paged_fork_children_copy_on_write_their_shared_partial_block():
     assert len(cows) == 1 and cows["step"].tolist() == [1]
 
 
-# ---- prefix caching ----------------------------------------------------------------------------------------------
+# ---- prefix caching --------------------------------------------------------------------------------------------------
 
 
 def test_prefix_caching_hits_shared_prompt_blocks():
@@ -270,7 +270,7 @@ def test_prefix_hits_for_a_later_request_after_the_first_finished():
     assert cached_idle[1] == 16 * BPT  # after a finished: its full block, idle but still cached
 
 
-# ---- chunked prefill ------------------------------------------------------------------------------------------------
+# ---- chunked prefill -------------------------------------------------------------------------------------------------
 
 
 def test_chunked_prefill_splits_a_long_prompt_within_the_budget():
@@ -280,11 +280,11 @@ def test_chunked_prefill_splits_a_long_prompt_within_the_budget():
     decode = kind(ev, Kind.STEP_DECODE)["n"].tolist()
     # Step 0: short's 4 + 28 of long; then 31 (budget minus short's decode) per step until 100 are done.
     assert prefill[:5] == [32, 31, 31, 10, 0]
-    assert decode[:5] == [0, 1, 1, 2, 2]
+    assert decode == [0, 1, 1, 1, 2, 1]
     long_appends = kind(ev[ev["seq"] == 1], Kind.APPEND)["n"].tolist()
     assert long_appends == [28, 31, 31, 10, 1]
     # The long prompt's first token comes with its last chunk (step 3); one decode later it is done.
-    assert kind(ev, Kind.FINISH)[["seq", "step"]].values.tolist() == [[0, 5], [1, 4]]
+    assert kind(ev, Kind.FINISH)[["seq", "step"]].values.tolist() == [[1, 4], [0, 5]]
     assert stats.finished_requests == 2
 
 
@@ -295,7 +295,7 @@ def test_without_chunking_the_same_long_prompt_is_one_prefill():
     assert kind(ev, Kind.ADMIT)["step"].tolist() == [0, 1]  # over budget: admitted as the first prefill of step 1
 
 
-# ---- the clock ---------------------------------------------------------------------------------------------------------
+# ---- the clock -------------------------------------------------------------------------------------------------------
 
 
 def test_arrivals_wait_for_the_simulated_clock_and_idle_time_is_skipped():
@@ -327,7 +327,7 @@ def test_cost_model_decode_is_weight_bandwidth_bound():
     )
 
 
-# ---- interruption -------------------------------------------------------------------------------------------------------
+# ---- interruption ----------------------------------------------------------------------------------------------------
 
 
 def test_interrupted_run_leaves_a_truncated_but_readable_trace(tmp_path):
@@ -357,7 +357,7 @@ def test_interrupted_run_leaves_a_truncated_but_readable_trace(tmp_path):
     assert trace.meta["allocator"] == "paged"
 
 
-# ---- every run ends: random workloads on every allocator --------------------------------------------------------------
+# ---- every run ends: random workloads on every allocator -------------------------------------------------------------
 
 workloads = st.lists(
     st.tuples(st.integers(1, 40), st.integers(1, 30), st.integers(1, 3), st.floats(0, 0.05)), min_size=1, max_size=12
@@ -398,7 +398,6 @@ def test_every_request_finishes_or_is_rejected_with_exact_lengths(options, workl
             root = parent[root]
         assert n in (finals[root], 0)  # 0: an O == 1 child that never needed memory of its own
     assert acct(ev, Kind.ACCT_USED)[-1] == 0
-    assert stats.generated_tokens == sum(
-        r.output_len * r.n for i, r in enumerate(requests) if i not in set(kind(ev, Kind.REJECT)["seq"])
-    ) or stats.rejected_requests > 0
+    if stats.rejected_requests == 0:
+        assert stats.generated_tokens == sum(r.output_len * r.n for r in requests)
     np.testing.assert_array_equal(kind(ev, Kind.STEP)["step"].to_numpy(), np.arange(stats.steps))

@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 from kvscope.kernels import (
+    INTERPRETED,
     DecodeConfig,
     contiguous_decode_attention,
+    kernels_available,
     paged_decode_attention,
     reference,
 )
@@ -79,7 +81,9 @@ def test_paged_and_contiguous_agree_on_the_same_tokens(device):
     token_base = torch.tensor([0, seq_lens[0]], dtype=torch.int32, device=device)
     q = torch.randn(2, 4, 16, generator=gen).to(device)
 
-    paged = paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, max_seq_len=40)
+    tables64, lens64 = kv.block_tables.long(), kv.seq_lens.long()  # int64 index tensors work as well as int32
+
+    paged = paged_decode_attention(q, kv.k_cache, kv.v_cache, tables64, lens64, max_seq_len=40)
     flat = contiguous_decode_attention(q, rows_k, rows_v, token_base, kv.seq_lens, max_seq_len=40)
 
     torch.testing.assert_close(paged, flat, atol=1e-5, rtol=1e-5)
@@ -137,6 +141,11 @@ def test_decode_rejects_bad_inputs_with_one_line_errors(device, kwargs, message)
     tables = kv.block_tables.to(kwargs.get("table_dtype", torch.int32))
     with pytest.raises(ValueError, match=message):
         paged_decode_attention(q, kv.k_cache, kv.v_cache, tables, kv.seq_lens)
+
+
+def test_kernels_available_matches_how_triton_was_loaded(device):
+    assert kernels_available(device)
+    assert kernels_available("cuda") != INTERPRETED
 
 
 def test_num_splits_heuristic_fills_the_machine_only_when_needed():

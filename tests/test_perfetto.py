@@ -168,8 +168,9 @@ def test_cli_export(paged_trace, tmp_path, capsys, only_our_commands):
     assert (tmp_path / "run.perfetto.json").exists()
 
     assert cli.main(["export", str(src), "-o", str(src)]) == 2
-    assert "refusing to overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "refusing to overwrite" in err, err
 
     assert cli.main(["export", str(tmp_path / "missing.kvtrace")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "missing.kvtrace" in err[0]
+    assert len(err) == 1 and "missing.kvtrace" in err[0], err

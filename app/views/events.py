@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import streamlit as st
-
 from kvscope.app import state
 from kvscope.app.filters import filter_events, parse_id_list
 
@@ -16,7 +15,8 @@ if lt is None:
 events = lt.trace.events
 st.caption(f"{lt.title}: {len(events):,} events. Column meanings per kind: kvscope/events.py.")
 
-present = [k for k in events["kind"].cat.categories if (events["kind"] == k).any()] if len(events) else []
+counts = events["kind"].value_counts(sort=False)  # one pass, in the schema's kind order
+present = [str(kind) for kind, n in counts.items() if n > 0]
 col_kind, col_seq = st.columns([3, 2])
 kinds = col_kind.multiselect("Kinds", present, default=[], key=f"ev_kinds:{lt.key}", placeholder="all kinds")
 seq_text = col_seq.text_input("Sequences", key=f"ev_seqs:{lt.key}", placeholder="e.g. 3, 7-9 (all when empty)")

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import streamlit as st
+from kvscope.app import state
 
 from kvscope.analysis.fragmentation import block_states, state_matrix
-from kvscope.app import state
+from kvscope.report import MAP_MAX_STEPS, MAP_MAX_UNITS  # the report's map resolution: both show the same cells
 from kvscope.units import format_bytes
 from kvscope.viz import block_grid_figure, fragmentation_map_figure
-
-# The map's resolution: the report's, so both show the same cells.
-from kvscope.report import MAP_MAX_STEPS, MAP_MAX_UNITS  # noqa: E402  (kept next to its use on purpose)
 
 st.title("Fragmentation")
 lt = state.focus_trace()
@@ -24,8 +22,13 @@ if row is not None:
     cols = st.columns(5)
     cols[0].metric("reserved", format_bytes(int(row["reserved"])))
     cols[1].metric("used (token states)", format_bytes(int(row["used"])))
-    cols[2].metric("waste", format_bytes(int(row["waste"])), f"{100 * float(row['waste_frac']):.1f}% of reserved",
-                   delta_color="off")
+    cols[2].metric(
+        "waste",
+        format_bytes(int(row["waste"])),
+        f"{100 * float(row['waste_frac']):.1f}% of reserved",
+        delta_color="off",
+        delta_arrow="off",
+    )
     cols[3].metric("cached-idle", format_bytes(int(row["cached_idle"])))
     cols[4].metric("free", format_bytes(int(row["free"])))
 

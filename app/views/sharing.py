@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import streamlit as st
+from kvscope.app import state
 
 from kvscope.analysis.sharing import fork_tree, prefix_stats, prefix_tree, sharing_edges
-from kvscope.app import state
 from kvscope.viz import prefix_tree_figure, sharing_graph_figure
 
 st.title("Sharing")

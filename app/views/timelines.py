@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import streamlit as st
+from kvscope.app import state
 
 from kvscope.analysis.memory import memory_timeline
 from kvscope.analysis.requests import request_lifetimes
 from kvscope.analysis.summary import summarize
 from kvscope.analysis.throughput import throughput_timeline
-from kvscope.app import state
 from kvscope.viz import memory_stack_figure, request_lifetimes_figure, throughput_figure
 
 st.title("Timelines")
@@ -17,9 +17,7 @@ if lt is None:
     st.stop()
 st.caption(lt.title)
 
-tab_memory, tab_throughput, tab_requests, tab_driver = st.tabs(
-    ["Memory", "Throughput", "Requests", "Driver calls"]
-)
+tab_memory, tab_throughput, tab_requests, tab_driver = st.tabs(["Memory", "Throughput", "Requests", "Driver calls"])
 with tab_memory:
     st.caption(
         "Where every byte of the KV pool is after each step; the bands add up to the capacity. The solid line is "

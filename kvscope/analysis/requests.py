@@ -40,14 +40,16 @@ def request_lifetimes(trace) -> pd.DataFrame:
 
     seq; request_id (the workload's id of the request, shared by its forked samples; str(seq) if unknown);
     parent (the seq it was forked from, -1 for a request); root (the request's seq); arrival_s (workload arrival
-    time when the workload recorded it, else the run-clock time of the ARRIVE step); arrive_step / admit_step
-    (first admission; the FORK step for a fork) / first_token_step (the step it first held its whole prompt: its
-    prefill finished and the first token was sampled) / finish_step (-1 when it never happened); admit_s,
-    first_token_s, finish_s (run clock at the end of those steps; NaN if never); prompt_len, output_len (of its
-    request; -1 unknown); max_tokens_held; generated (tokens it generated: see generated_tokens); preemptions;
-    swaps (swap-outs); prefix_hit_tokens (prompt tokens served from the prefix cache at its first admission:
-    hits at re-admissions after a preemption are recomputed work, not counted); status (finished, rejected,
-    running: admitted and not finished when the trace ends, waiting: arrived and never admitted).
+    time when the workload recorded it, else the run-clock time of the ARRIVE step); arrive_step; admit_step (its
+    first admission; for a fork its FORK step, or its ADMIT when it got no memory at the fork); first_token_step
+    (the step it first held its whole prompt: its prefill finished and the first token was sampled);
+    finish_step (-1 when it never happened); admit_s, first_token_s, finish_s (run clock at the end of those
+    steps; NaN if never); prompt_len, output_len (of its request; -1 unknown); max_tokens_held; generated (tokens
+    it generated: see generated_tokens); preemptions; swaps (swap-outs); prefix_hit_tokens (prompt tokens served
+    from the prefix cache at a request's first admission: hits at re-admissions after a preemption, and at the
+    late admission of a forked sample, serve work already done for the request, and are not counted); status
+    (finished, rejected, running: admitted and not finished when the trace ends, waiting: arrived and never
+    admitted).
     """
     return cached(trace, "request_lifetimes", lambda: _build(trace)).copy()
 
@@ -60,7 +62,8 @@ def generated_tokens(trace) -> int:
     sequence finishing after O tokens holds P + O - 1: it counts O). H is the most tokens the sequence ever held
     (APPEND aux, FINISH n, PREEMPT n, FORK n). Work recomputed after a preemption re-fills tokens the sequence had
     already held, so it does not raise H: nothing is counted twice. Forked samples count their own outputs: each
-    of n parallel samples finishing after O tokens counts O (P being the request's prompt length)."""
+    of n parallel samples finishing after O tokens counts O (P being the request's prompt length); a sample counts
+    at least its first token, sampled in the request's prefill step, even if it got no memory at the fork."""
     lt = request_lifetimes(trace)
     return int(lt["generated"].sum()) if len(lt) else 0
 
@@ -123,8 +126,11 @@ def _build(trace) -> pd.DataFrame:
     frame["arrive_step"] = _steps(first(Kind.ARRIVE, "step"), frame)
     admit = _steps(first(Kind.ADMIT, "step"), frame)
     fork_step = _steps(fork["step"], frame)
-    # A fork holds memory from its fork step; a later ADMIT of it is a re-admission after a preemption.
-    frame["admit_step"] = np.where(fork_step >= 0, fork_step, admit)
+    # A fork holds memory from its fork step (a later ADMIT is a re-admission after a preemption), unless it got
+    # none there (FORK n=0): then it waited until its ADMIT.
+    fork_tokens = fork["n"].reindex(frame["seq"]).fillna(-1).to_numpy()
+    late = (fork_tokens == 0) & (admit >= 0)
+    frame["admit_step"] = np.where((fork_step >= 0) & ~late, fork_step, admit)
     frame["prompt_len"] = np.nan_to_num(prompt, nan=-1).astype(np.int64)
     frame["output_len"] = np.nan_to_num(output, nan=-1).astype(np.int64)
 
@@ -134,7 +140,11 @@ def _build(trace) -> pd.DataFrame:
     max_held = held.groupby("seq")["held"].max().reindex(frame["seq"]).fillna(0).astype("int64").to_numpy()
     frame["max_tokens_held"] = max_held
     p = frame["prompt_len"].to_numpy()
-    frame["generated"] = np.where((p >= 0) & (max_held >= p) & (max_held > 0), max_held - p + 1, 0).astype(np.int64)
+    generated = np.where((p >= 0) & (max_held >= p) & (max_held > 0), max_held - p + 1, 0)
+    # A sample forks at the end of its request's prefill step with its first token already sampled, even when it
+    # gets no memory of its own then (FORK n=0: it waits and is prefilled later, or is complete if O = 1).
+    generated = np.where(frame["parent"].to_numpy() >= 0, np.maximum(generated, 1), generated)
+    frame["generated"] = generated.astype(np.int64)
 
     # First step at which the sequence held its whole prompt.
     held = held.merge(frame[["seq", "prompt_len"]], on="seq")
@@ -162,13 +172,15 @@ def _build(trace) -> pd.DataFrame:
 
 
 def first_admission_hits(life: pd.DataFrame) -> pd.Series:
-    """Prefix-hit tokens per seq, counting only PREFIX_HIT events before the sequence's first PREEMPT (a hit at a
-    re-admission serves tokens the run had already computed for this very sequence). `life` is in row order."""
-    rows = life[life["code"].isin([int(Kind.PREFIX_HIT), int(Kind.PREEMPT)])]
+    """Prefix-hit tokens per seq that count as hits: PREFIX_HIT events of a request's first admission. A hit after
+    the sequence's first PREEMPT serves tokens the run had already computed for this very sequence; a forked
+    sample (FORK) shares its request's prompt, counted once with the request: neither counts. `life` holds at
+    least the PREFIX_HIT, PREEMPT and FORK rows, in row order."""
+    rows = life[life["code"].isin([int(Kind.PREFIX_HIT), int(Kind.PREEMPT), int(Kind.FORK)])]
     if rows.empty:
         return pd.Series(dtype="int64")
-    preempted_before = (rows["code"] == int(Kind.PREEMPT)).groupby(rows["seq"]).cumsum() > 0
-    hits = rows[(rows["code"] == int(Kind.PREFIX_HIT)) & ~preempted_before]
+    excluded_before = (rows["code"] != int(Kind.PREFIX_HIT)).groupby(rows["seq"]).cumsum() > 0
+    hits = rows[(rows["code"] == int(Kind.PREFIX_HIT)) & ~excluded_before]
     return hits.groupby("seq")["n"].sum()
 
 

@@ -131,6 +131,7 @@ def _prefix_pass(trace) -> _PrefixPass:
             Kind.BLOCK_EVICT,
             Kind.PREFIX_HIT,
             Kind.PREEMPT,
+            Kind.FORK,
         )
         m = mask(trace, *kinds)
         rows = zip(
@@ -139,7 +140,7 @@ def _prefix_pass(trace) -> _PrefixPass:
             *(column(trace, c)[m].tolist() for c in ("seq", "block", "n", "addr", "aux")),
             strict=True,
         )
-        ALLOC, SHARE, COW, FREE, CACHE, EVICT, HIT, PREEMPT = (int(k) for k in kinds)
+        ALLOC, SHARE, COW, FREE, CACHE, EVICT, HIT, PREEMPT, FORK = (int(k) for k in kinds)
         table: dict[int, dict[int, int]] = {}  # seq -> index -> block
         where: dict[int, dict[int, int]] = {}  # seq -> block -> index
         block_node: dict[int, _Node] = {}  # block -> node of the hash it carries
@@ -194,7 +195,7 @@ def _prefix_pass(trace) -> _PrefixPass:
                     node = block_node.get(seq_table.get(i, -1))
                     if node is not None:
                         node.hits += 1
-            elif code == PREEMPT:
+            elif code in (PREEMPT, FORK):  # later hits of this seq serve the request's work again
                 preempted.add(seq)
         return _PrefixPass(nodes, hits_first, hits_readmit, peak)
 
@@ -238,15 +239,16 @@ def prefix_stats(trace) -> dict[str, Any]:
 
     enabled (the allocator config says prefix caching is on, or the trace has prefix hits); block_size;
     prompt_tokens (prompt tokens of admitted requests, each request once); hit_tokens (tokens served from the cache
-    at first admissions); hit_rate (hit_tokens / prompt_tokens); readmission_hit_tokens (served at re-admissions
-    after a recompute preemption: tokens the run had already computed for that very sequence, so not counted as
-    hits); requests_with_hits; cacheable_tokens (the most a perfect cache could serve at block granularity:
-    floor((P - 1) / B) x B per prompt, the last prompt token being always computed); floor_lost_tokens (prompt
-    tokens below that bound: (P - 1) mod B per prompt, the partly filled last block no later request can be
-    served from); shared_prefix_floor_lost_tokens (when the workload recorded each request's declared shared
-    prefix length L in meta['requests']['shared_prefix_len']: over requests that got hits, min(L, P - 1) minus
-    the tokens served, the part of a shared prefix the block-size floor kept from being served; else None);
-    nodes, stores, evictions, peak_cached_blocks, hit_nodes (nodes hit at least once)."""
+    at requests' first admissions); hit_rate (hit_tokens / prompt_tokens); readmission_hit_tokens (served at
+    re-admissions after a recompute preemption, or at the late admission of a forked sample that had no memory at
+    its fork: tokens the run had already computed for that request, so not counted as hits); requests_with_hits;
+    cacheable_tokens (the most a perfect cache could serve at block granularity: floor((P - 1) / B) x B per
+    prompt, the last prompt token being always computed); floor_lost_tokens (prompt tokens below that bound:
+    (P - 1) mod B per prompt, the partly filled last block no later request can be served from);
+    shared_prefix_floor_lost_tokens (when the workload recorded each request's declared shared prefix length L in
+    meta['requests']['shared_prefix_len']: over requests that got hits, min(L, P - 1) minus the tokens served,
+    the part of a shared prefix the block-size floor kept from being served; else None); nodes, stores,
+    evictions, peak_cached_blocks, hit_nodes (nodes hit at least once)."""
     return dict(cached(trace, "prefix_stats", lambda: _prefix_stats(trace)))
 
 

@@ -16,7 +16,8 @@ memory      capacity_bytes, peak_used_bytes, peak_reserved_bytes, peak_waste_byt
             peak_cached_idle_bytes, mean_waste_fraction (mean over steps with reserved > 0 of waste / reserved),
             mean_used_fraction (mean used / capacity), peak_nvml_bytes, peak_torch_bytes (None without samples)
 sharing     sharing_saved_bytes_peak (max over steps of logical - used), prefix_hit_tokens (prompt tokens served
-            from the prefix cache at first admissions: hits on work recomputed after a preemption excluded),
+            from the prefix cache at requests' first admissions: hits at re-admissions after a preemption and at
+            late admissions of forked samples excluded),
             prefix_hit_rate (prefix_hit_tokens / prompt_tokens)
 pressure    preemptions, preemptions_recompute, preemptions_swap, swapped_out_bytes, ooms, evictions
 driver      driver_calls, driver_ms (timed VMM driver/OS calls)
@@ -68,7 +69,7 @@ def _build(trace) -> dict[str, Any]:
     # Forked sequences share the request's prompt: only requests count.
     prefill = int(select(trace, Kind.STEP_PREFILL)["n"].sum())
     decode = int(select(trace, Kind.STEP_DECODE)["n"].sum())
-    life = select(trace, Kind.PREFIX_HIT, Kind.PREEMPT)
+    life = select(trace, Kind.PREFIX_HIT, Kind.PREEMPT, Kind.FORK)
     hits_first = first_admission_hits(life[life["seq"] >= 0])
     prefix_hit_tokens = int(hits_first.sum()) if len(hits_first) else 0
 

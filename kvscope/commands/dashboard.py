@@ -53,6 +53,8 @@ def streamlit_command(args: argparse.Namespace, python: str) -> list[str]:
         "none",
         "--theme.base",
         "light",
+        "--client.toolbarMode",
+        "viewer",  # no "Deploy" button: this is a local viewer
     ]
     if args.traces:
         cmd += ["--", *[str(Path(t).resolve()) for t in args.traces]]

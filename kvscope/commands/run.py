@@ -13,26 +13,44 @@ import argparse
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
-    w.add_argument("--workload", "-w", required=True, metavar="NAME|FILE",
-                   help="a named workload (sharegpt, alpaca, shared-prefix, parallel, multiturn) or a .jsonl file")
+    w.add_argument(
+        "--workload",
+        "-w",
+        required=True,
+        metavar="NAME|FILE",
+        help="a named workload (sharegpt, alpaca, shared-prefix, parallel, multiturn) or a .jsonl file",
+    )
     w.add_argument("--requests", "-n", type=int, metavar="N", help="requests to generate (named) or keep (file)")
     w.add_argument("--seed", type=int, default=0, help="seed of the workload generator and the model weights")
 
     e = p.add_argument_group("engine")
     e.add_argument("--allocator", "-a", choices=("static", "paged", "vmm"), default="paged")
-    e.add_argument("--device", "-d", choices=("sim", "cpu", "cuda"), default="sim",
-                   help="sim: no compute, simulated clock; cpu: real attention on CPU tensors; cuda: a GPU")
-    e.add_argument("--model", "-m", metavar="PRESET",
-                   help="model preset (llama-3-8b, llama-2-7b, yi-6b, llama-3-70b, opt-13b, tiny); "
-                        "default llama-3-8b, tiny on --device cpu")
+    e.add_argument(
+        "--device",
+        "-d",
+        choices=("sim", "cpu", "cuda"),
+        default="sim",
+        help="sim: no compute, simulated clock; cpu: real attention on CPU tensors; cuda: a GPU",
+    )
+    e.add_argument(
+        "--model",
+        "-m",
+        metavar="PRESET",
+        help="model preset (llama-3-8b, llama-2-7b, yi-6b, llama-3-70b, opt-13b, tiny); "
+        "default llama-3-8b, tiny on --device cpu",
+    )
     e.add_argument("--layers", type=int, metavar="N", help="override the preset's number of layers")
     e.add_argument("--kv-memory", default="16GiB", metavar="SIZE", help="KV cache memory (default 16GiB)")
     e.add_argument("--max-len", type=int, default=2048, metavar="N", help="longest sequence, prompt + output")
     e.add_argument("--max-batch", type=int, default=256, metavar="N", help="most sequences in a step")
     e.add_argument("--max-tokens-per-step", type=int, default=8192, metavar="N", help="token budget of a step")
     e.add_argument("--chunked-prefill", action="store_true", help="split long prompts across steps")
-    e.add_argument("--preemption", choices=("recompute", "swap"), default="recompute",
-                   help="what happens to a preempted sequence (swap: paged only)")
+    e.add_argument(
+        "--preemption",
+        choices=("recompute", "swap"),
+        default="recompute",
+        help="what happens to a preempted sequence (swap: paged only)",
+    )
 
     a = p.add_argument_group("allocator options")
     a.add_argument("--block-size", type=int, metavar="N", help="paged: tokens per block (default 16)")
@@ -45,9 +63,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     a.add_argument("--static-variant", choices=("max", "pow2", "oracle"), help="static: reservation size (default max)")
 
     o = p.add_argument_group("output")
-    o.add_argument("-o", "--output", metavar="TRACE.kvtrace", help="trace file (default out/<workload>-<allocator>.kvtrace)")
+    o.add_argument(
+        "-o", "--output", metavar="TRACE.kvtrace", help="trace file (default out/<workload>-<allocator>.kvtrace)"
+    )
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    o.add_argument("--check", action="store_true", help="check the allocator's invariants after every step (slow)")  # fmt: skip
+    o.add_argument("--check", action="store_true", help="check allocator invariants after every step (slow)")
 
 
 def config_from_args(args: argparse.Namespace):

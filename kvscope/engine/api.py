@@ -74,12 +74,20 @@ class RunConfig:
         if self.kv_memory <= 0:
             raise ValueError(f"--kv-memory: must be positive, got {self.kv_memory}")
         only = {
-            "paged": [("--block-size", self.block_size is not None), ("--prefix-caching", self.prefix_caching),
-                      ("--preemption swap", self.preemption == "swap"), ("--swap-space", self.swap_space is not None)],
-            "vmm": [("--page-size", self.page_size is not None), ("--megacache", self.megacache),
-                    ("--eager-pages", self.eager_pages is not None), ("--no-deferred-reclaim", not self.deferred_reclaim)],
+            "paged": [
+                ("--block-size", self.block_size is not None),
+                ("--prefix-caching", self.prefix_caching),
+                ("--preemption swap", self.preemption == "swap"),
+                ("--swap-space", self.swap_space is not None),
+            ],
+            "vmm": [
+                ("--page-size", self.page_size is not None),
+                ("--megacache", self.megacache),
+                ("--eager-pages", self.eager_pages is not None),
+                ("--no-deferred-reclaim", not self.deferred_reclaim),
+            ],
             "static": [("--static-variant", self.static_variant is not None)],
-        }  # fmt: skip
+        }
         for alloc, options in only.items():
             for flag, given in options:
                 if given and self.allocator != alloc:
@@ -228,7 +236,7 @@ def record_run(
         }
     )
     backend = make_backend(cfg.device) if cfg.allocator == "vmm" else None
-    allocator = executor = None
+    allocator = executor = sampler = None
     try:
         allocator = make_allocator(cfg, spec, recorder, backend)
         executor = make_executor(cfg.device, spec, allocator, ExecutorOptions(seed=cfg.seed, shadow=cfg.shadow))
@@ -254,6 +262,10 @@ def record_run(
             cost_model=cfg.cost_model,
             check_invariants=cfg.check_invariants,
         )
+        if cfg.device == "cuda":
+            from kvscope.nvml import NvmlSampler
+
+            sampler = engine.memory_sampler = NvmlSampler.try_start(clock=recorder.now_ns)
         if setup is not None:
             setup(engine)
         stats = engine.run(progress=progress)
@@ -261,6 +273,8 @@ def record_run(
         recorder.abort()
         raise
     finally:
+        if sampler is not None:
+            sampler.stop()
         if executor is not None:
             executor.close()
         if allocator is not None and hasattr(allocator, "close"):
@@ -268,7 +282,9 @@ def record_run(
             allocator.close()
         if backend is not None:
             backend.close()
-    return RunResult(stats=stats, meta=dict(recorder.meta), path=Path(path) if path is not None else None, recorder=recorder)
+    return RunResult(
+        stats=stats, meta=dict(recorder.meta), path=Path(path) if path is not None else None, recorder=recorder
+    )
 
 
 __all__ = ["RunConfig", "RunResult", "make_allocator", "make_backend", "record_run", "requests_table"]

@@ -8,7 +8,8 @@ engine jumps the clock to the next arrival.
 Per step k: recorder.step = k; arrivals; scheduler.schedule(); executor.execute(); scheduler.complete() (forks,
 FINISH + free); then STEP (n = sequences in the batch, dur_ns = wall time of the step, aux = simulated clock in ns
 at the END of the step on sim, -1 on real devices), STEP_PREFILL, STEP_DECODE, STEP_KERNEL (when the executor
-timed the forward pass on a device), the allocator's ACCT_* samples, recorder.end_step().
+timed the forward pass on a device), device memory samples taken since the last step (MEM_NVML / MEM_TORCH, on
+cuda), the allocator's ACCT_* samples, recorder.end_step().
 
 A KeyboardInterrupt or a crash aborts the recorder: every batch written so far stays readable and the trace loads as
 truncated (no RUN_END).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence as SequenceABC
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from kvscope.alloc.base import KVAllocator, emit_usage
 from kvscope.engine.costmodel import GPUCostModel, ModelCosts, StepCost, step_time_ns
@@ -69,6 +71,7 @@ class Engine:
         *,
         cost_model: GPUCostModel | None = None,
         check_invariants: bool = False,
+        memory_sampler: Any = None,
     ) -> None:
         self.requests = list(requests)
         self.allocator = allocator
@@ -80,6 +83,7 @@ class Engine:
         self.cost_model = cost_model or GPUCostModel()
         self.costs = ModelCosts.from_spec(spec)
         self.check_invariants = check_invariants
+        self.memory_sampler = memory_sampler  # e.g. kvscope.nvml.NvmlSampler: drained into the trace every step
         self.clock_ns = 0
         self.steps = 0
         self.stats = RunStats(requests=len(self.requests))
@@ -135,6 +139,8 @@ class Engine:
         rec.emit(Kind.STEP_DECODE, n=plan.decode_tokens)
         if result.kernel_ns:
             rec.emit(Kind.STEP_KERNEL, dur_ns=result.kernel_ns, bytes=result.kv_bytes_read)
+        if self.memory_sampler is not None:
+            self.memory_sampler.drain(rec)
         usage = self.allocator.usage()
         emit_usage(rec, usage)
         if self.check_invariants:

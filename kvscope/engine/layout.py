@@ -78,7 +78,9 @@ class RowLayout:
         self.alloc = allocator
         rows = allocator.num_rows
         dtype = TORCH_DTYPES[spec.dtype]
-        self.arena = torch.empty((spec.num_layers, 2, rows, spec.num_kv_heads, spec.head_dim), dtype=dtype, device=device)
+        self.arena = torch.empty(
+            (spec.num_layers, 2, rows, spec.num_kv_heads, spec.head_dim), dtype=dtype, device=device
+        )
         self.device = device
 
     def keys(self, layer: int) -> torch.Tensor:

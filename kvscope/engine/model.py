@@ -17,7 +17,7 @@ from kvscope.spec import KVSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# attend(layer, q [T, q_heads, head_dim], k [T, kv_heads, head_dim], v [T, kv_heads, head_dim]) -> [T, q_heads, head_dim]
+# attend(layer, q [T, q_heads, hd], k [T, kv_heads, hd], v [T, kv_heads, hd]) -> attention output [T, q_heads, hd]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -36,14 +36,14 @@ class LlamaModel:
         self.device = torch.device(device)
         self.dtype = TORCH_DTYPES[spec.dtype]
         h, hd, qh, kvh, f = spec.hidden, spec.head_dim, spec.q_heads, spec.num_kv_heads, spec.ffn
-        g = torch.Generator().manual_seed(seed)
+        # Drawn on the device in the model's dtype: an 8B model never takes float32 host memory.
+        g = torch.Generator(device=self.device).manual_seed(seed)
 
         def w(rows: int, cols: int) -> torch.Tensor:
-            # 1/sqrt(fan_in) keeps activations O(1) through every layer.
-            t = torch.randn(rows, cols, generator=g) / math.sqrt(rows)
-            return t.to(self.device, self.dtype)
+            t = torch.randn(rows, cols, generator=g, device=self.device, dtype=self.dtype)
+            return t.mul_(1.0 / math.sqrt(rows))  # 1/sqrt(fan_in) keeps activations O(1) through every layer
 
-        self.embed = torch.randn(spec.vocab_size, h, generator=g).to(self.device, self.dtype)
+        self.embed = torch.randn(spec.vocab_size, h, generator=g, device=self.device, dtype=self.dtype)
         self.layers = []
         for _ in range(spec.num_layers):
             self.layers.append(

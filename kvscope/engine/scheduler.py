@@ -3,10 +3,10 @@
 Every step, in this order:
   1. running sequences, in admission order: a decoding one appends its last generated token (1 token of the step's
      token budget); a chunked prefill in progress takes what is left of the budget after all decodes. When an append
-     does not fit (the allocator records OOM), the most recently admitted running sequence is preempted (recompute: freed and requeued at the
-     front with prompt + generated tokens as its new prompt; swap, paged only: its blocks go to the CPU pool and it
-     waits in the swapped queue) until the append fits or the sequence preempted itself. A sequence that cannot grow
-     even when it runs alone can never finish: it is rejected (REJECT).
+     does not fit (the allocator records OOM), the most recently admitted running sequence is preempted (recompute:
+     freed and requeued at the front with prompt + generated tokens as its new prompt; swap, paged only: its blocks
+     go to the CPU pool and it waits in the swapped queue) until the append fits or the sequence preempted itself.
+     A sequence that cannot grow even when it runs alone can never finish: it is rejected (REJECT).
   2. if nothing was preempted in this step: swapped sequences come back first (FIFO), then new requests are admitted
      first-come first-served while the allocator has room (`can_admit`), the batch is below `max_batch` and the
      prompt fits the token budget. Admission stops at the first request that does not fit (no overtaking). Without
@@ -371,8 +371,11 @@ class Scheduler:
         for sample in range(1, r.n):
             cid = self._next_child
             self._next_child += 1
-            c = Sequence(cid, r, sample, parent.prompt, parent.final_len, held=parent.held, generated=1, parent=parent.id)
+            c = Sequence(
+                cid, r, sample, parent.prompt, parent.final_len, held=parent.held, generated=1, parent=parent.id
+            )
             c.output_ids()
+            self.generated_tokens += 1  # its first token came out of the parent's prefill step
             self.sequences[cid] = c
             self._req_of[cid] = self._req_of[parent.id]
             try:

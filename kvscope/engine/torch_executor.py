@@ -55,6 +55,7 @@ class TorchExecutor:
         # seq -> per layer [k, v], contiguous [tokens, kv_heads, head_dim]
         self.shadow: dict[int, list[list[torch.Tensor]]] | None = {} if options.shadow else None
         self.max_shadow_error = 0.0
+        self.shadow_checks = 0  # attention outputs compared with the shadow
         self.last_logits: torch.Tensor | None = None
         self._cuda = self.torch_device.type == "cuda"
 
@@ -166,6 +167,7 @@ class TorchExecutor:
 
     def _compare(self, got: torch.Tensor, ref: torch.Tensor, layer: int, seq: int) -> None:
         err = float((got.float() - ref.float()).abs().max())
+        self.shadow_checks += 1
         self.max_shadow_error = max(self.max_shadow_error, err)
         if not err <= self.tolerance:
             raise ShadowMismatch(

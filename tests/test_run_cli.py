@@ -1,0 +1,124 @@
+"""`kvscope run` end to end: sim and cpu runs write loadable traces; user mistakes end with one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvscope import cli
+from kvscope.trace import load_trace
+
+
+@pytest.fixture(autouse=True)
+def _only_run_command(monkeypatch):
+    # Other subcommands are built by other people; this file tests `run` alone.
+    monkeypatch.setattr(cli, "COMMANDS", {"run": cli.COMMANDS["run"]})
+
+
+def kvscope(*argv: str) -> int:
+    return cli.main(list(argv))
+
+
+def test_run_sim_writes_a_trace_and_prints_one_result_line(tmp_path, capsys):
+    out = tmp_path / "t.kvtrace"
+    rc = kvscope("run", "--workload", "sharegpt", "--requests", "40", "--allocator", "paged", "-o", str(out), "-q")
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"trace: {out}"
+    assert len(lines) == 2 and "40/40 requests finished" in lines[1] and "peak reserved" in lines[1]
+    trace = load_trace(out)
+    assert not trace.truncated
+    meta = trace.meta
+    assert meta["allocator"] == "paged" and meta["device"] == "sim" and meta["model"] == "llama-3-8b"
+    assert meta["workload"]["name"] == "sharegpt" and meta["workload"]["requests"] == 40
+    assert len(meta["requests"]["seq"]) == 40
+    assert meta["engine_config"]["kv_memory"] == 16 << 30
+    assert meta["allocator_config"]["block_size"] == 16
+    assert meta["command"].startswith("kvscope") or meta["command"]
+    assert (trace.events["kind"] == "finish").sum() == 40
+
+
+@pytest.mark.parametrize("allocator", ["static", "vmm"])
+def test_run_sim_other_allocators(tmp_path, capsys, allocator):
+    out = tmp_path / f"{allocator}.kvtrace"
+    rc = kvscope("run", "-w", "alpaca", "-n", "30", "-a", allocator, "--kv-memory", "2GiB", "-o", str(out), "-q")
+    assert rc == 0
+    assert "30/30 requests finished" in capsys.readouterr().out
+    assert load_trace(out).meta["allocator"] == allocator
+
+
+@pytest.mark.parametrize("allocator", ["paged", "static", "vmm"])
+def test_run_cpu_from_a_jsonl_file(tmp_path, capsys, allocator):
+    wl = tmp_path / "wl.jsonl"
+    rows = [
+        {"id": "a", "arrival": 0.0, "prompt_len": 12, "output_len": 4},
+        {"id": "b", "arrival": 0.0, "prompt_len": 20, "output_len": 3, "n": 2},
+        {"id": "c", "arrival": 0.001, "prompt_len": 7, "output_len": 5},
+    ]
+    wl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cpu.kvtrace"
+    extra = ["--page-size", "4KiB"] if allocator == "vmm" else []
+    rc = kvscope("run", "-w", str(wl), "-a", allocator, "-d", "cpu", "--kv-memory", "1MiB", "--max-len", "64",
+                 "-o", str(out), "-q", "--check", *extra)  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert "(tiny)" in capsys.readouterr().out  # --device cpu defaults to the tiny model
+    trace = load_trace(out)
+    assert trace.meta["device"] == "cpu" and trace.meta["device_name"]
+    assert trace.meta["workload"]["source"] == "file"
+    assert (trace.events["kind"] == "finish").sum() == 4  # three requests, one with n=2
+
+
+def test_run_with_progress_bar(tmp_path, capsys):
+    out = tmp_path / "p.kvtrace"
+    assert kvscope("run", "-w", "alpaca", "-n", "20", "-o", str(out)) == 0
+    assert load_trace(out).meta["workload"]["requests"] == 20
+
+
+def test_default_output_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert kvscope("run", "-w", "alpaca", "-n", "5", "-a", "static", "-q") == 0
+    assert (tmp_path / "out" / "alpaca-static.kvtrace").is_file()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_has_cuda(), reason="checks the message on machines without CUDA")
+def test_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    rc = kvscope("run", "-w", "sharegpt", "-n", "5", "-d", "cuda", "-o", str(tmp_path / "c.kvtrace"))
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvscope run: error: --device cuda: ")
+    assert not (tmp_path / "c.kvtrace").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["-a", "static", "--prefix-caching"], "--prefix-caching applies to --allocator paged"),
+        (["-a", "vmm", "--preemption", "swap"], "--preemption swap applies to --allocator paged"),
+        (["-a", "paged", "--megacache"], "--megacache applies to --allocator vmm"),
+        (["--kv-memory", "lots"], "--kv-memory: not a size: 'lots'"),
+        (["--max-batch", "0"], "max-batch: must be a positive integer"),
+        (["--model", "gpt-9"], "unknown model preset 'gpt-9'"),
+        (["--requests", "0"], "--requests: must be a positive integer"),
+        (["-d", "cpu", "--model", "llama-3-8b"], "too much for --device cpu"),
+        (["-a", "vmm", "--page-size", "3000"], "page_size=3000 is not a multiple"),
+    ],
+)
+def test_user_mistakes_are_one_line(tmp_path, capsys, argv, needle):
+    rc = kvscope("run", "-w", "alpaca", "-n", "5", "-o", str(tmp_path / "x.kvtrace"), "-q", *argv)
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_missing_workload_file_is_one_line(tmp_path, capsys):
+    rc = kvscope("run", "-w", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "x.kvtrace"))
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.jsonl" in err[0]
