@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-TRACE_SUFFIX = ".kvtrace"
+from kvscope.trace import TRACE_SUFFIX
+
 TRACES_ENV = "KVSCOPE_TRACES"  # os.pathsep-separated trace paths; how tests (and `kvscope dashboard`) pass traces
 SAMPLES_ENV = "KVSCOPE_SAMPLE_RUNS"  # overrides where sample runs are looked for (a directory)
 
@@ -66,10 +67,15 @@ def sample_run_paths() -> list[Path]:
 
 def startup_trace_paths(argv: list[str]) -> tuple[list[Path], str]:
     """(paths, where they came from) for a dashboard session: script arguments, then $KVSCOPE_TRACES, then the
-    sample runs. Paths that do not exist are kept: the page reports them with the loader's own message."""
+    sample runs. Directories become the traces under them; paths that do not exist are kept, so the page reports
+    them with the loader's own message."""
     if argv:
-        return [Path(a) for a in argv], "command line"
-    env = os.environ.get(TRACES_ENV, "")
-    if env.strip():
-        return [Path(p) for p in env.split(os.pathsep) if p.strip()], TRACES_ENV
-    return sample_run_paths(), "sample runs"
+        raw, origin = [Path(a) for a in argv], "the command line"
+    elif os.environ.get(TRACES_ENV, "").strip():
+        raw, origin = [Path(p) for p in os.environ[TRACES_ENV].split(os.pathsep) if p.strip()], f"${TRACES_ENV}"
+    else:
+        return sample_run_paths(), "the sample runs"
+    paths: list[Path] = []
+    for p in raw:
+        paths.extend(sorted(p.rglob(f"*{TRACE_SUFFIX}")) if p.is_dir() else [p])
+    return paths, origin

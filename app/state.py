@@ -104,19 +104,12 @@ def script_args(main_script: str) -> list[str]:
     return []
 
 
-def _expand(paths: list[Path]) -> list[Path]:
-    out: list[Path] = []
-    for p in paths:
-        out.extend(sorted(p.rglob(f"*{TRACE_SUFFIX}")) if p.is_dir() else [p])
-    return out
-
-
 def load_session_traces(argv: list[str]) -> list[LoadedTrace]:
     """Render the sidebar (trace picker and uploader) and return every trace this session can show. Unreadable
     files and rejected uploads are reported with st.error and left out; the app keeps running."""
     paths, origin = startup_trace_paths(argv)
     loaded: list[LoadedTrace] = []
-    for path in _expand(paths):
+    for path in paths:
         try:
             loaded.append(load_path(path))
         except TraceError as e:
@@ -124,6 +117,8 @@ def load_session_traces(argv: list[str]) -> list[LoadedTrace]:
 
     with st.sidebar:
         st.markdown("### Traces")
+        if paths:
+            st.caption(f"{len(paths)} from {origin}")
         uploads = st.file_uploader(
             f"Add traces ({TRACE_SUFFIX}, at most {MAX_UPLOAD_BYTES // 2**20} MB each)",
             accept_multiple_files=True,
@@ -144,7 +139,6 @@ def load_session_traces(argv: list[str]) -> list[LoadedTrace]:
         if lt.warning:
             st.warning(lt.warning, icon="✂️")
     st.session_state[TRACES_KEY] = traces
-    st.session_state["kvscope_origin"] = origin
 
     if traces:
         keys = [lt.key for lt in traces]

@@ -337,7 +337,7 @@ class _Exporter:
                 "name": f"step {row.step}",
                 "cat": "step",
                 "ph": "X",
-                "ts": round(float(end[i]) - d, 3),
+                "ts": round(max(float(end[i]) - d, 0.0), 3),  # a clock skew must not put a slice before 0
                 "dur": round(d, 3),
                 "pid": PID_MAIN,
                 "tid": TID_STEPS,
@@ -369,7 +369,7 @@ class _Exporter:
                 "name": str(row.call),
                 "cat": "driver",
                 "ph": "X",
-                "ts": round(float(ts_end[i]) - (d if self.clock == "host" else 0.0), 3),
+                "ts": round(max(float(ts_end[i]) - (d if self.clock == "host" else 0.0), 0.0), 3),
                 "dur": round(d, 3),
                 "pid": PID_MAIN,
                 "tid": TID_DRIVER,

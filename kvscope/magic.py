@@ -233,7 +233,7 @@ def capture_allocators() -> Iterator[list[Captured]]:
     from kvscope.recorder import NullRecorder, Recorder
 
     captured: list[Captured] = []
-    seen: set[int] = set()
+    constructing: set[int] = set()  # allocators inside a wrapped __init__ right now (ids are reused after GC)
     originals: dict[type, Any] = {}
 
     def wrap(cls: type, original: Any) -> Any:
@@ -241,20 +241,23 @@ def capture_allocators() -> Iterator[list[Captured]]:
 
         @functools.wraps(original)
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            if id(self) in seen:  # a subclass calling super().__init__: already handled
+            if id(self) in constructing:  # a wrapped class calling another's __init__ via super(): handled outside
                 return original(self, *args, **kwargs)
-            seen.add(id(self))
-            bound = signature.bind(self, *args, **kwargs)
-            owned = bound.arguments.get("recorder") is None
-            if owned:
-                spec = bound.arguments.get("spec")
-                meta = {"allocator": cls.name, "command": CELL_COMMAND}
-                if spec is not None:
-                    meta |= {"model": spec.name, "spec": spec.to_dict()}
-                recorder = Recorder(None, meta)
-                recorder.step = 0
-                bound.arguments["recorder"] = recorder
-            original(*bound.args, **bound.kwargs)
+            constructing.add(id(self))
+            try:
+                bound = signature.bind(self, *args, **kwargs)
+                owned = bound.arguments.get("recorder") is None
+                if owned:
+                    spec = bound.arguments.get("spec")
+                    meta = {"allocator": cls.name, "command": CELL_COMMAND}
+                    if spec is not None:
+                        meta |= {"model": spec.name, "spec": spec.to_dict()}
+                    recorder = Recorder(None, meta)
+                    recorder.step = 0
+                    bound.arguments["recorder"] = recorder
+                original(*bound.args, **bound.kwargs)
+            finally:
+                constructing.discard(id(self))
             rec = self.recorder
             if owned:
                 rec.meta.update({"allocator_config": self.config(), "device": _device_of(self)})

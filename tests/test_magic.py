@@ -242,3 +242,22 @@ def test_cell_bad_options(shell):
         assert shell.run_cell_magic("kvscope", "--bogus", "bad_option_cell_ran = 1") is None
     assert "usage: %%kvscope" in cap.stderr and "unrecognized arguments: --bogus" in cap.stderr
     assert "bad_option_cell_ran" not in shell.user_ns  # the cell does not run on bad options
+
+
+def test_cell_records_every_allocator_of_a_loop(shell):
+    cell = (
+        "from kvscope.alloc.static import StaticAllocator\n"
+        "from kvscope.spec import get_spec\n"
+        "import numpy as np\n"
+        "for variant in ['max', 'pow2', 'oracle']:\n"
+        "    a = StaticAllocator(get_spec('llama-3-8b'), 64 << 20, max_len=256, variant=variant)\n"
+        "    a.admit(0, np.arange(20), 30)\n"
+        "    a.append(0, np.arange(20))\n"
+        "    del a\n"
+    )
+    with capture_output():
+        result = shell.run_cell_magic("kvscope", "--no-show", cell)
+    assert [t.label for t in result.traces] == ["static max", "static pow2", "static oracle"]
+    reserved = [int(t.events.loc[t.events["kind"] == "acct_reserved", "bytes"].iloc[-1]) for t in result.traces]
+    bpt = 128 * 1024
+    assert reserved == [256 * bpt, 32 * bpt, 30 * bpt]  # max_len, next power of two of 30, exactly 30 tokens

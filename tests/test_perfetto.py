@@ -174,3 +174,19 @@ def test_cli_export(paged_trace, tmp_path, capsys, only_our_commands):
     assert cli.main(["export", str(tmp_path / "missing.kvtrace")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.kvtrace" in err[0], err
+
+
+def test_slices_never_start_before_zero():
+    from test_analysis_tracegen import CAP, PAGED4, Script
+
+    from kvscope.events import Kind
+
+    # A step whose recorded duration exceeds the time since the recorder started (say a trace re-stamped by a copy).
+    s = Script("paged", PAGED4, simulated=False)
+    s.at(0).emit(Kind.STEP, n=1, dur_ns=10**12, aux=-1)
+    for kind in (Kind.ACCT_CAPACITY, Kind.ACCT_FREE):
+        s.emit(kind, bytes=CAP)
+    events = trace_events(s.trace())
+    check_structure(events)
+    step = [e for e in events if e["ph"] == "X"]
+    assert len(step) == 1 and step[0]["ts"] == 0.0

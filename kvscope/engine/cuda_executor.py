@@ -280,9 +280,9 @@ class CudaExecutor:
             torch.cuda.synchronize(self.torch_device)
             torch.cuda.empty_cache()
         if self.nvml is not None:
+            # No drain: the engine has closed the trace by now; samples after the last step are not part of the run.
             self.memory["nvml_used_closed"] = self.nvml.used_bytes()
             self.nvml.stop()
-            self.nvml.drain(self.recorder)
             self.nvml = None
 
     # ---- the batch --------------------------------------------------------------------------------------------

@@ -103,39 +103,63 @@ class TorchExecutor:
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def _forward(self, work: list[Work]) -> torch.Tensor | None:
+        """One forward pass over the step. Per layer: every new token's K/V is written through the layout first
+        (a prefix block computed in this step may be read by another sequence), then attention reads it back:
+        decodes as one padded batch, prefills one sequence at a time."""
         dev = self.torch_device
         tokens = torch.from_numpy(np.concatenate([w.tokens for w in work]).astype(np.int64)).to(dev)
         positions = torch.cat([torch.arange(w.start, w.start + len(w.tokens)) for w in work]).to(dev)
-        segments = []  # (work, offset in the step's rows, new tokens, rows of tokens 0..end-1)
+        prefills = []  # (work, offset in the step's rows, new tokens, rows of tokens 0..end-1)
+        decode_at: list[int] = []  # offsets of the decode tokens
+        decode_rows: list[torch.Tensor] = []
+        new_rows: list[torch.Tensor] = []
         logits_rows = []
         off = 0
         for w in work:
             n = len(w.tokens)
-            segments.append((w, off, n, self.layout.rows(w.seq.id, w.start + n)))
+            rows = self.layout.rows(w.seq.id, w.start + n)
+            new_rows.append(rows[w.start :])
+            if w.prefill:
+                prefills.append((w, off, n, rows))
+            else:
+                decode_at.append(off)
+                decode_rows.append(rows)
             off += n
             if w.samples:
                 logits_rows.append(off - 1)
+        write_rows = torch.cat(new_rows)
+        batch = _DecodeBatch(decode_at, decode_rows, dev) if decode_at else None
         layout = self.layout
         shadow = self.shadow
+        decode_work = [w for w in work if not w.prefill]
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = layout.keys(layer), layout.values(layer)
+            keys.index_copy_(0, write_rows, k)
+            values.index_copy_(0, write_rows, v)
             out = torch.empty_like(q)
-            for w, o, n, rows in segments:
-                new = rows[w.start :]
-                keys.index_copy_(0, new, k[o : o + n])
-                values.index_copy_(0, new, v[o : o + n])
-                res = attention(q[o : o + n], keys.index_select(0, rows), values.index_select(0, rows), w.start)
-                out[o : o + n] = res
-                if shadow is not None:
-                    sk, sv = self._shadow_append(w.seq.id, layer, w.start, k[o : o + n], v[o : o + n])
-                    ref = attention(q[o : o + n], sk, sv, w.start)
-                    self._compare(res, ref, layer, w.seq.id)
+            for w, o, n, rows in prefills:
+                out[o : o + n] = attention(
+                    q[o : o + n], keys.index_select(0, rows), values.index_select(0, rows), w.start
+                )
+            if batch is not None:
+                out[batch.at] = batch.attend(q[batch.at], keys, values)
+            if shadow is not None:
+                self._check_shadow(layer, prefills, decode_work, batch, q, k, v, out)
             return out
 
         rows_t = torch.tensor(logits_rows, dtype=torch.int64, device=dev)
         with torch.inference_mode():
             return self.model.forward(tokens, positions, attend, rows_t)
+
+    def _check_shadow(self, layer, prefills, decode_work, batch, q, k, v, out) -> None:
+        for w, o, n, _ in prefills:
+            sk, sv = self._shadow_append(w.seq.id, layer, w.start, k[o : o + n], v[o : o + n])
+            self._compare(out[o : o + n], attention(q[o : o + n], sk, sv, w.start), layer, w.seq.id)
+        if batch is not None:
+            for w, o in zip(decode_work, batch.at.tolist(), strict=True):
+                sk, sv = self._shadow_append(w.seq.id, layer, w.start, k[o : o + 1], v[o : o + 1])
+                self._compare(out[o : o + 1], attention(q[o : o + 1], sk, sv, w.start), layer, w.seq.id)
 
     # ---- shadow copy --------------------------------------------------------------------------------------------
     def _shadow_prefix(self, w: Work) -> None:
@@ -174,3 +198,30 @@ class TorchExecutor:
                 f"seq {seq} layer {layer}: attention through the {self.alloc.name} layout differs from the "
                 f"contiguous reference by {err:.3g} (tolerance {self.tolerance:g})"
             )
+
+
+class _DecodeBatch:
+    """Decode tokens of a step as one padded attention call: row ids [B, C] (padding repeats each sequence's first
+    row, real data, so no garbage from never-written memory reaches the softmax) and a mask [B, C]."""
+
+    def __init__(self, at: list[int], rows: list[torch.Tensor], device: torch.device) -> None:
+        self.at = torch.tensor(at, dtype=torch.int64, device=device)
+        lengths = torch.tensor([len(r) for r in rows], device=device)
+        width = int(lengths.max())
+        self.index = torch.stack([torch.cat([r, r[:1].expand(width - len(r))]) for r in rows])  # [B, C]
+        self.mask = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [B, C]
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """q [B, q_heads, d] (one token per sequence) -> [B, q_heads, d]."""
+        b, width = self.index.shape
+        flat = self.index.reshape(-1)
+        k = keys.index_select(0, flat).view(b, width, *keys.shape[1:])  # [B, C, kvh, d]
+        v = values.index_select(0, flat).view(b, width, *values.shape[1:])
+        group = q.shape[1] // k.shape[2]
+        if group > 1:
+            k = k.repeat_interleave(group, dim=2)
+            v = v.repeat_interleave(group, dim=2)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self.mask[:, None, None, :]
+        )  # [B, heads, 1, d]
+        return out.squeeze(2)
