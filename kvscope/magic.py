@@ -86,9 +86,10 @@ class MagicResult:
         return self.traces[0] if self.traces else None
 
     def __repr__(self) -> str:  # one line: the cell's Out[] must not dump an events DataFrame
-        names = ", ".join(f"{t.label} ({t.name})" for t in self.traces) or "no trace"
-        files = f"; files: {', '.join(map(str, self.paths))}" if self.paths else ""
-        return f"<kvscope: {names}{files}>"
+        parts = [", ".join(f"{t.label} ({t.name})" for t in self.traces)] if self.traces else []
+        if self.paths:
+            parts.append(f"files: {', '.join(map(str, self.paths))}")
+        return f"<kvscope: {'; '.join(parts) or 'nothing'}>"
 
 
 # ---- the parser -------------------------------------------------------------------------------------------------

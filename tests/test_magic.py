@@ -154,6 +154,7 @@ def test_report_writes_a_file(shell, traces, tmp_path):
     with capture_output() as cap:
         result = shell.run_line_magic("kvscope", f"report {traces['static']} -o {out}")
     assert out.exists() and out.stat().st_size > 100_000 and result.paths == [out]
+    assert repr(result) == f"<kvscope: files: {out}>"
     assert "wrote" in cap.stdout
     with capture_output() as cap:
         assert shell.run_line_magic("kvscope", f"report {traces['static']} -o {tmp_path}") is None
