@@ -13,7 +13,10 @@ Part 2, the decode step (needs the cuda executor): the same batch of decodes on 
   sync        pages are mapped when a sequence crosses a page boundary, on the engine thread (critical path)
   background  the next step's pages are mapped on a thread while this step's forward pass runs (vAttention)
 Step times come from the host clock around the whole step (what the user waits for) and from CUDA events around
-the forward pass; mapping time on and off the critical path comes from the executor's counters.
+the forward pass; mapping time on and off the critical path, per decode step, from the executor's per-step counters
+(the CUDA backend times every driver call on the thread that makes it). Modes run --repeats times, interleaved.
+Read the mapping columns first: with a small model the step is bound by kernel launches on the host, whose jitter
+(a few ms) can exceed the mapping cost being compared.
 
 Writes one JSON file (--out) and prints a short table. Exits 1 with one line when there is no GPU.
 """
@@ -162,8 +165,9 @@ def decode_requests(batch: int, context: int, stagger: int, steps: int) -> list:
     ]
 
 
-def decode_figures(trace) -> dict[str, Any]:
-    """Per decode-only step (no prefill tokens): host step time and forward-pass GPU time, in ms."""
+def decode_figures(trace, executor) -> dict[str, Any]:
+    """Decode-only steps (no prefill tokens): host step time, forward-pass GPU time, and the VMM driver time on and
+    off the critical path in those steps (admission-time mapping during prefill steps is left out), in ms."""
     ev = trace.events
     by_kind = {k: ev[ev["kind"] == k].set_index("step") for k in ("step", "step_prefill", "step_kernel")}
     decode_steps = by_kind["step_prefill"].index[by_kind["step_prefill"]["n"] == 0]
@@ -172,6 +176,9 @@ def decode_figures(trace) -> dict[str, Any]:
     fwd_ns = kernel.loc[kernel.index.intersection(decode_steps), "dur_ns"].to_numpy()
     s = summarize_ns([int(x) for x in step_ns])
     f = summarize_ns([int(x) for x in fwd_ns])
+    wanted = {int(x) for x in decode_steps}
+    in_decode = [m for m in executor.step_mapping if m.step in wanted]
+    n = max(len(step_ns), 1)
 
     def ms(d: dict[str, float], key: str) -> float | None:
         return d[key] / 1e3 if key in d else None
@@ -183,12 +190,20 @@ def decode_figures(trace) -> dict[str, Any]:
         "step_ms_mean": ms(s, "mean_us"),
         "step_ms_max": ms(s, "max_us"),
         "forward_ms_median": ms(f, "median_us"),
+        "forward_ms_mean": ms(f, "mean_us"),
         "page_maps": int((ev["kind"] == "page_map").sum()),
+        # Mapping in decode steps, per decode step on average: what growth costs the critical path.
+        "decode_map_on_path_ms_per_step": sum(m.on_path_driver_ns for m in in_decode) / 1e6 / n,
+        "decode_map_off_path_ms_per_step": sum(m.ahead_driver_ns for m in in_decode) / 1e6 / n,
+        "decode_map_exposed_ms_per_step": sum(m.exposed_ns for m in in_decode) / 1e6 / n,
+        "decode_steps_with_on_path_maps": sum(1 for m in in_decode if m.on_path_driver_ns),
     }
 
 
 def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
-    """Decode steps on VMM memory: premapped vs sync vs background mapping (see the module docstring)."""
+    """Decode steps on VMM memory: premapped vs sync vs background mapping (see the module docstring). Each mode
+    runs `args.repeats` times, the modes interleaved in a rotating order, so that clock drift and run-to-run noise
+    fall on every mode alike; per mode the figures are the median over its runs (each run's list is kept)."""
     from dataclasses import replace
 
     import torch
@@ -229,6 +244,7 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
         "context": args.context,
         "stagger": stagger,
         "steps": args.steps,
+        "repeats": args.repeats,
         "megacache": args.megacache,
         "tokens_per_page": tokens_per_page,
         "kv_memory": capacity,
@@ -238,20 +254,35 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
     # Warm-up: compile the kernels for these shapes once.
     _use_executor(args.device, {"attention": args.attention, "background_map": False, "nvml": False}, {})
     record_run(decode_requests(4, args.context, stagger, 4), replace(base, max_batch=4), path=None)
-    for mode, (cfg, extra) in modes.items():
-        grabbed: dict[str, Any] = {}
-        _use_executor(args.device, {"attention": args.attention, "nvml": False, **extra}, grabbed)
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-        result = record_run(requests, cfg, path=None, command=f"bench_vmm decode {mode}")
-        r = decode_figures(result.trace())
-        m = grabbed["executor"].mapping
-        r["map_on_path_ms"] = m.on_path_driver_ns / 1e6
-        r["map_off_path_ms"] = m.ahead_driver_ns / 1e6
-        r["map_exposed_ms"] = m.exposed_ns / 1e6
-        r["mapping"] = m.to_dict()
-        r["finished_requests"] = result.stats.finished_requests
-        out["modes"][mode] = r
+    names = list(modes)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for rep in range(args.repeats):
+        for mode in names[rep % len(names) :] + names[: rep % len(names)]:
+            cfg, extra = modes[mode]
+            grabbed: dict[str, Any] = {}
+            _use_executor(args.device, {"attention": args.attention, "nvml": False, **extra}, grabbed)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+            result = record_run(requests, cfg, path=None, command=f"bench_vmm decode {mode}")
+            ex = grabbed["executor"]
+            r = decode_figures(result.trace(), ex)
+            m = ex.mapping
+            r["map_on_path_ms"] = m.on_path_driver_ns / 1e6  # whole run, admissions included
+            r["map_off_path_ms"] = m.ahead_driver_ns / 1e6
+            r["map_exposed_ms"] = m.exposed_ns / 1e6
+            r["mapping"] = m.to_dict()
+            r["finished_requests"] = result.stats.finished_requests
+            runs[mode].append(r)
+    for mode, rs in runs.items():
+        merged: dict[str, Any] = {}
+        for key, value in rs[0].items():
+            values = [r[key] for r in rs]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and None not in values:
+                merged[key] = statistics.median(values)
+            else:
+                merged[key] = value
+        merged["runs"] = rs
+        out["modes"][mode] = merged
     return out
 
 
@@ -286,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=1000, help="prompt tokens of the first sequence")
     p.add_argument("--steps", type=int, default=256, help="timed decode steps")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each decode mode, interleaved")
     p.add_argument("--page-size", default="2MiB")
     p.add_argument("--megacache", action="store_true", help="one buffer for all layers (rows of every layer's K, V)")
     p.add_argument("--attention", choices=["triton", "sdpa"], default="triton")
@@ -293,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.pages, args.rounds, args.range_pages = 64, 2, 16
-        args.layers, args.batch, args.context, args.steps = 2, 8, 200, 32
+        args.layers, args.batch, args.context, args.steps, args.repeats = 2, 8, 200, 32, 1
         args.megacache = True  # 256 tokens per page at 2 layers: the few quick steps still cross pages
     if args.device == "cpu":  # no GPU: host pages (the OS calls), the tiny model, reference kernels
         args.model, args.layers, args.page_size = "tiny", None, "4KiB"
@@ -374,12 +406,14 @@ def print_table(result: dict[str, Any]) -> None:
             continue
         print(f"{key} ({dec['batch']} sequences, {dec['layers']} layers, {dec['tokens_per_page']} tokens per page):")
         print(
-            f"{'mode':<12}{'step ms':>10}{'p90 ms':>10}{'mean ms':>10}{'fwd ms':>10}{'map on ms':>11}{'map off ms':>12}"
+            f"{'mode':<12}{'step ms':>10}{'p90 ms':>10}{'mean ms':>10}{'fwd ms':>10}"
+            f"{'map on ms/step':>16}{'map off ms/step':>17}{'exposed ms/step':>17}"
         )
         for mode, r in dec["modes"].items():
             print(
                 f"{mode:<12}{_f(r['step_ms_median']):>10}{_f(r['step_ms_p90']):>10}{_f(r['step_ms_mean']):>10}"
-                f"{_f(r['forward_ms_median']):>10}{r['map_on_path_ms']:>11.2f}{r['map_off_path_ms']:>12.2f}"
+                f"{_f(r['forward_ms_median']):>10}{r['decode_map_on_path_ms_per_step']:>16.3f}"
+                f"{r['decode_map_off_path_ms_per_step']:>17.3f}{r['decode_map_exposed_ms_per_step']:>17.3f}"
             )
 
 

@@ -94,6 +94,23 @@ class Recorder:
         if len(c[0]) >= self.flush_events:
             self.flush()
 
+    def emit_at(self, t_ns: int, kind: Kind | int, **columns: int) -> None:
+        """Emit with an explicit `t_ns` (on this recorder's clock, see now_ns): for samples taken on another thread
+        and emitted later (NVML), so they keep the time they were taken."""
+        c = self._cols
+        get = columns.get
+        with self._lock:
+            c[0].append(t_ns)
+            c[1].append(self.step)
+            c[2].append(kind)
+            c[3].append(get("seq", -1))
+            c[4].append(get("block", -1))
+            c[5].append(get("n", 0))
+            c[6].append(get("bytes", 0))
+            c[7].append(get("addr", -1))
+            c[8].append(get("aux", -1))
+            c[9].append(get("dur_ns", 0))
+
     def now_ns(self) -> int:
         """Nanoseconds since the run started, on the clock `t_ns` uses."""
         return time.perf_counter_ns() - self._t0

@@ -49,9 +49,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_name(device: str) -> str:
+def device_name(device: str, simulated: str = "GPU, roofline model") -> str:
+    """The GPU's name on cuda, the processor's on cpu, 'simulated <cost model>' on sim."""
     if device == "sim":
-        return "simulated GPU (roofline cost model)"
+        return f"simulated {simulated}"
     if device == "cuda":
         from kvscope.cudainfo import device_name as cuda_device_name
 

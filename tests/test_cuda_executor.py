@@ -335,7 +335,8 @@ def test_bench_vmm_plumbing_on_cpu(tmp_path):
 
     out = tmp_path / "vmm.json"
     bench = load_benchmark("bench_vmm")
-    assert bench.main(["--device", "cpu", "--megacache", "--steps", "12", "--out", str(out)]) == 0
+    argv = ["--device", "cpu", "--megacache", "--steps", "12", "--repeats", "2", "--out", str(out)]
+    assert bench.main(argv) == 0
     result = json.loads(out.read_text())
     calls = result["driver_calls"]["calls"]
     assert {"reserve", "create", "map", "set_access", "unmap", "release"} <= set(calls)
@@ -344,5 +345,6 @@ def test_bench_vmm_plumbing_on_cpu(tmp_path):
     modes = result["decode_megacache"]["modes"]
     assert set(modes) == {"premapped", "sync", "background"}
     assert all(m["finished_requests"] == 4 and m["decode_steps"] == 12 for m in modes.values())
+    assert all(len(m["runs"]) == 2 and m["decode_map_exposed_ms_per_step"] >= 0 for m in modes.values())
     assert modes["background"]["mapping"]["ahead_groups"] > 0
     assert modes["sync"]["mapping"]["ahead_groups"] == 0

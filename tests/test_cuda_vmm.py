@@ -319,6 +319,23 @@ def test_close_gives_back_what_was_left_in_the_right_order():
     mem.close()  # twice is fine
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int64"])
+def test_dlpack_capsule_views_memory_in_place(dtype):
+    import numpy as np
+    import torch
+
+    from kvscope.backends.cuda_vmm import DL_CPU, dlpack_capsule
+
+    torch_dtype = getattr(torch, dtype)
+    raw = np.zeros(2 * 3 * 4 * 8, dtype=np.uint8)  # 8 bytes an element at most
+    t = torch.from_dlpack(dlpack_capsule(raw.ctypes.data, (2, 3, 4), torch_dtype, DL_CPU, 0))
+    assert t.data_ptr() == raw.ctypes.data and t.dtype == torch_dtype
+    assert t.shape == (2, 3, 4) and t.stride() == (12, 4, 1)
+    t[1, 2, 3] = 7
+    flat = torch.from_numpy(raw[: t.numel() * t.element_size()]).view(torch_dtype)
+    assert float(flat[23]) == 7 and float(flat.sum()) == 7  # the write landed in place, nowhere else
+
+
 def test_cuda_array_interface_describes_the_range():
     arr = CudaArray(0x7F0000000000, (4, 2, 8), "<i2", owner="keep-me")
     cai = arr.__cuda_array_interface__
@@ -357,6 +374,26 @@ def test_gpu_granularity_and_round_trip(gpu_mem):
         gpu_mem.release(h)
     gpu_mem.free_reservation(va, 4 * PAGE)
     assert gpu_mem.live() == {"reservations": 0, "handles": 0, "mappings": 0}
+
+
+@pytest.mark.gpu
+def test_gpu_tensor_view_before_anything_is_mapped(gpu_mem):
+    """A VMM buffer is wrapped when the executor starts, before any sequence has mapped a page into it."""
+    import torch
+
+    from kvscope.backends.cuda_vmm import tensor_view
+
+    va = gpu_mem.reserve(4 * PAGE)
+    t = tensor_view(va, (4, PAGE // 2), torch.bfloat16)  # one row a page, nothing mapped yet
+    assert t.data_ptr() == va and t.device == torch.device("cuda", gpu_mem.device)
+    h = map_page(gpu_mem, va + PAGE)
+    t[1].fill_(2.0)
+    torch.cuda.synchronize()
+    assert float(t[1].float().mean()) == 2.0
+    del t
+    gpu_mem.unmap(va + PAGE, PAGE)
+    gpu_mem.release(h)
+    gpu_mem.free_reservation(va, 4 * PAGE)
 
 
 @pytest.mark.gpu

@@ -120,6 +120,7 @@ def test_meta_carries_request_table_allocator_config_and_versions():
     assert meta["allocator_config"]["block_size"] == 8
     assert meta["allocator_config"]["num_blocks"] == (1 << 20) // (8 * BPT)
     assert meta["device"] == "sim" and meta["model"] == "tiny"
+    assert meta["device_name"] == "simulated H100 SXM 80GB, roofline model"
     assert meta["spec"]["bytes_per_token"] == BPT
     assert meta["engine_config"]["max_len"] == 64
     assert meta["versions"]["kvscope"] and meta["versions"]["python"]

@@ -204,3 +204,24 @@ def test_vmm_kv_lives_in_the_mapped_pages(build):
     from_page = torch.frombuffer(bytearray(raw), dtype=torch.float32).view(10, SPEC.num_kv_heads, SPEC.head_dim)
     torch.testing.assert_close(from_page, keys0[base : base + 10].clone())
     assert from_page.abs().sum() > 0
+
+
+def test_gqa_attention_matches_a_naive_softmax():
+    torch.manual_seed(0)
+    n, q_heads, kv_heads, d, ctx, start = 5, 8, 2, 16, 12, 7
+    q, k, v = torch.randn(n, q_heads, d), torch.randn(ctx, kv_heads, d), torch.randn(ctx, kv_heads, d)
+    group = q_heads // kv_heads
+    expected = torch.empty(n, q_heads, d)
+    for i in range(n):
+        for h in range(q_heads):
+            keys, vals = k[: start + i + 1, h // group], v[: start + i + 1, h // group]  # causal: keys 0..start+i
+            weights = torch.softmax(keys @ q[i, h] / d**0.5, dim=0)
+            expected[i, h] = weights @ vals
+    torch.testing.assert_close(attention(q, k, v, start), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_executor_restores_the_thread_count(build):
+    before = torch.get_num_threads()
+    b = build([Request("a", 0.0, 4, 2)], cpu_config("static"))
+    b.close()
+    assert torch.get_num_threads() == before

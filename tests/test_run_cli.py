@@ -33,7 +33,7 @@ def test_run_sim_writes_a_trace_and_prints_one_result_line(tmp_path, capsys):
     assert meta["allocator"] == "paged" and meta["device"] == "sim" and meta["model"] == "llama-3-8b"
     assert meta["workload"]["name"] == "sharegpt" and meta["workload"]["requests"] == 40
     assert len(meta["requests"]["seq"]) == 40
-    assert meta["engine_config"]["kv_memory"] == 16 << 30
+    assert meta["engine_config"]["kv_memory"] == 16 << 30  # the default on sim
     assert meta["allocator_config"]["block_size"] == 16
     assert meta["command"].startswith("kvscope") or meta["command"]
     assert (trace.events["kind"] == "finish").sum() == 40
@@ -65,14 +65,17 @@ def test_run_cpu_from_a_jsonl_file(tmp_path, capsys, allocator):
     assert "(tiny)" in capsys.readouterr().out  # --device cpu defaults to the tiny model
     trace = load_trace(out)
     assert trace.meta["device"] == "cpu" and trace.meta["device_name"]
+    assert trace.meta["engine_config"]["kv_memory"] == 1 << 20
     assert trace.meta["workload"]["source"] == "file"
     assert (trace.events["kind"] == "finish").sum() == 4  # three requests, one with n=2
 
 
-def test_run_with_progress_bar(tmp_path, capsys):
+def test_run_with_progress_bar_and_cpu_defaults(tmp_path, capsys):
     out = tmp_path / "p.kvtrace"
-    assert kvscope("run", "-w", "alpaca", "-n", "20", "-o", str(out)) == 0
-    assert load_trace(out).meta["workload"]["requests"] == 20
+    assert kvscope("run", "-w", "alpaca", "-n", "20", "-d", "cpu", "-o", str(out)) == 0
+    meta = load_trace(out).meta
+    assert meta["workload"]["requests"] == 20
+    assert meta["model"] == "tiny" and meta["engine_config"]["kv_memory"] == 256 << 20
 
 
 def test_default_output_path(tmp_path, monkeypatch, capsys):

@@ -16,6 +16,7 @@ before freeing address space. `inject_fault` makes the k-th create/map/... fail,
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from dataclasses import dataclass
@@ -308,26 +309,99 @@ def _load_driver() -> Any:
         raise BackendUnavailable("cuda backend: cuda-python is not installed (pip install cuda-python)") from None
 
 
-# ---- tensors over mapped memory -----------------------------------------------------------------------------
+# ---- tensors over VMM memory -----------------------------------------------------------------------------------
+#
+# torch.as_tensor(obj with __cuda_array_interface__) asks the driver which device owns the pointer
+# (cudaPointerGetAttributes), and the driver calls an address with nothing mapped at it host memory: a VMM buffer,
+# whose pages are mapped only as sequences grow, cannot be wrapped that way before its first page is mapped. A DLPack
+# capsule names the device itself, so torch.from_dlpack takes any address, mapped or not; that is what tensor_view
+# builds. The capsule's structs are plain ctypes (DLPack is a C ABI; see dlpack.h, DLManagedTensor).
 
-# Typestrings torch understands through __cuda_array_interface__; bfloat16 has none, so it travels as int16 and is
-# reinterpreted with .view() (same bytes, same address).
-_CARRIER = {
-    "bfloat16": "<i2",
-    "float16": "<f2",
-    "float32": "<f4",
-    "float64": "<f8",
-    "int8": "|i1",
-    "uint8": "|u1",
-    "int16": "<i2",
-    "int32": "<i4",
-    "int64": "<i8",
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    _fields_ = [
+        ("dl_tensor", _DLTensor),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", ctypes.CFUNCTYPE(None, ctypes.c_void_p)),  # left NULL: the memory is the allocator's
+    ]
+
+
+DL_CPU, DL_CUDA = 1, 2  # DLDeviceType
+_DL_DTYPES = {  # torch dtype name -> (DLDataTypeCode, bits): kDLInt 0, kDLUInt 1, kDLFloat 2, kDLBfloat 4
+    "bfloat16": (4, 16),
+    "float16": (2, 16),
+    "float32": (2, 32),
+    "float64": (2, 64),
+    "int8": (0, 8),
+    "uint8": (1, 8),
+    "int16": (0, 16),
+    "int32": (0, 32),
+    "int64": (0, 64),
 }
+_CAPSULE_NAME = ctypes.create_string_buffer(b"dltensor")  # PyCapsule keeps the pointer, not a copy
+# torch reads a DLManagedTensor's deleter field when the tensor dies, so each struct (~100 bytes) must outlive its
+# tensors: they are kept for the life of the process (a handful per run: one per VMM buffer).
+_KEEPALIVE: list[Any] = []
+_keepalive_lock = threading.Lock()
+
+
+def _capsule_new() -> Any:
+    fn = ctypes.pythonapi.PyCapsule_New
+    fn.restype = ctypes.py_object
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    return fn
+
+
+def dlpack_capsule(address: int, shape: tuple[int, ...], dtype: Any, device_type: int, device_id: int) -> Any:
+    """A legacy ("dltensor") DLPack capsule describing a C-contiguous array at `address` (no ownership)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DL_DTYPES:
+        raise ValueError(f"tensor_view: unsupported dtype {dtype!r}")
+    code, bits = _DL_DTYPES[name]
+    ndim = len(shape)
+    dims = (ctypes.c_int64 * max(ndim, 1))(*shape)
+    strides = (ctypes.c_int64 * max(ndim, 1))()
+    step = 1
+    for i in range(ndim - 1, -1, -1):
+        strides[i] = step
+        step *= int(shape[i])
+    managed = _DLManagedTensor()
+    t = managed.dl_tensor
+    t.data = address
+    t.device = _DLDevice(device_type, device_id)
+    t.ndim = ndim
+    t.dtype = _DLDataType(code, bits, 1)
+    t.shape = ctypes.cast(dims, ctypes.POINTER(ctypes.c_int64))
+    t.strides = ctypes.cast(strides, ctypes.POINTER(ctypes.c_int64))
+    t.byte_offset = 0
+    with _keepalive_lock:
+        _KEEPALIVE.append((managed, dims, strides))
+    return _capsule_new()(ctypes.addressof(managed), ctypes.cast(_CAPSULE_NAME, ctypes.c_char_p), None)
 
 
 class CudaArray:
-    """A device address range described by __cuda_array_interface__ (v3), so torch.as_tensor / CuPy / Numba can
-    wrap it without copying. `owner` is kept alive for as long as any tensor made from this object lives."""
+    """A device address range described by __cuda_array_interface__ (v3), for CuPy / Numba / torch.as_tensor on
+    mapped memory. `owner` is kept alive for as long as any array made from this object lives."""
 
     def __init__(self, address: int, shape: tuple[int, ...], typestr: str, owner: Any = None) -> None:
         self.address = int(address)
@@ -341,15 +415,20 @@ class CudaArray:
         return {"shape": self.shape, "typestr": self.typestr, "data": (self.address, False), "version": 3}
 
 
-def tensor_view(address: int, shape: tuple[int, ...], dtype: Any, *, owner: Any = None) -> Any:
-    """A torch tensor over `prod(shape)` elements at device address `address` (e.g. a VMM buffer), no copy:
-    `tensor_view(va, (rows, heads, dim), torch.bfloat16).data_ptr() == va`. The memory must stay mapped while the
-    tensor is used; `owner` (e.g. the allocator) is referenced by the tensor to keep it from being collected."""
+def tensor_view(address: int, shape: tuple[int, ...], dtype: Any, *, owner: Any = None, device: int | None = None):
+    """A torch tensor over `prod(shape)` elements at device address `address` (a VMM buffer), no copy:
+    `tensor_view(va, (rows, heads, dim), torch.bfloat16).data_ptr() == va`, whether or not pages are mapped yet.
+    Only mapped parts may be touched. `device`: the CUDA device (default: `owner.backend.device`, or torch's current
+    device); `owner` is only used to find the device (the tensor does not keep it alive)."""
     import torch
 
-    dtype_name = str(dtype).removeprefix("torch.")
-    if dtype_name not in _CARRIER:
-        raise ValueError(f"tensor_view: unsupported dtype {dtype!r}")
-    # No device argument: torch finds the device from the pointer (a different one would make it copy).
-    tensor = torch.as_tensor(CudaArray(address, shape, _CARRIER[dtype_name], owner))
-    return tensor.view(dtype) if tensor.dtype != dtype else tensor
+    if device is None:
+        device = getattr(getattr(owner, "backend", None), "device", None)
+    if device is None:
+        device = torch.cuda.current_device()
+    tensor = torch.from_dlpack(dlpack_capsule(address, shape, dtype, DL_CUDA, int(device)))
+    if tensor.data_ptr() != address or tensor.dtype != dtype:
+        raise BackendError(
+            f"tensor_view: DLPack gave {tensor.dtype} at {tensor.data_ptr():#x}, not {dtype} at {address:#x}"
+        )
+    return tensor

@@ -40,7 +40,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         "default llama-3-8b, tiny on --device cpu",
     )
     e.add_argument("--layers", type=int, metavar="N", help="override the preset's number of layers")
-    e.add_argument("--kv-memory", default="16GiB", metavar="SIZE", help="KV cache memory (default 16GiB)")
+    e.add_argument("--kv-memory", metavar="SIZE", help="KV cache memory (default 16GiB; 256MiB on --device cpu)")
     e.add_argument("--max-len", type=int, default=2048, metavar="N", help="longest sequence, prompt + output")
     e.add_argument("--max-batch", type=int, default=256, metavar="N", help="most sequences in a step")
     e.add_argument("--max-tokens-per-step", type=int, default=8192, metavar="N", help="token budget of a step")

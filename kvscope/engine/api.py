@@ -28,6 +28,7 @@ from kvscope.workload import Request
 ALLOCATORS = ("static", "paged", "vmm")
 DEVICES = ("sim", "cpu", "cuda")
 DEFAULT_MODEL = {"sim": "llama-3-8b", "cpu": "tiny", "cuda": "llama-3-8b"}
+DEFAULT_KV_MEMORY = {"sim": 16 << 30, "cpu": 256 << 20, "cuda": 16 << 30}
 DEFAULT_SWAP_SPACE = 4 << 30  # vLLM's default swap_space
 
 
@@ -37,7 +38,7 @@ class RunConfig:
     device: str = "sim"
     model: str | None = None  # None: llama-3-8b, or tiny on --device cpu
     layers: int | None = None
-    kv_memory: int = 16 << 30
+    kv_memory: int | None = None  # None: 16 GiB, or 256 MiB on --device cpu (real tensors)
     max_len: int = 2048
     max_batch: int = 256
     max_tokens_per_step: int = 8192
@@ -59,6 +60,10 @@ class RunConfig:
     cost_model: GPUCostModel = field(default_factory=GPUCostModel)
 
     @property
+    def kv_bytes(self) -> int:
+        return self.kv_memory if self.kv_memory is not None else DEFAULT_KV_MEMORY.get(self.device, 16 << 30)
+
+    @property
     def model_name(self) -> str:
         return self.model or DEFAULT_MODEL.get(self.device, "llama-3-8b")
 
@@ -71,8 +76,8 @@ class RunConfig:
         """One-line ValueError for options that make no sense together."""
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"--allocator {self.allocator}: choose from {', '.join(ALLOCATORS)}")
-        if self.kv_memory <= 0:
-            raise ValueError(f"--kv-memory: must be positive, got {self.kv_memory}")
+        if self.kv_bytes <= 0:
+            raise ValueError(f"--kv-memory: must be positive, got {self.kv_bytes}")
         only = {
             "paged": [
                 ("--block-size", self.block_size is not None),
@@ -112,7 +117,7 @@ class RunConfig:
             "max_tokens_per_step": self.max_tokens_per_step,
             "chunked_prefill": self.chunked_prefill,
             "preemption": self.preemption,
-            "kv_memory": self.kv_memory,
+            "kv_memory": self.kv_bytes,
             "swap_space": self.swap_bytes(),
             "prefix_caching": self.prefix_caching,
             "clock": "simulated" if self.device == "sim" else "measured",
@@ -124,7 +129,7 @@ class RunConfig:
     def swap_bytes(self) -> int:
         if self.preemption != "swap":
             return 0
-        return self.swap_space if self.swap_space is not None else min(DEFAULT_SWAP_SPACE, self.kv_memory)
+        return self.swap_space if self.swap_space is not None else min(DEFAULT_SWAP_SPACE, self.kv_bytes)
 
 
 @dataclass
@@ -162,7 +167,7 @@ def make_allocator(cfg: RunConfig, spec: KVSpec, recorder: Any, backend: Any = N
 
         return PagedAllocator(
             spec,
-            cfg.kv_memory,
+            cfg.kv_bytes,
             recorder,
             block_size=cfg.block_size or 16,
             enable_prefix_caching=cfg.prefix_caching,
@@ -171,12 +176,12 @@ def make_allocator(cfg: RunConfig, spec: KVSpec, recorder: Any, backend: Any = N
     if cfg.allocator == "static":
         from kvscope.alloc.static import StaticAllocator
 
-        return StaticAllocator(spec, cfg.kv_memory, recorder, max_len=cfg.max_len, variant=cfg.static_variant or "max")
+        return StaticAllocator(spec, cfg.kv_bytes, recorder, max_len=cfg.max_len, variant=cfg.static_variant or "max")
     from kvscope.alloc.vmm import DEFAULT_PAGE_SIZE, VMMAllocator
 
     return VMMAllocator(
         spec,
-        cfg.kv_memory,
+        cfg.kv_bytes,
         recorder,
         backend=backend,
         max_batch=cfg.max_batch,
@@ -236,13 +241,15 @@ def record_run(
         }
     )
     backend = make_backend(cfg.device) if cfg.allocator == "vmm" else None
-    allocator = executor = sampler = None
+    allocator = executor = None
     try:
         allocator = make_allocator(cfg, spec, recorder, backend)
         executor = make_executor(cfg.device, spec, allocator, ExecutorOptions(seed=cfg.seed, shadow=cfg.shadow))
         meta = {
             "allocator_config": allocator.config(),
-            "device_name": executor.device_name(),
+            "device_name": (
+                runmeta.device_name("sim", cfg.cost_model.name) if cfg.device == "sim" else executor.device_name()
+            ),
             "versions": runmeta.versions(cfg.device),
             "engine_config": cfg.engine_config(),
             "workload": workload or {"name": "requests", "source": "python", "requests": len(requests)},
@@ -262,10 +269,6 @@ def record_run(
             cost_model=cfg.cost_model,
             check_invariants=cfg.check_invariants,
         )
-        if cfg.device == "cuda":
-            from kvscope.nvml import NvmlSampler
-
-            sampler = engine.memory_sampler = NvmlSampler.try_start(clock=recorder.now_ns)
         if setup is not None:
             setup(engine)
         stats = engine.run(progress=progress)
@@ -273,8 +276,6 @@ def record_run(
         recorder.abort()
         raise
     finally:
-        if sampler is not None:
-            sampler.stop()
         if executor is not None:
             executor.close()
         if allocator is not None and hasattr(allocator, "close"):

@@ -16,7 +16,7 @@ from kvscope.spec import KVSpec
 
 @dataclass(frozen=True)
 class GPUCostModel:
-    name: str = "H100-SXM-80GB (roofline)"
+    name: str = "H100 SXM 80GB, roofline model"
     hbm_bandwidth: float = 3.35e12  # bytes/s, datasheet
     bandwidth_efficiency: float = 0.9  # ~3.0 TB/s achieved (REFERENCE.md)
     peak_flops: float = 989e12  # dense bf16 tensor-core FLOP/s, datasheet

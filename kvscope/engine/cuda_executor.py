@@ -3,8 +3,8 @@ engine's continuous batching, attention through kvscope's Triton kernels in each
 
     paged   K/V pool [layers, 2, num_blocks, block_size, kv_heads, head_dim]; kernels read through block tables
     static  flat arena [layers, 2, rows, kv_heads, head_dim]; kernels read rows token_base .. token_base + len - 1
-    vmm     the VMM allocator's virtual buffers over CUDA VMM pages (kvscope.backends.cuda_vmm), wrapped as tensors
-            with __cuda_array_interface__; the same contiguous kernels as static, at token_base
+    vmm     the VMM allocator's virtual buffers over CUDA VMM pages, wrapped in place as tensors through DLPack
+            (kvscope.backends.cuda_vmm.tensor_view); the same contiguous kernels as static, at token_base
 (the layouts are kvscope.engine.layout's, shared with the torch executor)
 
 `attention="sdpa"` (static, vmm) runs torch's scaled_dot_product_attention instead, one call per sequence on views
@@ -23,8 +23,9 @@ it, except for what the engine waits for after the forward pass ("exposed"). Per
 MAP_AHEAD (n=page-groups mapped ahead, bytes, dur_ns=driver time on the mapper, aux=exposed wait ns) and MAP_SYNC
 (dur_ns=driver time on the engine thread since the previous step). Totals are in `executor.mapping`.
 
-On a machine without a GPU the same executor runs on CPU tensors with Triton's interpreter (`device="cpu"`, with
-TRITON_INTERPRET=1 set before kvscope.kernels is imported), which is how its tests run.
+On a machine without a GPU the same executor runs on CPU tensors (`device="cpu"`): with Triton's interpreter
+(TRITON_INTERPRET=1 set before kvscope.kernels is imported), or with kvscope.kernels.reference (`kernels="reference"`,
+the same signatures in plain torch), which is how its tests and the benchmarks' plumbing checks run.
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ class MappingStats:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class StepMapping:
+    """One step's share of MappingStats (nanoseconds), so a benchmark can look at decode steps alone."""
+
+    step: int  # the recorder's step number
+    on_path_driver_ns: int
+    ahead_driver_ns: int
+    exposed_ns: int
+    ahead_groups: int
 
 
 @dataclass
@@ -174,6 +186,7 @@ class CudaExecutor:
         self.check_tolerance = max(options.shadow_tolerance, 2e-2 if spec.dtype_bytes == 2 else 0.0)
         self.max_check_error = 0.0
         self.mapping = MappingStats()
+        self.step_mapping: list[StepMapping] = []  # per step, for steps that had any mapping work
         self.memory: dict[str, int] = {}
         self.last_logits: torch.Tensor | None = None
 
@@ -466,8 +479,12 @@ class CudaExecutor:
         if kind_sync is not None and on_path:
             rec.emit(kind_sync, dur_ns=on_path)
         if future is None:
+            if on_path:
+                self.step_mapping.append(StepMapping(rec.step, on_path, 0, 0, 0))
             return
         groups, wall, driver, skipped = future.result()
+        if on_path or driver or groups:
+            self.step_mapping.append(StepMapping(rec.step, on_path, driver, exposed, groups))
         m.ahead_groups += groups
         m.ahead_wall_ns += wall
         m.ahead_driver_ns += driver

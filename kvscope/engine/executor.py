@@ -6,7 +6,7 @@ The engine calls, per step: `execute(plan)` (drain the allocator's pending copie
 
     sim   SimExecutor: no tensors; the engine's cost model supplies the step time.
     cpu   TorchExecutor (kvscope.engine.torch_executor) on CPU tensors: a Llama-shaped model with random weights.
-    cuda  the same on a CUDA GPU (a Triton-kernel executor can replace it by registering under "cuda").
+    cuda  CudaExecutor (kvscope.engine.cuda_executor): the same model, attention through the Triton kernels.
 
 A new device plugs in with `register_executor(name, factory)`; the factory gets (spec, allocator, options) and
 returns an Executor.
@@ -67,7 +67,7 @@ class SimExecutor:
         pass
 
     def device_name(self) -> str:
-        return "simulated GPU (roofline cost model)"
+        return "simulated GPU, roofline model"
 
     def close(self) -> None:
         pass
@@ -87,9 +87,9 @@ def _make_cpu(spec: KVSpec, allocator: KVAllocator, options: ExecutorOptions) ->
 
 
 def _make_cuda(spec: KVSpec, allocator: KVAllocator, options: ExecutorOptions) -> Executor:
-    from kvscope.engine.torch_executor import TorchExecutor
+    from kvscope.engine.cuda_executor import make_cuda_executor
 
-    return TorchExecutor(spec, allocator, options, device="cuda")
+    return make_cuda_executor(spec, allocator, options)
 
 
 EXECUTORS: dict[str, ExecutorFactory] = {"sim": _make_sim, "cpu": _make_cpu, "cuda": _make_cuda}

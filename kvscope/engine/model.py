@@ -98,16 +98,15 @@ class LlamaModel:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """Causal GQA attention of n queries at positions start..start+n-1 over keys/values at positions 0..ctx-1.
-    q [n, q_heads, d]; k, v [ctx, kv_heads, d] -> [n, q_heads, d]."""
-    n, qh, _ = q.shape
+    q [n, q_heads, d]; k, v [ctx, kv_heads, d] -> [n, q_heads, d]. Query head h reads kv head h // group."""
+    n, qh, d = q.shape
     ctx, kvh, _ = k.shape
     group = qh // kvh
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
+    # The group's query heads share one kv head: fold them into the query axis instead of copying K/V per head.
+    qf = q.reshape(n, kvh, group, d).permute(1, 2, 0, 3).reshape(1, kvh, group * n, d)
     q_pos = torch.arange(start, start + n, device=q.device)[:, None]
     mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos  # [n, ctx]
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), attn_mask=mask
-    )
-    return out.squeeze(0).transpose(0, 1)
+        qf, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), attn_mask=mask.repeat(group, 1)
+    )  # [1, kvh, group * n, d]
+    return out.view(kvh, group, n, d).permute(2, 0, 1, 3).reshape(n, qh, d)

@@ -23,6 +23,7 @@ from kvscope.engine.scheduler import StepPlan, Work
 from kvscope.spec import KVSpec
 
 MAX_WEIGHT_BYTES = {"cpu": 4 << 30, "cuda": 200 << 30}
+SINGLE_THREAD_MAX_HIDDEN = 1024
 
 
 class ShadowMismatch(AssertionError):
@@ -49,7 +50,15 @@ class TorchExecutor:
         self.spec = spec
         self.alloc = allocator
         self.model = LlamaModel(spec, seed=options.seed, device=self.torch_device)
-        self.layout = make_layout(spec, allocator, self.torch_device)
+        try:
+            self.layout = make_layout(spec, allocator, self.torch_device)
+        except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator refusing
+            if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
+                raise
+            raise UserError(
+                f"--kv-memory: could not allocate the KV tensors on {device} ({str(e).splitlines()[0]}); "
+                "use a smaller --kv-memory"
+            ) from None
         self.bytes_per_token = spec.bytes_per_token
         self.tolerance = options.shadow_tolerance
         # seq -> per layer [k, v], contiguous [tokens, kv_heads, head_dim]
@@ -58,6 +67,11 @@ class TorchExecutor:
         self.shadow_checks = 0  # attention outputs compared with the shadow
         self.last_logits: torch.Tensor | None = None
         self._cuda = self.torch_device.type == "cuda"
+        # Small models: intra-op threads only add synchronization (20x slower on a busy 2-core machine). The setting
+        # is process-wide, so it is restored by close().
+        self._threads_before = torch.get_num_threads()
+        if not self._cuda and spec.hidden <= SINGLE_THREAD_MAX_HIDDEN:
+            torch.set_num_threads(1)
 
     # ---- executor protocol ----------------------------------------------------------------------------------
     def execute(self, plan: StepPlan) -> ExecResult:
@@ -100,6 +114,7 @@ class TorchExecutor:
 
     def close(self) -> None:
         self.layout.close()
+        torch.set_num_threads(self._threads_before)
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def _forward(self, work: list[Work]) -> torch.Tensor | None:
@@ -215,13 +230,12 @@ class _DecodeBatch:
         """q [B, q_heads, d] (one token per sequence) -> [B, q_heads, d]."""
         b, width = self.index.shape
         flat = self.index.reshape(-1)
-        k = keys.index_select(0, flat).view(b, width, *keys.shape[1:])  # [B, C, kvh, d]
-        v = values.index_select(0, flat).view(b, width, *values.shape[1:])
-        group = q.shape[1] // k.shape[2]
-        if group > 1:
-            k = k.repeat_interleave(group, dim=2)
-            v = v.repeat_interleave(group, dim=2)
+        kvh, d = keys.shape[1], keys.shape[2]
+        k = keys.index_select(0, flat).view(b, width, kvh, d).transpose(1, 2)  # [B, kvh, C, d]
+        v = values.index_select(0, flat).view(b, width, kvh, d).transpose(1, 2)
+        group = q.shape[1] // kvh
+        # A kv head's `group` query heads become its query rows (they share K/V and, for one token, the mask).
         out = torch.nn.functional.scaled_dot_product_attention(
-            q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self.mask[:, None, None, :]
-        )  # [B, heads, 1, d]
-        return out.squeeze(2)
+            q.view(b, kvh, group, d), k, v, attn_mask=self.mask[:, None, None, :]
+        )  # [B, kvh, group, d]
+        return out.reshape(b, kvh * group, d)
