@@ -35,24 +35,16 @@ class Kind(IntEnum):
     PREFIX_HIT = 8  # seq; n=prompt tokens served from the prefix cache (never recomputed ones)
     REJECT = 9  # seq; n=tokens it would need; the request can never fit (longer than max_len or the whole pool)
     # ---- paged blocks (vLLM) -----------------------------------------------------------------------------------
-    BLOCK_ALLOC = (
-        10  # block; seq=owner; addr=index in its block table; bytes=block bytes; free -> active, ref 1
-    )
-    BLOCK_SHARE = (
-        11  # block; seq=new holder; addr=index in its block table; aux=ref after (also a cache touch)
-    )
-    BLOCK_FREE = (
-        12  # block; seq=holder letting go; aux=ref after; at 0: free, or cached-idle if hashed
-    )
+    BLOCK_ALLOC = 10  # block; seq=owner; addr=index in its block table; bytes=block bytes; free -> active, ref 1
+    BLOCK_SHARE = 11  # block; seq=new holder; addr=index in its block table; aux=ref after (also a cache touch)
+    BLOCK_FREE = 12  # block; seq=holder letting go; aux=ref after; at 0: free, or cached-idle if hashed
     BLOCK_COW = 13  # block=new copy; aux=source block; seq=the writer; addr=index in its block table; bytes
     BLOCK_CACHE = 14  # block; aux=hash (int64 prefix of the chained block hash); seq; like vLLM's BlockStored
     BLOCK_EVICT = 15  # block; aux=hash; a cached-idle block dropped from the cache -> free; like vLLM's BlockRemoved
     # ---- VMM (vAttention) --------------------------------------------------------------------------------------
     VMM_RESERVE = 20  # n=virtual buffers; bytes=virtual bytes reserved in all; dur_ns
     PAGE_CREATE = 21  # block=page id; bytes=page bytes; dur_ns (cuMemCreate)
-    PAGE_MAP = (
-        22  # block=page id; seq; aux=slot; addr=byte offset in the slot's region; n=buffer; dur_ns
-    )
+    PAGE_MAP = 22  # block=page id; seq; aux=slot; addr=byte offset in the slot's region; n=buffer; dur_ns
     PAGE_ACCESS = 23  # like PAGE_MAP, for the set-access call after a map; dur_ns
     PAGE_UNMAP = 24  # like PAGE_MAP; the page goes back to the pool; dur_ns
     PAGE_RELEASE = 25  # block=page id; bytes; dur_ns (cuMemRelease at teardown or pool shrink)
@@ -76,9 +68,7 @@ class Kind(IntEnum):
     ACCT_USED = 52  # bytes holding real token states (a shared block counted once)
     ACCT_LOGICAL = 53  # bytes all sequences' tokens would need without any sharing
     ACCT_INTERNAL = 54  # waste: unfilled slots of partly filled blocks / pages / reservations beyond the final length
-    ACCT_RESERVATION = (
-        55  # waste: reserved for tokens not generated yet (static: up to the final length; eager VMM)
-    )
+    ACCT_RESERVATION = 55  # waste: reserved for tokens not generated yet (static: up to the final length; eager VMM)
     ACCT_MAPPED_IDLE = 56  # waste: VMM pages mapped to slots with no live request (deferred reclamation)
     ACCT_CACHED_IDLE = 57  # idle cached prefix blocks (ref 0, hashed): neither waste nor free
     ACCT_FREE = 58  # bytes not taken: capacity = reserved + cached_idle + free
