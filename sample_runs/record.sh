@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Records the sample runs on a CUDA GPU (they were made on an H100 with this exact script; see README.md here).
 # Usage: bash sample_runs/record.sh [OUT_DIR]   (default: sample_runs/)
-set -euo pipefail
+set -uo pipefail
 out=${1:-sample_runs}
 mkdir -p "$out"
 common=(--device cuda --model llama-3-8b --max-len 2048 --max-batch 128 --quiet)
 
-# 1-3. One shared ShareGPT-like workload (300 requests, Poisson 20 req/s), each allocator with 6 GiB of KV memory.
-kvscope workload sharegpt --requests 300 --rate 20 --seed 1 -o "$out/sharegpt-300.jsonl"
-kvscope run --workload "$out/sharegpt-300.jsonl" --allocator static --kv-memory 6GiB "${common[@]}" -o "$out/static.kvtrace"
-kvscope run --workload "$out/sharegpt-300.jsonl" --allocator paged --kv-memory 6GiB "${common[@]}" -o "$out/paged.kvtrace"
-kvscope run --workload "$out/sharegpt-300.jsonl" --allocator vmm --kv-memory 6GiB --megacache "${common[@]}" \
+# 1-3. One shared ShareGPT-like workload (200 requests, Poisson 20 req/s), each allocator with 6 GiB of KV memory.
+kvscope workload sharegpt --requests 200 --rate 20 --seed 1 -o "$out/sharegpt-200.jsonl"
+kvscope run --workload "$out/sharegpt-200.jsonl" --allocator static --kv-memory 6GiB "${common[@]}" -o "$out/static.kvtrace"
+kvscope run --workload "$out/sharegpt-200.jsonl" --allocator paged --kv-memory 6GiB "${common[@]}" -o "$out/paged.kvtrace"
+kvscope run --workload "$out/sharegpt-200.jsonl" --allocator vmm --kv-memory 6GiB --megacache "${common[@]}" \
   -o "$out/vmm.kvtrace"
 
 # 4. Sharing: 4 parallel samples per request and a 512-token system prompt, paged with prefix caching.
@@ -20,6 +20,6 @@ kvscope run --workload "$out/sharing-150.jsonl" --allocator paged --prefix-cachi
 
 # 5. VMM growth and reclamation under pressure: per-layer 2 MiB pages (1,024-token growth steps for Llama-3-8B),
 #    deferred reclamation handing mapped pages from finished requests to new ones, and preemptions when pages run out.
-kvscope run --workload "$out/sharegpt-300.jsonl" --allocator vmm --kv-memory 6GiB "${common[@]}" \
+kvscope run --workload "$out/sharegpt-200.jsonl" --allocator vmm --kv-memory 6GiB "${common[@]}" \
   -o "$out/vmm-reclaim.kvtrace"
 ls -la "$out"
