@@ -98,6 +98,7 @@ class _Batch:
     p_where: torch.Tensor
     p_max_q: int
     segments: list[tuple[int, int, int, int]] = field(default_factory=list)  # (base, row offset, start, n): sdpa
+    row0: int = 0  # contiguous layouts: row of the cache views' first element (bases and slots are relative to it)
     order: list[tuple[int, int, int]] = field(default_factory=list)  # (seq, start, n) per row group, for checks
 
 
@@ -344,7 +345,13 @@ class CudaExecutor:
                 tables[i, : len(tb)] = tb
             d_where, p_where = t(tables[:n_decode]), t(tables[n_decode:])
         else:
-            bases = np.asarray(where, dtype=np.int64)
+            # Views handed to Triton start at the batch's lowest row: Triton refuses a pointer that is not mapped
+            # device memory, and a VMM buffer's first page may be unmapped (its slot idle); the lowest sequence of
+            # the batch holds tokens, so its rows are mapped. Row indices are shifted to match.
+            row0 = min(where)
+            bases = np.asarray(where, dtype=np.int64) - row0
+            slots = [s - row0 for s in slots]
+            segments = [(base - row0, o, st, n) for base, o, st, n in segments]
             d_where, p_where = t(bases[:n_decode]), t(bases[n_decode:])
         prefill_q = [len(w.tokens) for w in order[n_decode:]]
         return _Batch(
@@ -361,6 +368,7 @@ class CudaExecutor:
             p_where=p_where,
             p_max_q=max(prefill_q, default=0),
             segments=segments,
+            row0=0 if self.paged else row0,
             order=[(w.seq.id, w.start, len(w.tokens)) for w in order],
         )
 
@@ -378,7 +386,7 @@ class CudaExecutor:
                 kc, vc = layout.pool[layer, 0], layout.pool[layer, 1]
                 k_ops.store_kv_paged(k, v, kc, vc, b.new_slots)
             else:
-                kc, vc = layout.keys(layer), layout.values(layer)
+                kc, vc = layout.keys(layer)[b.row0 :], layout.values(layer)[b.row0 :]
                 k_ops.store_kv_contiguous(k, v, kc, vc, b.new_slots)
             out = torch.empty_like(q)
             if sdpa:
