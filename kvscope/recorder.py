@@ -5,6 +5,10 @@ once `flush_seconds` have passed, the buffer becomes one Arrow record batch appe
 killed at any point therefore leaves every batch written before it readable (see `kvscope.trace`).
 
 A Recorder with `path=None` keeps its batches in memory (`to_table()`), which is what tests and notebooks use.
+`open(path, meta)` later turns it into a file recorder: the trace's metadata is written with its schema, before the
+first event, but part of it (the allocator's own config) only exists once the allocator is built, and building the
+allocator already emits events (VMM_RESERVE, PAGE_CREATE). So the engine records into memory first, then `open`
+completes the metadata, creates the file and writes the staged batches first; the allocator keeps the same recorder.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class Recorder:
         flush_seconds: float = 1.0,
         compression: str | None = "zstd",
     ) -> None:
-        self.path = Path(path) if path is not None else None
+        self.path: Path | None = None  # set by open()
         base = {"kvscope_version": __version__, "format_version": FORMAT_VERSION}
         self.meta: dict[str, Any] = base | dict(meta or {})
         self.flush_events = flush_events
@@ -56,16 +60,46 @@ class Recorder:
         self._lock = threading.Lock()
         self._batches: list[pa.RecordBatch] = []
         self._closed = False
-        self.schema = arrow_schema(
+        self._compression = compression
+        self.schema = self._schema_with_meta()
+        self._sink: pa.OSFile | None = None
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        if path is not None:
+            self.open(path)
+
+    # ---- metadata and file ------------------------------------------------------------------------------------
+    def _schema_with_meta(self) -> pa.Schema:
+        return arrow_schema(
             {META_KEY: json.dumps(self.meta, default=str).encode(), VERSION_KEY: str(FORMAT_VERSION).encode()}
         )
-        self._sink = None
-        self._writer = None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._sink = pa.OSFile(str(self.path), "wb")
-            options = pa.ipc.IpcWriteOptions(compression=compression)
-            self._writer = pa.ipc.new_stream(self._sink, self.schema, options=options)
+
+    def update_meta(self, meta: dict[str, Any]) -> None:
+        """Add to the metadata while it is not written yet (no file open): batches recorded so far take it too."""
+        if self._writer is not None:
+            raise RuntimeError(f"metadata is already written to {self.path}")
+        self.meta.update(meta)
+        self.schema = self._schema_with_meta()
+        self._batches = [batch.replace_schema_metadata(self.schema.metadata) for batch in self._batches]
+
+    def open(self, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
+        """Add `meta`, create the file and write every batch recorded in memory so far into it, then the events
+        still buffered; from here on batches go to the file."""
+        if self._writer is not None:
+            raise RuntimeError(f"recorder already writes to {self.path}")
+        if self._closed:
+            raise RuntimeError("recorder is closed")
+        if meta:
+            self.update_meta(meta)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._sink = pa.OSFile(str(self.path), "wb")
+        options = pa.ipc.IpcWriteOptions(compression=self._compression)
+        self._writer = pa.ipc.new_stream(self._sink, self.schema, options=options)
+        staged, self._batches = self._batches, []
+        for batch in staged:  # in order: staged batches first, then the events still in the buffer
+            self._writer.write_batch(batch)
+        self.flush()
+        self._sink.flush()
 
     # ---- hot path ------------------------------------------------------------------------------------------
     def emit(

@@ -96,9 +96,9 @@ def meta_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
 
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str] | None]:
     """The same rows, labels and formats as `kvscope summary` (None separates groups)."""
-    from kvscope.commands.summary import _ROWS, format_value
+    from kvscope.commands.summary import SUMMARY_ROWS, format_value
 
-    return [None if row is None else (row[1], format_value(summary, row[0], row[2])) for row in _ROWS]
+    return [None if row is None else (row[1], format_value(summary, row[0], row[2])) for row in SUMMARY_ROWS]
 
 
 def _view(key: str, title: str, caption: str, build: Callable[[], go.Figure | str]) -> View:
@@ -242,7 +242,7 @@ def comparison(traces: Sequence[Trace]) -> tuple[View, list[str], list[tuple[str
     from kvscope import viz
     from kvscope.analysis.compare import compare_runs
     from kvscope.analysis.summary import summarize
-    from kvscope.commands.summary import _ROWS, format_value
+    from kvscope.commands.summary import SUMMARY_ROWS, format_value
 
     view = View(
         "compare",
@@ -254,7 +254,7 @@ def comparison(traces: Sequence[Trace]) -> tuple[View, list[str], list[tuple[str
     summaries = [summarize(t) for t in traces]
     header = [f"{t.label} ({t.name})" for t in traces]
     rows: list[tuple[str, list[str]] | None] = [
-        None if row is None else (row[1], [format_value(s, row[0], row[2]) for s in summaries]) for row in _ROWS
+        None if row is None else (row[1], [format_value(s, row[0], row[2]) for s in summaries]) for row in SUMMARY_ROWS
     ]
     return view, header, rows
 

@@ -79,7 +79,8 @@ def read_meta(schema: pa.Schema, path: Path) -> dict[str, Any]:
     except ValueError:
         raise _fail(path, f"unreadable format version {md[VERSION_KEY]!r}") from None
     if version > FORMAT_VERSION:
-        raise _fail(path, f"format version {version} is newer than this kvscope reads ({FORMAT_VERSION}); upgrade kvscope")
+        newer = f"format version {version} is newer than this kvscope reads ({FORMAT_VERSION}); upgrade kvscope"
+        raise _fail(path, newer)
     if version < 1:
         raise _fail(path, f"unknown format version {version}")
     try:
@@ -92,8 +93,9 @@ def read_meta(schema: pa.Schema, path: Path) -> dict[str, Any]:
     for name in COLUMNS:
         if schema.get_field_index(name) < 0:
             raise _fail(path, f"missing column {name!r}")
-        if name != "kind" and schema.field(name).type != expected.field(name).type:
-            raise _fail(path, f"column {name!r} has type {schema.field(name).type}, expected {expected.field(name).type}")
+        got, want = schema.field(name).type, expected.field(name).type
+        if name != "kind" and got != want:
+            raise _fail(path, f"column {name!r} has type {got}, expected {want}")
     return meta
 
 
@@ -139,8 +141,10 @@ def table_to_frame(table: pa.Table) -> pd.DataFrame:
     if pa.types.is_dictionary(kind.type):
         names = kind.combine_chunks().dictionary.to_pylist() if table.num_rows else KIND_NAMES
         codes = kind.combine_chunks().indices.to_numpy(zero_copy_only=False) if table.num_rows else []
-        df["kind"] = pd.Categorical.from_codes(codes, categories=names) if table.num_rows else pd.Categorical(
-            [], categories=names
+        df["kind"] = (
+            pd.Categorical.from_codes(codes, categories=names)
+            if table.num_rows
+            else pd.Categorical([], categories=names)
         )
     else:
         df["kind"] = pd.Categorical(df["kind"].astype(str), categories=KIND_NAMES)

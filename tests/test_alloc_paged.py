@@ -95,6 +95,7 @@ def test_fork_shares_and_copy_on_write_queues_copy():
     assert a.block_table(1) == a.block_table(0) == [0, 1]
     assert a.ref_counts()[:2] == [2, 2]
     assert rows(events(rec, "block_share"), "block seq addr aux") == [(0, 1, 0, 2), (1, 1, 1, 2)]
+    assert events(rec, "fork").empty  # the engine owns FORK
     u = a.usage()
     assert u.used == 6 * BPT and u.logical == 12 * BPT, "a shared block counts once in used, per holder in logical"
     n_before = len(events(rec))

@@ -316,6 +316,7 @@ class PagedMachine(RuleBasedStateMachine):
             if (events["kind"] == kind).any():
                 event(f"reached {kind}")  # shown by --hypothesis-show-statistics
         assert len(events) == len(self.rec.log)
+        assert not (events["kind"] == "fork").any(), "the engine owns FORK, never the allocator"
         assert list(events["block"]) == [b for _, _, b, _ in self.rec.log]
 
 

@@ -14,6 +14,7 @@ from kvscope.alloc.base import Copy, KVOutOfMemory
 from kvscope.alloc.static import VARIANTS, StaticAllocator
 from kvscope.alloc.vmm import VMMAllocator
 from kvscope.backends.sim import SimMemory
+from kvscope.events import Kind
 from kvscope.recorder import Recorder
 from kvscope.spec import get_spec
 
@@ -100,6 +101,7 @@ class _Machine(RuleBasedStateMachine):
     def fork(self, data):
         parent = data.draw(st.sampled_from(sorted(self.tokens)))
         child = self._new_seq()
+        forks_before = self._forks_recorded()
         if self._expect_oom_unchanged(lambda: self.alloc.fork(parent, child), self._strict()):
             self.tokens[child] = self.tokens[parent]
             copy = self.alloc.pending_copies[-1]
@@ -108,6 +110,11 @@ class _Machine(RuleBasedStateMachine):
             )
         else:
             assert child not in self.alloc.live_sequences()
+        assert self._forks_recorded() == forks_before == 0, "the engine owns FORK, never the allocator"
+
+    def _forks_recorded(self) -> int:
+        kinds = self.alloc.recorder.to_table().column("kind").to_pylist()
+        return kinds.count(Kind.FORK.name.lower())
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())

@@ -5,6 +5,7 @@ Sequence protocol (all allocators):
     admit(seq, prompt_tokens, final_len) -> int   start a sequence holding 0 tokens (+ prefix-cache hits, returned)
     can_append(seq, n) -> bool / append(seq, tokens)  grow by len(tokens) tokens (token ids matter for prefix hashing)
     fork(parent, child)                           parallel sampling / beam search: child starts with parent's tokens
+                                                  (the engine emits FORK; allocators emit only their own events)
     free(seq)                                     release everything the sequence holds
     usage() -> Usage                              the allocator's books, in bytes
     check_invariants()                            raise AssertionError naming the broken invariant

@@ -129,7 +129,6 @@ class StaticAllocator:
         c.tokens = p.tokens
         self._seqs[child] = c
         self.pending_copies.append(Copy("rows", p.base, c.base, p.tokens))
-        self.recorder.emit(Kind.FORK, seq=child, n=p.tokens, aux=parent)
 
     def free(self, seq: int) -> None:
         r = self._get(seq)

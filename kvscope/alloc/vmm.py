@@ -246,7 +246,6 @@ class VMMAllocator:
             p = self._get(parent)
             c = self._start(child, room=p.tokens, hold=p.tokens, final_len=p.final_len)
             self.pending_copies.append(Copy("rows", p.slot * self.rows_per_slot, c.slot * self.rows_per_slot, p.tokens))
-            self.recorder.emit(Kind.FORK, seq=child, n=p.tokens, aux=parent)
 
     def can_append(self, seq: int, n: int = 1) -> bool:
         with self.lock:

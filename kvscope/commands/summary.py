@@ -62,7 +62,7 @@ def _json_default(value):
 
 
 # (key, label, how to show it); None rows are section rules. The HTML report shows the same rows (kvscope.report).
-_ROWS: list[tuple[str, str, str] | None] = [
+SUMMARY_ROWS: list[tuple[str, str, str] | None] = [
     ("label", "run", "str"),
     ("device", "device", "device"),
     ("model", "model", "str"),
@@ -133,7 +133,7 @@ def summary_table(summaries: list[dict], names: list[str]):
     table.add_column("", style="bold")
     for name in names:
         table.add_column(name, justify="right")
-    for row in _ROWS:
+    for row in SUMMARY_ROWS:
         if row is None:
             table.add_section()
             continue

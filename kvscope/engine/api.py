@@ -19,9 +19,8 @@ from typing import Any
 from kvscope.engine.costmodel import GPUCostModel
 from kvscope.engine.engine import Engine, RunStats
 from kvscope.engine.executor import ExecutorOptions, check_device, make_executor
-from kvscope.engine.recording import StagedRecorder
 from kvscope.engine.scheduler import SchedulerConfig
-from kvscope.recorder import NullRecorder
+from kvscope.recorder import NullRecorder, Recorder
 from kvscope.spec import KVSpec, get_spec
 from kvscope.workload import Request
 
@@ -137,7 +136,7 @@ class RunResult:
     stats: RunStats
     meta: dict[str, Any]
     path: Path | None
-    recorder: StagedRecorder
+    recorder: Recorder
 
     def trace(self):
         """The recorded trace: loaded from the file, or built from the in-memory recorder."""
@@ -229,7 +228,8 @@ def record_run(
     spec = cfg.spec()
     if not requests:
         raise ValueError("the workload has no requests")
-    recorder = StagedRecorder(
+    recorder = Recorder(
+        None,
         {
             "allocator": cfg.allocator,
             "device": cfg.device,

@@ -36,10 +36,6 @@ from kvscope.events import Kind
 from kvscope.recorder import Recorder
 from kvscope.workload import Request
 
-# static.py and vmm.py emit FORK from fork() themselves; for the others the scheduler emits it. (Reported: one owner
-# for FORK would be simpler; drop a name here when its allocator stops emitting FORK.)
-ALLOCATORS_EMITTING_FORK = frozenset({"static", "vmm"})
-
 # Sequence status
 WAITING, RUNNING, SWAPPED, FINISHED, REJECTED = "waiting", "running", "swapped", "finished", "rejected"
 
@@ -394,8 +390,7 @@ class Scheduler:
                 c.status = WAITING
                 unplaced.append(c)
                 continue
-            if self.alloc.name not in ALLOCATORS_EMITTING_FORK:
-                self.rec.emit(Kind.FORK, seq=cid, n=parent.held, aux=parent.id)
+            self.rec.emit(Kind.FORK, seq=cid, n=parent.held, aux=parent.id)
             c.status = RUNNING
             self.running.append(c)
             children.append(c)
