@@ -38,21 +38,18 @@ def nvml_used(device: int) -> int | None:
         sampler.stop()
 
 
-def use_cuda_executor(device: str, extra: dict[str, Any], grabbed: dict[str, Any]) -> None:
-    """Route `device` to the cuda executor with this benchmark's options; remember the instance. On "cpu" (a plumbing
-    check without a GPU) the executor runs kvscope.kernels.reference on CPU tensors."""
+def use_cuda_executor_on_cpu() -> None:
+    """Plumbing check without a GPU: route "cpu" to the cuda executor running kvscope.kernels.reference on CPU
+    tensors. (On cuda, record_run's own executor gets every option through RunConfig.)"""
     from kvscope.engine.cuda_executor import CudaExecutor
     from kvscope.engine.executor import register_executor
 
-    if device == "cpu":
-        extra = {**extra, "kernels": "reference"}
-
     def factory(spec, allocator, options):
-        ex = CudaExecutor(spec, allocator, replace(options, extra={**options.extra, **extra}), device=device)
-        grabbed["executor"] = ex
-        return ex
+        return CudaExecutor(
+            spec, allocator, replace(options, extra={**options.extra, "kernels": "reference"}), device="cpu"
+        )
 
-    register_executor(device, factory)
+    register_executor("cpu", factory)
 
 
 def step_figures(trace) -> dict[str, Any]:
@@ -78,9 +75,9 @@ def run_one(name: str, args: argparse.Namespace, requests, description: dict, ou
     from kvscope.engine.api import RunConfig, record_run
     from kvscope.trace import load_trace
 
-    extra = {"attention": "triton" if name == "paged" else args.attention, "background_map": not args.no_background}
-    grabbed: dict[str, Any] = {}
-    use_cuda_executor(args.device, extra, grabbed)
+    attention = "triton" if name == "paged" else args.attention
+    if args.device == "cpu":
+        use_cuda_executor_on_cpu()
     cuda = args.device == "cuda"
     base = RunConfig(
         allocator=name,
@@ -96,6 +93,8 @@ def run_one(name: str, args: argparse.Namespace, requests, description: dict, ou
         page_size=args.page_size if name == "vmm" else None,
         megacache=args.megacache if name == "vmm" else False,
         static_variant=args.static_variant if name == "static" else None,
+        attention=attention,
+        background_map=not args.no_background if name == "vmm" else True,
     )
     # Warm-up: the same layout and kernels on a few short requests (Triton compiles on first use).
     warm = replace(base, kv_memory=min(args.kv_memory, 1 << 30), max_batch=8)
@@ -104,10 +103,11 @@ def run_one(name: str, args: argparse.Namespace, requests, description: dict, ou
         torch.cuda.empty_cache()
     before = nvml_used(torch.cuda.current_device()) if cuda else None
     path = out_dir / f"{name}.kvtrace"
-    backend_box: dict[str, Any] = {}
+    grabbed: dict[str, Any] = {}
 
     def setup(engine) -> None:
-        backend_box["backend"] = getattr(engine.allocator, "backend", None)
+        grabbed["executor"] = engine.executor
+        grabbed["backend"] = getattr(engine.allocator, "backend", None)
 
     t0 = time.perf_counter()
     result = record_run(
@@ -123,7 +123,7 @@ def run_one(name: str, args: argparse.Namespace, requests, description: dict, ou
     ex = grabbed.get("executor")
     out: dict[str, Any] = {
         "trace": str(path),
-        "attention": extra["attention"],
+        "attention": attention,
         "wall_s": wall,
         "finished_requests": result.stats.finished_requests,
         "rejected_requests": result.stats.rejected_requests,
@@ -139,7 +139,7 @@ def run_one(name: str, args: argparse.Namespace, requests, description: dict, ou
         "nvml_used_after": after,
         "summary": summary,
     }
-    backend = backend_box.get("backend")
+    backend = grabbed.get("backend")
     if backend is not None:
         out["vmm_backend_leaked"] = getattr(backend, "leaked", None)  # what record_run's teardown found still held
         out["vmm_driver_calls"] = dict(backend.calls)

@@ -231,11 +231,12 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
         max_tokens_per_step=16384,
         page_size=args.page_size,
         megacache=args.megacache,
+        attention=args.attention,
     )
     modes = {
-        "premapped": (replace(base, eager_pages=groups), {"background_map": False}),
-        "sync": (base, {"background_map": False}),
-        "background": (base, {"background_map": True}),
+        "premapped": replace(base, eager_pages=groups, background_map=False),
+        "sync": replace(base, background_map=False),
+        "background": replace(base, background_map=True),
     }
     out: dict[str, Any] = {
         "model": spec.name,
@@ -252,18 +253,24 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
         "modes": {},
     }
     # Warm-up: compile the kernels for these shapes once.
-    _use_executor(args.device, {"attention": args.attention, "background_map": False, "nvml": False}, {})
-    record_run(decode_requests(4, args.context, stagger, 4), replace(base, max_batch=4), path=None)
+    _use_executor(args.device)
+    record_run(
+        decode_requests(4, args.context, stagger, 4), replace(base, max_batch=4, background_map=False), path=None
+    )
     names = list(modes)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for rep in range(args.repeats):
         for mode in names[rep % len(names) :] + names[: rep % len(names)]:
-            cfg, extra = modes[mode]
             grabbed: dict[str, Any] = {}
-            _use_executor(args.device, {"attention": args.attention, "nvml": False, **extra}, grabbed)
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-            result = record_run(requests, cfg, path=None, command=f"bench_vmm decode {mode}")
+            result = record_run(
+                requests,
+                modes[mode],
+                path=None,
+                command=f"bench_vmm decode {mode}",
+                setup=lambda engine, grabbed=grabbed: grabbed.update(executor=engine.executor),
+            )
             ex = grabbed["executor"]
             r = decode_figures(result.trace(), ex)
             m = ex.mapping
@@ -286,20 +293,18 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _use_executor(device: str, extra: dict[str, Any], grabbed: dict[str, Any]) -> None:
-    """Route `device` to the cuda executor with these options (on cpu: reference kernels on CPU tensors)."""
+def _use_executor(device: str) -> None:
+    """Route `device` to the cuda executor with the NVML sampler off (RunConfig has no option for it); on cpu with
+    the reference kernels on CPU tensors. Every other option (attention, background_map) comes from RunConfig."""
     from dataclasses import replace
 
     from kvscope.engine.cuda_executor import CudaExecutor
     from kvscope.engine.executor import register_executor
 
-    if device == "cpu":
-        extra = {**extra, "kernels": "reference"}
+    extra = {"nvml": False} | ({"kernels": "reference"} if device == "cpu" else {})
 
     def factory(spec, allocator, options):
-        ex = CudaExecutor(spec, allocator, replace(options, extra={**options.extra, **extra}), device=device)
-        grabbed["executor"] = ex
-        return ex
+        return CudaExecutor(spec, allocator, replace(options, extra={**options.extra, **extra}), device=device)
 
     register_executor(device, factory)
 

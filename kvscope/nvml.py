@@ -186,17 +186,12 @@ class NvmlSampler:
 
 
 def emit_samples(recorder: Any, samples: list[MemorySample]) -> None:
-    """MEM_NVML bytes=used (and MEM_TORCH bytes=reserved) per sample, at the sample's time when the recorder can."""
-    emit_at = getattr(recorder, "emit_at", None)
+    """MEM_NVML bytes=used (and MEM_TORCH bytes=reserved) per sample, at the time the sample was taken."""
+    emit_at = recorder.emit_at
     for s in samples:
-        if emit_at is not None:
-            emit_at(s.t_ns, Kind.MEM_NVML, bytes=s.nvml_used)
-            if s.torch_reserved >= 0:
-                emit_at(s.t_ns, Kind.MEM_TORCH, bytes=s.torch_reserved)
-        else:
-            recorder.emit(Kind.MEM_NVML, bytes=s.nvml_used)
-            if s.torch_reserved >= 0:
-                recorder.emit(Kind.MEM_TORCH, bytes=s.torch_reserved)
+        emit_at(s.t_ns, Kind.MEM_NVML, bytes=s.nvml_used)
+        if s.torch_reserved >= 0:
+            emit_at(s.t_ns, Kind.MEM_TORCH, bytes=s.torch_reserved)
 
 
 def _torch_reserved_reader(device: int) -> Callable[[], int] | None:

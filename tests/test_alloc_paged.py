@@ -130,6 +130,20 @@ def test_fork_at_block_boundary_needs_no_copy():
     assert events(rec, "block_cow").empty
 
 
+def test_readmission_after_recompute_shares_output_blocks_but_prefix_hit_counts_prompt_tokens_only():
+    a, rec = make(16, enable_prefix_caching=True)
+    prompt = toks(0, 1, 2, 3, 4, 5)  # P = 6
+    assert start(a, 0, prompt) == 0
+    a.append(0, toks(6, 7, 8))  # generated output fills block [4-7] and starts a third
+    a.free(0)  # recompute preemption: the full blocks stay cached-idle
+    # Re-admitted with prompt + generated (what the engine does): both full blocks are shared again ...
+    assert a.admit(0, toks(*range(9)), 13) == 8
+    assert a.num_tokens(0) == 8
+    # ... but only the 6 prompt tokens are prefix hits; tokens 6 and 7 were output, recomputed from the cache.
+    assert rows(events(rec, "prefix_hit"), "seq n") == [(0, 6)]
+    a.check_invariants()
+
+
 def test_prefix_hit_counts_and_p_minus_one_cap():
     a, rec = make(16, enable_prefix_caching=True)
     prompt = toks(*range(10))  # blocks [0-3] [4-7] full, [8 9] partial

@@ -315,8 +315,12 @@ def test_bench_scripts_say_one_line_without_a_gpu(capsys):
         assert len(err) == 1 and err[0].startswith(f"{name}: CUDA unavailable")
 
 
-def test_bench_e2e_plumbing_on_cpu(tmp_path):
+def test_bench_e2e_plumbing_on_cpu(tmp_path, monkeypatch):
     import json
+
+    from kvscope.engine.executor import EXECUTORS
+
+    monkeypatch.setitem(EXECUTORS, "cpu", EXECUTORS["cpu"])  # the script routes "cpu" to its executor: undo after
 
     out = tmp_path / "e2e.json"
     bench = load_benchmark("bench_e2e")
@@ -330,8 +334,12 @@ def test_bench_e2e_plumbing_on_cpu(tmp_path):
     assert result["runs"]["vmm"]["vmm_backend_leaked"] is None  # host pages: only the cuda backend keeps that book
 
 
-def test_bench_vmm_plumbing_on_cpu(tmp_path):
+def test_bench_vmm_plumbing_on_cpu(tmp_path, monkeypatch):
     import json
+
+    from kvscope.engine.executor import EXECUTORS
+
+    monkeypatch.setitem(EXECUTORS, "cpu", EXECUTORS["cpu"])  # the script routes "cpu" to its executor: undo after
 
     out = tmp_path / "vmm.json"
     bench = load_benchmark("bench_vmm")

@@ -173,10 +173,11 @@ def test_emit_samples_uses_emit_at_when_the_recorder_has_it():
     assert seen == [(42, Kind.MEM_NVML, 10), (42, Kind.MEM_TORCH, 7), (43, Kind.MEM_NVML, 11)]
 
 
-def test_emit_samples_on_a_plain_recorder_stamps_at_drain():
+def test_emit_samples_on_a_recorder_keep_the_sample_time():
     recorder = Recorder()
     emit_samples(recorder, [MemorySample(1, 10, 100, 7)])
     assert kinds_and_bytes(recorder) == [("mem_nvml", 10), ("mem_torch", 7)]
+    assert recorder.to_table().column("t_ns").to_pylist() == [1, 1]
 
 
 # ---- the real library --------------------------------------------------------------------------------------------

@@ -40,3 +40,16 @@ def test_update_meta_of_an_in_memory_recorder_reaches_earlier_batches():
     trace = trace_from_recorder(rec)
     assert trace.meta["allocator"] == "paged" and trace.meta["model"] == "tiny"
     assert list(trace.events["kind"]) == ["block_alloc", "append"]
+
+
+def test_emit_usage_writes_one_sample_per_field_in_acct_fields_order():
+    from kvscope.alloc.base import Usage, emit_usage
+    from kvscope.events import ACCT_FIELDS
+
+    usage = Usage(capacity=100, reserved=60, used=30, logical=45, internal=10, reservation=15, mapped_idle=5,
+                  cached_idle=20, free=20)  # fmt: skip
+    rec = Recorder(None)
+    emit_usage(rec, usage)
+    events = rec.to_table().to_pandas()
+    assert list(events["kind"]) == [k.name.lower() for k in ACCT_FIELDS]
+    assert list(events["bytes"]) == [getattr(usage, f) for f in ACCT_FIELDS.values()]

@@ -111,6 +111,10 @@ def test_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
         (["--requests", "0"], "--requests: must be a positive integer"),
         (["-d", "cpu", "--model", "llama-3-8b"], "too much for --device cpu"),
         (["-a", "vmm", "--page-size", "3000"], "page_size=3000 is not a multiple"),
+        (["-a", "paged", "-d", "cuda", "--attention", "sdpa"], "--attention sdpa applies to --allocator static or vmm"),
+        (["-a", "static", "--attention", "sdpa"], "--attention sdpa applies to --device cuda, not sim"),
+        (["-a", "static", "-d", "cuda", "--no-background-map"], "--no-background-map applies to --allocator vmm"),
+        (["-a", "vmm", "-d", "cpu", "--no-background-map"], "--no-background-map applies to --device cuda, not cpu"),
     ],
 )
 def test_user_mistakes_are_one_line(tmp_path, capsys, argv, needle):
@@ -118,6 +122,36 @@ def test_user_mistakes_are_one_line(tmp_path, capsys, argv, needle):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.parametrize(("allocator", "argv"), [("static", ["--attention", "sdpa"]), ("vmm", ["--no-background-map"])])
+def test_cuda_options_reach_the_executor_and_the_metadata(tmp_path, capsys, monkeypatch, allocator, argv):
+    """--attention / --no-background-map travel RunConfig -> ExecutorOptions.extra -> the cuda executor, and are
+    recorded in engine_config. The cuda device is stood in for by a sim executor that keeps its options."""
+    from kvscope.backends.sim import SimMemory
+    from kvscope.engine import api, executor
+
+    seen = {}
+
+    def fake_cuda(spec, alloc, options):
+        seen["extra"] = options.extra
+        return executor.SimExecutor(spec, alloc, options)
+
+    monkeypatch.setattr(executor, "check_device", lambda device: None)
+    monkeypatch.setattr(api, "check_device", lambda device: None)
+    monkeypatch.setitem(executor.EXECUTORS, "cuda", fake_cuda)
+    monkeypatch.setattr(api, "make_backend", lambda device: SimMemory())
+    monkeypatch.setattr("kvscope.runmeta.versions", lambda device: {"python": "3"})
+    out = tmp_path / "c.kvtrace"
+    opts = ["--kv-memory", "64MiB", "--max-len", "256"] + (["--page-size", "4KiB"] if allocator == "vmm" else [])
+    assert (
+        kvscope("run", "-w", "alpaca", "-n", "3", "-d", "cuda", "-a", allocator, *opts, *argv, "-o", str(out), "-q")
+        == 0
+    )
+    want = {"attention": "sdpa" if allocator == "static" else "triton", "background_map": False}
+    assert seen["extra"] == want
+    engine_config = load_trace(out).meta["engine_config"]
+    assert {k: engine_config[k] for k in want} == want
 
 
 def test_missing_workload_file_is_one_line(tmp_path, capsys):

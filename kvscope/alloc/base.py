@@ -26,6 +26,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from kvscope.events import Kind
 from kvscope.recorder import Recorder
 from kvscope.spec import KVSpec
 
@@ -97,9 +98,15 @@ class KVAllocator(Protocol):
 
 
 def emit_usage(recorder: Recorder, usage: Usage) -> None:
-    """One ACCT_* sample per field: the engine calls this at the end of every step."""
-    from kvscope.events import ACCT_FIELDS
-
-    d = usage.to_dict()
-    for kind, field in ACCT_FIELDS.items():
-        recorder.emit(kind, bytes=d[field])
+    """One ACCT_* sample per field, in ACCT_FIELDS order: the engine calls this at the end of every step (the fields
+    are read one by one, not through dataclasses.asdict, which copies recursively)."""
+    emit = recorder.emit
+    emit(Kind.ACCT_CAPACITY, bytes=usage.capacity)
+    emit(Kind.ACCT_RESERVED, bytes=usage.reserved)
+    emit(Kind.ACCT_USED, bytes=usage.used)
+    emit(Kind.ACCT_LOGICAL, bytes=usage.logical)
+    emit(Kind.ACCT_INTERNAL, bytes=usage.internal)
+    emit(Kind.ACCT_RESERVATION, bytes=usage.reservation)
+    emit(Kind.ACCT_MAPPED_IDLE, bytes=usage.mapped_idle)
+    emit(Kind.ACCT_CACHED_IDLE, bytes=usage.cached_idle)
+    emit(Kind.ACCT_FREE, bytes=usage.free)

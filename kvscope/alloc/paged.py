@@ -112,6 +112,10 @@ class PagedAllocator:
         self._cached: dict[bytes, dict[int, None]] = {}  # hash -> blocks carrying it (active or idle)
         self._cpu_free: list[int] = list(range(self.num_cpu_blocks - 1, -1, -1))  # stack: lowest id on top
         self._seqs: dict[int, _Seq] = {}
+        # Prompt length at each sequence's first admission (prefix caching only). A recompute preemption re-admits
+        # with prompt + generated tokens; hits on those generated tokens' cached blocks are shared like any other,
+        # but PREFIX_HIT counts prompt tokens only (kvscope.events), so its n stops at the first prompt's length.
+        self._first_prompt_len: dict[int, int] = {}
         # Running totals, so usage() is O(1).
         self._num_active = 0
         self._active_fill = 0  # tokens in active blocks, each block once
@@ -180,7 +184,8 @@ class PagedAllocator:
 
     def admit(self, seq: int, prompt_tokens: np.ndarray, final_len: int) -> int:
         """Register `seq`; with prefix caching, share the longest run of cached full prompt blocks (never the whole
-        prompt: the last prompt token is always computed) and return the tokens served from the cache."""
+        prompt: the last prompt token is always computed) and return the tokens served from the cache (PREFIX_HIT
+        counts only those within the prompt of the sequence's first admission: see `_first_prompt_len`)."""
         if seq in self._seqs:
             raise ValueError(f"paged allocator: seq {seq} is already admitted")
         s = _Seq()
@@ -202,8 +207,9 @@ class PagedAllocator:
         hit = len(s.table) * bs
         s.tokens = hit
         self._logical += hit
-        if hit:
-            self.recorder.emit(Kind.PREFIX_HIT, seq=seq, n=hit)
+        prompt_hit = min(hit, self._first_prompt_len.setdefault(seq, len(prompt)))
+        if prompt_hit:
+            self.recorder.emit(Kind.PREFIX_HIT, seq=seq, n=prompt_hit)
         return hit
 
     # ---- growth --------------------------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def _prefix_pass(trace) -> _PrefixPass:
                 target = hits_readmit if seq in preempted else hits_first
                 target[seq] = target.get(seq, 0) + n
                 seq_table = table.get(seq, {})
-                for i in range(n // bs):
+                for i in range(-(-n // bs)):  # a re-admission's n may end inside a block (output after it)
                     node = block_node.get(seq_table.get(i, -1))
                     if node is not None:
                         node.hits += 1

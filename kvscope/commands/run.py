@@ -46,6 +46,17 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-tokens-per-step", type=int, default=8192, metavar="N", help="token budget of a step")
     e.add_argument("--chunked-prefill", action="store_true", help="split long prompts across steps")
     e.add_argument(
+        "--attention",
+        choices=("triton", "sdpa"),
+        default="triton",
+        help="cuda: attention kernels (sdpa: torch SDPA on the contiguous K/V of static and vmm)",
+    )
+    e.add_argument(
+        "--no-background-map",
+        action="store_true",
+        help="cuda, vmm: map pages on the engine thread only (not ahead, during the forward pass)",
+    )
+    e.add_argument(
         "--preemption",
         choices=("recompute", "swap"),
         default="recompute",
@@ -82,7 +93,7 @@ def config_from_args(args: argparse.Namespace):
         except ValueError as e:
             raise ValueError(f"{flag}: {e}") from None
 
-    return RunConfig(
+    cfg = RunConfig(
         allocator=args.allocator,
         device=args.device,
         model=args.model,
@@ -102,8 +113,18 @@ def config_from_args(args: argparse.Namespace):
         eager_pages=args.eager_pages,
         deferred_reclaim=not args.no_deferred_reclaim,
         static_variant=args.static_variant,
+        attention=args.attention,
+        background_map=not args.no_background_map,
         check_invariants=args.check,
     )
+    # Only the cuda executor reads these; silently ignoring them elsewhere would mislead.
+    for flag, given in (
+        ("--attention sdpa", args.attention != "triton"),
+        ("--no-background-map", not cfg.background_map),
+    ):
+        if given and cfg.device != "cuda":
+            raise ValueError(f"{flag} applies to --device cuda, not {cfg.device}")
+    return cfg
 
 
 def default_output(workload: str, allocator: str) -> str:

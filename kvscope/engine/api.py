@@ -29,6 +29,7 @@ DEVICES = ("sim", "cpu", "cuda")
 DEFAULT_MODEL = {"sim": "llama-3-8b", "cpu": "tiny", "cuda": "llama-3-8b"}
 DEFAULT_KV_MEMORY = {"sim": 16 << 30, "cpu": 256 << 20, "cuda": 16 << 30}
 DEFAULT_SWAP_SPACE = 4 << 30  # vLLM's default swap_space
+ATTENTION_MODES = ("triton", "sdpa")  # the cuda executor's attention implementations
 
 
 @dataclass
@@ -53,6 +54,9 @@ class RunConfig:
     eager_pages: int | None = None
     deferred_reclaim: bool = True
     static_variant: str | None = None
+    # executor options (ExecutorOptions.extra; the cuda executor reads them, the sim and cpu executors ignore them)
+    attention: str = "triton"  # triton | sdpa (torch SDPA on the contiguous K/V of static and vmm)
+    background_map: bool = True  # vmm: map the next step's pages on a thread during the forward pass
     # debugging
     shadow: bool = False
     check_invariants: bool = False
@@ -96,6 +100,12 @@ class RunConfig:
             for flag, given in options:
                 if given and self.allocator != alloc:
                     raise ValueError(f"{flag} applies to --allocator {alloc}, not {self.allocator}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"--attention {self.attention}: choose from {', '.join(ATTENTION_MODES)}")
+        if self.attention == "sdpa" and self.allocator == "paged":
+            raise ValueError("--attention sdpa applies to --allocator static or vmm (contiguous K/V), not paged")
+        if not self.background_map and self.allocator != "vmm":
+            raise ValueError(f"--no-background-map applies to --allocator vmm, not {self.allocator}")
         if self.swap_space is not None and self.preemption != "swap":
             raise ValueError("--swap-space needs --preemption swap")
         SchedulerConfig(self.max_len, self.max_batch, self.max_tokens_per_step, self.chunked_prefill, self.preemption)
@@ -123,7 +133,13 @@ class RunConfig:
         }
         if self.device == "sim":
             d["cost_model"] = self.cost_model.to_dict()
+        elif self.device == "cuda":
+            d.update(self.executor_extra())
         return d
+
+    def executor_extra(self) -> dict[str, Any]:
+        """ExecutorOptions.extra: the options only the device executors read."""
+        return {"attention": self.attention, "background_map": self.background_map and self.allocator == "vmm"}
 
     def swap_bytes(self) -> int:
         if self.preemption != "swap":
@@ -238,13 +254,15 @@ def record_run(
             "seed": cfg.seed,
             "start_time": runmeta.start_time(),
             "command": command if command is not None else runmeta.command_line(),
-        }
+        },
     )
     backend = make_backend(cfg.device) if cfg.allocator == "vmm" else None
     allocator = executor = None
     try:
         allocator = make_allocator(cfg, spec, recorder, backend)
-        executor = make_executor(cfg.device, spec, allocator, ExecutorOptions(seed=cfg.seed, shadow=cfg.shadow))
+        executor = make_executor(
+            cfg.device, spec, allocator, ExecutorOptions(seed=cfg.seed, shadow=cfg.shadow, extra=cfg.executor_extra())
+        )
         meta = {
             "allocator_config": allocator.config(),
             "device_name": (

@@ -40,14 +40,13 @@ import numpy as np
 import torch
 
 from kvscope.alloc.base import KVAllocator, KVOutOfMemory
+from kvscope.engine.api import ATTENTION_MODES
 from kvscope.engine.executor import ExecResult, ExecutorOptions
 from kvscope.engine.layout import make_layout
 from kvscope.engine.model import TORCH_DTYPES, LlamaModel, attention
 from kvscope.engine.scheduler import StepPlan, Work
 from kvscope.events import Kind
 from kvscope.spec import KVSpec
-
-ATTENTION_MODES = ("triton", "sdpa")
 
 
 class AttentionMismatch(AssertionError):
@@ -483,9 +482,8 @@ class CudaExecutor:
         m.steps += 1
         m.on_path_driver_ns += on_path
         rec = self.recorder
-        kind_sync = getattr(Kind, "MAP_SYNC", None)
-        if kind_sync is not None and on_path:
-            rec.emit(kind_sync, dur_ns=on_path)
+        if on_path:
+            rec.emit(Kind.MAP_SYNC, dur_ns=on_path)
         if future is None:
             if on_path:
                 self.step_mapping.append(StepMapping(rec.step, on_path, 0, 0, 0))
@@ -498,10 +496,9 @@ class CudaExecutor:
         m.ahead_driver_ns += driver
         m.exposed_ns += exposed
         m.ahead_skipped += skipped
-        kind_ahead = getattr(Kind, "MAP_AHEAD", None)
-        if kind_ahead is not None and (groups or exposed):
+        if groups or exposed:
             group_bytes = getattr(self.alloc, "group_bytes", 0)
-            rec.emit(kind_ahead, n=groups, bytes=groups * group_bytes, dur_ns=driver, aux=exposed)
+            rec.emit(Kind.MAP_AHEAD, n=groups, bytes=groups * group_bytes, dur_ns=driver, aux=exposed)
 
 
 def make_cuda_executor(spec: KVSpec, allocator: KVAllocator, options: ExecutorOptions) -> CudaExecutor:
