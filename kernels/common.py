@@ -231,6 +231,31 @@ def check_index_vector(name: str, t: torch.Tensor, length: int) -> None:
         raise ValueError(f"{name}: must be contiguous")
 
 
+def check_cache_index(
+    paged: bool, block_tables: torch.Tensor | None, token_base: torch.Tensor | None, batch: int, k: torch.Tensor
+) -> int:
+    """Validate where each sequence's K/V live (block tables, or first rows); returns tokens per page (1 if flat)."""
+    if not paged:
+        check_index_vector("token_base", token_base, batch)
+        return 1
+    check_dtype("block_tables", block_tables, INDEX_DTYPES)
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables: expected [batch={batch}, max_blocks], got {tuple(block_tables.shape)}")
+    if block_tables.shape[1] and block_tables.stride(1) != 1:
+        raise ValueError("block_tables: rows must be contiguous")
+    return k.shape[1]
+
+
+def output_like(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """`out` checked against q (same shape, dtype, device; last dim contiguous), or a new tensor like q."""
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out: expected {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype}")
+    check_last_dim_contiguous("out", out)
+    return out
+
+
 def default_scale(scale: float | None, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 

@@ -18,11 +18,11 @@ import triton.language as tl
 
 from .common import (
     FLOAT_DTYPES,
-    INDEX_DTYPES,
     LOG2E,
     MAX_GRID_YZ,
     DecodeConfig,
     cdiv,
+    check_cache_index,
     check_dtype,
     check_head_dim,
     check_heads,
@@ -35,6 +35,7 @@ from .common import (
     default_scale,
     dot_args,
     next_power_of_2,
+    output_like,
     sm_count,
 )
 from .tile_ops import online_softmax_tile, row_offsets, token_slots
@@ -227,22 +228,8 @@ def _decode(
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_index_vector("seq_lens", seq_lens, batch)
-    if paged:
-        check_dtype("block_tables", block_tables, INDEX_DTYPES)
-        if block_tables.dim() != 2 or block_tables.shape[0] != batch:
-            raise ValueError(f"block_tables: expected [batch={batch}, max_blocks], got {tuple(block_tables.shape)}")
-        if block_tables.shape[1] and block_tables.stride(1) != 1:
-            raise ValueError("block_tables: rows must be contiguous")
-        page = k.shape[1]
-    else:
-        check_index_vector("token_base", token_base, batch)
-        page = 1
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out: expected {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype}")
-    else:
-        check_last_dim_contiguous("out", out)
+    page = check_cache_index(paged, block_tables, token_base, batch, k)
+    out = output_like(q, out)
     if batch == 0:
         return out
     if batch > MAX_GRID_YZ:

@@ -18,11 +18,11 @@ import triton.language as tl
 
 from .common import (
     FLOAT_DTYPES,
-    INDEX_DTYPES,
     LOG2E,
     MAX_GRID_YZ,
     PrefillConfig,
     cdiv,
+    check_cache_index,
     check_dtype,
     check_head_dim,
     check_heads,
@@ -34,6 +34,7 @@ from .common import (
     default_scale,
     dot_args,
     next_power_of_2,
+    output_like,
 )
 from .tile_ops import online_softmax_tile, row_offsets, token_slots
 
@@ -186,22 +187,8 @@ def _prefill(
     batch = context_lens.shape[0]
     check_index_vector("context_lens", context_lens, batch)
     check_index_vector("cu_seqlens_q", cu_seqlens_q, batch + 1)
-    if paged:
-        check_dtype("block_tables", block_tables, INDEX_DTYPES)
-        if block_tables.dim() != 2 or block_tables.shape[0] != batch:
-            raise ValueError(f"block_tables: expected [batch={batch}, max_blocks], got {tuple(block_tables.shape)}")
-        if block_tables.shape[1] and block_tables.stride(1) != 1:
-            raise ValueError("block_tables: rows must be contiguous")
-        page = k.shape[1]
-    else:
-        check_index_vector("token_base", token_base, batch)
-        page = 1
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out: expected {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype}")
-    else:
-        check_last_dim_contiguous("out", out)
+    page = check_cache_index(paged, block_tables, token_base, batch, k)
+    out = output_like(q, out)
     if batch == 0 or q.shape[0] == 0:
         return out
     if batch > MAX_GRID_YZ:
