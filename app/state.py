@@ -205,12 +205,9 @@ def show_figure(fig, key: str) -> None:
 
 def step_bounds(lt: LoadedTrace) -> tuple[int, int]:
     """(first, last) recorded step, from the memory timeline; (0, 0) for a trace without steps."""
-    from kvscope.analysis.memory import memory_timeline
+    from kvscope.analysis.memory import step_range
 
-    tl = memory_timeline(lt.trace)
-    if tl.empty:
-        return 0, 0
-    return int(tl["step"].min()), int(tl["step"].max())
+    return step_range(lt.trace)
 
 
 def step_slider(lt: LoadedTrace, *, label: str, key: str, default: int | None = None) -> int:
@@ -239,18 +236,13 @@ def meta_frame(lt: LoadedTrace) -> pd.DataFrame:
 
 def memory_at(lt: LoadedTrace, step: int) -> dict[str, Any] | None:
     """The memory timeline's row for `step` (the allocator's books at the end of it), None if not sampled."""
-    from kvscope.analysis.memory import memory_timeline
+    from kvscope.analysis.memory import memory_at as row_at
 
-    tl = memory_timeline(lt.trace)
-    row = tl[tl["step"] == step]
-    return None if row.empty else row.iloc[0].to_dict()
+    return row_at(lt.trace, step)
 
 
 def peak_step(lt: LoadedTrace, column: str = "reserved") -> int | None:
-    """The step where a memory timeline column peaks (the report's snapshot step), None without samples."""
-    from kvscope.analysis.memory import memory_timeline
+    """The step where a memory timeline column peaks (the snapshot step), None without samples."""
+    from kvscope.analysis.memory import peak_step as peak
 
-    tl = memory_timeline(lt.trace)
-    if tl.empty or column not in tl.columns or not (tl[column] > 0).any():
-        return None
-    return int(tl.loc[tl[column].idxmax(), "step"])
+    return peak(lt.trace, column)

@@ -113,16 +113,13 @@ def run_views(trace: Trace) -> list[View]:
     from kvscope import viz
     from kvscope.analysis import driver, fragmentation, memory, requests, sharing, summary, throughput
 
-    info = summary.summarize(trace)
     timeline = memory.memory_timeline(trace)
     alloc = str(trace.meta.get("allocator", ""))
     block_size = (trace.meta.get("allocator_config") or {}).get("block_size")
-    last_step = max(int(info.get("steps") or 0) - 1, 0)
+    last_step = summary.last_step(trace)
     # Steps worth a snapshot: the most tokens held (the pool under most pressure), and the peak of sharing savings.
-    peak_step = int(timeline.loc[timeline["used"].idxmax(), "step"]) if len(timeline) else 0
-    share_step = None
-    if "sharing_saved" in timeline.columns and len(timeline) and timeline["sharing_saved"].max() > 0:
-        share_step = int(timeline.loc[timeline["sharing_saved"].idxmax(), "step"])
+    peak_step = memory.peak_step(trace, "used") or memory.step_range(trace)[0]
+    share_step = memory.peak_step(trace, "sharing_saved")
 
     def sharing_graph() -> go.Figure | str:
         if share_step is None:

@@ -61,18 +61,16 @@ class TraceExplorer:
     def __init__(self, trace: Trace, *, view: str = "blocks", step: int | None = None) -> None:
         import ipywidgets as w
 
-        from kvscope.analysis.memory import memory_timeline
+        from kvscope.analysis.memory import peak_step, step_range
 
         if view not in VIEWS:
             raise ValueError(f"view: {view!r} is not one of {', '.join(VIEWS)}")
         self.trace = trace
-        self._timeline = memory_timeline(trace)
-        steps = self._timeline["step"]
-        first = int(steps.min()) if len(steps) else 0
-        last = int(steps.max()) if len(steps) else 0
+        first, last = step_range(trace)
         if step is None:
-            # Start where the pool was fullest: the report's snapshot step.
-            step = int(self._timeline.loc[self._timeline["reserved"].idxmax(), "step"]) if len(steps) else 0
+            # Start where the pool was fullest (most reserved), like the dashboard's fragmentation page.
+            step = peak_step(trace, "reserved")
+            step = first if step is None else step
         self._map_figure = None
         self.figure = None
 
@@ -138,12 +136,12 @@ class TraceExplorer:
         self.refresh()
 
     def _info_html(self, step: int) -> str:
+        from kvscope.analysis.memory import memory_at
         from kvscope.units import format_bytes
 
-        row = self._timeline[self._timeline["step"] == step]
-        if row.empty:
+        r = memory_at(self.trace, step)
+        if r is None:
             return f"step {step}: no memory sample"
-        r = row.iloc[0]
         parts = [
             f"reserved {format_bytes(int(r['reserved']))}",
             f"used {format_bytes(int(r['used']))}",

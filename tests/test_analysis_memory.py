@@ -8,7 +8,15 @@ import pytest
 from test_analysis_tracegen import BLOCK, BPT, CAP, PAGED4, Script, make_requests, record, scenario_fork
 
 from kvscope.alloc.base import Usage
-from kvscope.analysis.memory import FIELDS, TIMELINE_COLUMNS, memory_timeline, waste_breakdown
+from kvscope.analysis.memory import (
+    FIELDS,
+    TIMELINE_COLUMNS,
+    memory_at,
+    memory_timeline,
+    peak_step,
+    step_range,
+    waste_breakdown,
+)
 from kvscope.events import Kind
 from kvscope.recorder import Recorder
 from kvscope.trace import trace_from_recorder
@@ -106,3 +114,24 @@ def test_returned_frames_are_copies():
     again = memory_timeline(trace)
     assert (again["reserved"] >= 0).all() and "extra" not in again.columns
     assert isinstance(again, pd.DataFrame) and np.issubdtype(again["reserved"].dtype, np.integer)
+
+
+def test_snapshot_steps_and_rows_come_from_the_timeline():
+    trace = scenario_fork()  # reserved 3, 2, 0 blocks; used 8, 6, 0 tokens; sharing saves 6 tokens at step 1
+    assert step_range(trace) == (0, 2)
+    assert peak_step(trace, "reserved") == 0
+    assert peak_step(trace) == 0  # reserved is the default
+    assert peak_step(trace, "used") == 0
+    assert peak_step(trace, "sharing_saved") == 1
+    assert peak_step(trace, "mapped_idle") is None  # never above zero: no snapshot worth taking
+    assert peak_step(trace, "no_such_column") is None
+    row = memory_at(trace, 1)
+    assert row is not None and row["reserved"] == 2 * BLOCK and row["sharing_saved"] == 6 * BPT
+    assert memory_at(trace, 99) is None
+
+
+def test_snapshot_helpers_on_a_trace_without_samples():
+    empty = trace_from_recorder(Recorder(None, {"allocator": "paged"}))
+    assert step_range(empty) == (0, 0)
+    assert peak_step(empty, "used") is None
+    assert memory_at(empty, 0) is None

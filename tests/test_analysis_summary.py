@@ -8,7 +8,7 @@ import pytest
 from test_analysis_tracegen import BLOCK, BPT, CAP, make_requests, record, scenario_fork, scenario_prefix
 
 from kvscope.analysis.requests import generated_tokens, request_lifetimes
-from kvscope.analysis.summary import summarize
+from kvscope.analysis.summary import event_counts, last_step, summarize
 from kvscope.recorder import Recorder
 from kvscope.trace import trace_from_recorder
 
@@ -182,3 +182,16 @@ def test_forked_samples_without_memory_at_the_fork():
     trace.meta["requests"]["n"] = [2]
     assert summarize(trace)["generated_tokens"] == 2
     assert summarize(trace)["finished"] == 1
+
+
+def test_last_step_and_event_counts():
+    trace = scenario_fork()
+    assert last_step(trace) == summarize(trace)["steps"] - 1 == 2
+    counts = event_counts(trace)
+    assert list(counts.columns) == ["kind", "events"]
+    assert (counts["events"] > 0).all()
+    expected = trace.events["kind"].astype(str).value_counts()
+    assert dict(zip(counts["kind"], counts["events"], strict=True)) == expected.to_dict()
+    empty = trace_from_recorder(Recorder(None, {"allocator": "paged"}))
+    assert last_step(empty) == 0
+    assert event_counts(empty).empty

@@ -6,6 +6,8 @@ import streamlit as st
 from kvscope.app import state
 from kvscope.app.filters import filter_events, parse_id_list
 
+from kvscope.analysis.summary import event_counts
+
 MAX_ROWS = 5000  # rows sent to the browser; the download has every matching row
 
 st.title("Events")
@@ -15,8 +17,7 @@ if lt is None:
 events = lt.trace.events
 st.caption(f"{lt.title}: {len(events):,} events. Column meanings per kind: kvscope/events.py.")
 
-counts = events["kind"].value_counts(sort=False)  # one pass, in the schema's kind order
-present = [str(kind) for kind, n in counts.items() if n > 0]
+present = event_counts(lt.trace)["kind"].tolist()  # kinds that occur, in the schema's order
 col_kind, col_seq = st.columns([3, 2])
 kinds = col_kind.multiselect("Kinds", present, default=[], key=f"ev_kinds:{lt.key}", placeholder="all kinds")
 seq_text = col_seq.text_input("Sequences", key=f"ev_seqs:{lt.key}", placeholder="e.g. 3, 7-9 (all when empty)")

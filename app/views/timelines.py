@@ -7,7 +7,7 @@ from kvscope.app import state
 
 from kvscope.analysis.memory import memory_timeline
 from kvscope.analysis.requests import request_lifetimes
-from kvscope.analysis.summary import summarize
+from kvscope.analysis.summary import last_step
 from kvscope.analysis.throughput import throughput_timeline
 from kvscope.viz import memory_stack_figure, request_lifetimes_figure, throughput_figure
 
@@ -27,8 +27,9 @@ with tab_memory:
 with tab_throughput:
     state.show_figure(throughput_figure(throughput_timeline(lt.trace)), key="tl_throughput")
 with tab_requests:
-    last_step = max(int(summarize(lt.trace).get("steps") or 0) - 1, 0)
-    state.show_figure(request_lifetimes_figure(request_lifetimes(lt.trace), last_step=last_step), key="tl_requests")
+    state.show_figure(
+        request_lifetimes_figure(request_lifetimes(lt.trace), last_step=last_step(lt.trace)), key="tl_requests"
+    )
 with tab_driver:
     from kvscope.analysis.driver import driver_calls
     from kvscope.viz import driver_latency_figure

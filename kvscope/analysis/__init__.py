@@ -36,6 +36,10 @@ Extensions (also guaranteed):
   generated, swaps, status (finished, rejected, running, waiting); requests.generated_tokens(trace) -> int
 - driver.driver_calls also has call (cuMemMap, ...), page, bytes, t_s; driver.driver_stats(trace) -> per kind:
   count, total_ms, median_us, p90_us, p99_us, max_us
+- snapshot helpers the surfaces use instead of computing their own: memory.step_range(trace) -> (first, last);
+  memory.peak_step(trace, column='reserved') -> int | None (first step where the timeline column peaks; None when
+  never > 0); memory.memory_at(trace, step) -> dict | None (that step's timeline row); summary.last_step(trace) ->
+  int; summary.event_counts(trace) -> kind, events (kinds that occur, in the schema's order)
 
 Conventions: `t_s` is the end of a step on the run's clock (simulated on --device sim runs, host time otherwise);
 "the state at the end of step s" is the state when the engine recorded that step's ACCT_* samples. Results are

@@ -91,3 +91,28 @@ def waste_breakdown(trace) -> pd.DataFrame:
     long = tl.melt(id_vars=["step", "t_s"], value_vars=cats, var_name="category", value_name="bytes")
     long["category"] = pd.Categorical(long["category"], categories=cats)
     return long.sort_values(["step", "category"], kind="stable").reset_index(drop=True)
+
+
+def step_range(trace) -> tuple[int, int]:
+    """(first, last) step with a memory sample; (0, 0) for a trace without any (the step sliders' bounds)."""
+    steps = memory_timeline(trace)["step"]
+    if steps.empty:
+        return 0, 0
+    return int(steps.min()), int(steps.max())
+
+
+def peak_step(trace, column: str = "reserved") -> int | None:
+    """The first step where memory_timeline's `column` is largest (the snapshot step of the report, dashboard and
+    widget); None when the trace has no samples, no such column, or the column is never above zero."""
+    tl = memory_timeline(trace)
+    if tl.empty or column not in tl.columns or not (tl[column] > 0).any():
+        return None
+    return int(tl.loc[tl[column].idxmax(), "step"])
+
+
+def memory_at(trace, step: int) -> dict | None:
+    """memory_timeline's row for `step` as a dict (the allocator's books at the end of that step); None when the
+    step has no sample."""
+    tl = memory_timeline(trace)
+    row = tl[tl["step"] == step]
+    return None if row.empty else row.iloc[0].to_dict()

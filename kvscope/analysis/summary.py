@@ -39,6 +39,22 @@ def summarize(trace) -> dict[str, Any]:
     return dict(cached(trace, "summary", lambda: _build(trace)))
 
 
+def last_step(trace) -> int:
+    """The last engine step (steps - 1; 0 for a trace without steps): where unfinished requests' bars end."""
+    return max(int(summarize(trace).get("steps") or 0) - 1, 0)
+
+
+def event_counts(trace) -> pd.DataFrame:
+    """One row per event kind that occurs in the trace, in the schema's kind order: kind (str), events (count)."""
+
+    def build() -> pd.DataFrame:
+        counts = trace.events["kind"].value_counts(sort=False)  # one pass; a categorical keeps the schema order
+        counts = counts[counts > 0]
+        return pd.DataFrame({"kind": counts.index.astype(str), "events": counts.to_numpy(dtype=np.int64)})
+
+    return cached(trace, "event_counts", build).copy()
+
+
 def _build(trace) -> dict[str, Any]:
     from kvscope.analysis.memory import memory_timeline
     from kvscope.analysis.requests import first_admission_hits, request_lifetimes

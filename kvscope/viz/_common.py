@@ -96,5 +96,21 @@ def bin_steps(
     return out.reset_index(drop=True), width
 
 
+def line_trace(
+    x: np.ndarray,
+    y: np.ndarray,
+    name: str,
+    color: str,
+    hover: str,
+    *,
+    width: float = 1.2,
+    dash: str | None = None,
+    **kw,
+) -> go.Scatter:
+    """A plain line series: `hover` is the hover template's body (the legend name is not repeated in it)."""
+    line = dict(color=color, width=width) | ({"dash": dash} if dash else {})
+    return go.Scatter(x=x, y=y, name=name, mode="lines", line=line, hovertemplate=hover, **kw)
+
+
 def truncate(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"

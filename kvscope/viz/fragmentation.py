@@ -149,16 +149,23 @@ def block_grid_figure(
         xgap=gap,
         ygap=gap,
     )
+    return _grid_figure(heat, present, title, rows, cols, row_px=18, unit="unit id", legend="state")
+
+
+def _grid_figure(
+    heat: go.Heatmap, states: list[str], title: str, rows: int, cols: int, *, row_px: int, unit: str, legend: str
+) -> go.Figure:
+    """A state heatmap laid out as a rows x cols memory map (row-major, first unit top left) with a state legend."""
     fig = go.Figure(heat)
-    _legend_swatches(fig, present)
+    _legend_swatches(fig, states)
     base_layout(
         fig,
         title,
-        height=min(700, max(260, 18 * rows + 140)),
-        xaxis=dict(title=dict(text=f"unit id mod {cols}"), showgrid=False),
-        yaxis=dict(title=dict(text=f"unit id // {cols}"), autorange="reversed", showgrid=False),
+        height=min(700, max(260, row_px * rows + 140)),
+        xaxis=dict(title=dict(text=f"{unit} mod {cols}"), showgrid=False),
+        yaxis=dict(title=dict(text=f"{unit} // {cols}"), autorange="reversed", showgrid=False),
         showlegend=True,
-        legend=dict(title=dict(text="state")),
+        legend=dict(title=dict(text=legend)),
     )
     return fig
 
@@ -178,25 +185,14 @@ def _range_grid(df: pd.DataFrame, codes: np.ndarray, present: list[str], title: 
         f"{state_label(s)}: %{{customdata[{k + 1}]}}" for k, s in enumerate(present)
     )
     rows, cols = _grid_shape(cells)
-    fig = go.Figure(
-        _state_heatmap(
-            _to_grid(dominant, rows, cols, np.nan),
-            present,
-            customdata=_to_grid(numbers, rows, cols, np.nan),
-            hovertemplate=hover,
-        )
+    heat = _state_heatmap(
+        _to_grid(dominant, rows, cols, np.nan),
+        present,
+        customdata=_to_grid(numbers, rows, cols, np.nan),
+        hovertemplate=hover,
     )
-    _legend_swatches(fig, present)
-    base_layout(
-        fig,
-        f"{title} ({per} units per cell, coloured by majority)",
-        height=min(700, max(260, 6 * rows + 140)),
-        xaxis=dict(title=dict(text=f"unit range (cell) mod {cols}"), showgrid=False),
-        yaxis=dict(title=dict(text=f"unit range (cell) // {cols}"), autorange="reversed", showgrid=False),
-        showlegend=True,
-        legend=dict(title=dict(text="majority state")),
-    )
-    return fig
+    title = f"{title} ({per} units per cell, coloured by majority)"
+    return _grid_figure(heat, present, title, rows, cols, row_px=6, unit="unit range (cell)", legend="majority state")
 
 
 def _segment_strip(df: pd.DataFrame, title: str) -> go.Figure:

@@ -7,7 +7,15 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from kvscope.viz._common import MAX_TIMELINE_POINTS, base_layout, bin_steps, byte_unit, empty_figure, numeric
+from kvscope.viz._common import (
+    MAX_TIMELINE_POINTS,
+    base_layout,
+    bin_steps,
+    byte_unit,
+    empty_figure,
+    line_trace,
+    numeric,
+)
 from kvscope.viz._common import require_columns as _require
 from kvscope.viz.palette import LOGICAL_LINE_COLOR, MEMORY_BANDS, USAGE_LINE_COLOR, state_color, state_label
 
@@ -50,38 +58,23 @@ def memory_stack_figure(
         logical = numeric(df["logical"])
         if np.any(np.abs(logical - numeric(df["used"])) > 0):
             # Only drawn when sharing changes something: the gap to `used` is what sharing saved.
-            fig.add_trace(
-                go.Scatter(
-                    x=steps,
-                    y=logical / div,
-                    name="logical (tokens without sharing)",
-                    mode="lines",
-                    line=dict(color=LOGICAL_LINE_COLOR, dash="dot", width=1.5),
-                    hovertemplate=f"%{{y:.3f}} {unit}<extra>logical, no sharing</extra>",
-                )
-            )
-    fig.add_trace(
-        go.Scatter(
-            x=steps,
-            y=100 * numeric(df["block_usage_frac"]),
-            name="block usage % (vLLM kv_cache_usage: reserved / capacity)",
-            mode="lines",
-            line=dict(color=USAGE_LINE_COLOR, width=2),
-            yaxis="y2",
-            hovertemplate="%{y:.1f}%<extra>block usage (reserved / capacity)</extra>",
-        )
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=steps,
-            y=100 * numeric(df["token_usage_frac"]),
-            name="token-slot usage % (used / capacity)",
-            mode="lines",
-            line=dict(color=USAGE_LINE_COLOR, width=2, dash="dash"),
-            yaxis="y2",
-            hovertemplate="%{y:.1f}%<extra>token slots filled (used / capacity)</extra>",
-        )
-    )
+            name = "logical (tokens without sharing)"
+            hover = f"%{{y:.3f}} {unit}<extra>logical, no sharing</extra>"
+            fig.add_trace(line_trace(steps, logical / div, name, LOGICAL_LINE_COLOR, hover, width=1.5, dash="dot"))
+    # The two usage figures people confuse, on the right-hand percent axis: solid what vLLM reports, dashed the truth.
+    usage_lines = [
+        (
+            "block_usage_frac",
+            "block usage % (vLLM kv_cache_usage: reserved / capacity)",
+            None,
+            "block usage (reserved / capacity)",
+        ),
+        ("token_usage_frac", "token-slot usage % (used / capacity)", "dash", "token slots filled (used / capacity)"),
+    ]
+    for column, name, dash, what in usage_lines:
+        y = 100 * numeric(df[column])
+        hover = f"%{{y:.1f}}%<extra>{what}</extra>"
+        fig.add_trace(line_trace(steps, y, name, USAGE_LINE_COLOR, hover, width=2, dash=dash, yaxis="y2"))
     xlabel = "engine step" if width == 1 else f"engine step (mean of each {width}-step bin)"
     base_layout(
         fig,

@@ -8,7 +8,15 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from kvscope.viz._common import MAX_TIMELINE_POINTS, base_layout, bin_steps, empty_figure, has_values, numeric
+from kvscope.viz._common import (
+    MAX_TIMELINE_POINTS,
+    base_layout,
+    bin_steps,
+    empty_figure,
+    has_values,
+    line_trace,
+    numeric,
+)
 from kvscope.viz._common import require_columns as _require
 from kvscope.viz.palette import (
     BATCH_COLOR,
@@ -60,18 +68,8 @@ def throughput_figure(
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.07, subplot_titles=titles, specs=specs)
 
     tps = numeric(df["tokens_per_s"])
-    fig.add_trace(
-        go.Scatter(
-            x=x,
-            y=tps,
-            name="tokens/s",
-            mode="lines",
-            line=dict(color=DECODE_COLOR, width=1.5),
-            hovertemplate="%{y:,.0f} tokens/s<extra>step %{x}</extra>",
-        ),
-        row=1,
-        col=1,
-    )
+    hover = "<extra>step %{x}</extra>"
+    fig.add_trace(line_trace(x, tps, "tokens/s", DECODE_COLOR, "%{y:,.0f} tokens/s" + hover, width=1.5), row=1, col=1)
     pre = numeric(df["preemptions"])
     hit = np.isfinite(pre) & (pre > 0)
     if hit.any():
@@ -83,7 +81,7 @@ def throughput_figure(
                 mode="markers",
                 marker=dict(symbol="x", size=9, color=PREEMPT_COLOR, line=dict(width=1)),
                 customdata=pre[hit],
-                hovertemplate="%{customdata:.0f} preemption(s)<extra>step %{x}</extra>",
+                hovertemplate="%{customdata:.0f} preemption(s)" + hover,
             ),
             row=1,
             col=1,
@@ -93,84 +91,43 @@ def throughput_figure(
         ("decode_tokens", "decode tokens", DECODE_COLOR),
     ):
         fig.add_trace(
-            go.Scatter(
-                x=x,
-                y=numeric(df[col]),
-                name=name,
+            line_trace(
+                x,
+                numeric(df[col]),
+                name,
+                color,
+                "%{y:,.1f} " + name + hover,
+                width=0.5,
                 stackgroup="tokens",
-                mode="lines",
-                line=dict(width=0.5, color=color),
                 fillcolor=color,
-                hovertemplate="%{y:,.1f} " + name + "<extra>step %{x}</extra>",
             ),
             row=2,
             col=1,
             secondary_y=False,
         )
-    fig.add_trace(
-        go.Scatter(
-            x=x,
-            y=numeric(df["batch"]),
-            name="batch size (sequences)",
-            mode="lines",
-            line=dict(color=BATCH_COLOR, width=1.5, dash="dot"),
-            hovertemplate="%{y:.1f} sequences<extra>step %{x}</extra>",
-        ),
-        row=2,
-        col=1,
-        secondary_y=True,
+    batch = line_trace(
+        x,
+        numeric(df["batch"]),
+        "batch size (sequences)",
+        BATCH_COLOR,
+        "%{y:.1f} sequences" + hover,
+        width=1.5,
+        dash="dot",
     )
-    fig.add_trace(
-        go.Scatter(
-            x=x,
-            y=1000 * numeric(df["dur_s"]),
-            name="step wall time (ms)",
-            mode="lines",
-            line=dict(color="#333", width=1.2),
-            hovertemplate="%{y:.3f} ms step<extra>step %{x}</extra>",
-        ),
-        row=3,
-        col=1,
-    )
-    if show_kernel:
-        fig.add_trace(
-            go.Scatter(
-                x=x,
-                y=numeric(df["kernel_ms"]),
-                name="GPU forward time (ms)",
-                mode="lines",
-                line=dict(color=KERNEL_COLOR, width=1.2),
-                hovertemplate="%{y:.3f} ms GPU<extra>step %{x}</extra>",
-            ),
-            row=3,
-            col=1,
-        )
-    if show_driver:
-        fig.add_trace(
-            go.Scatter(
-                x=x,
-                y=numeric(df["driver_ms"]),
-                name="VMM driver calls (ms)",
-                mode="lines",
-                line=dict(color=DRIVER_COLOR, width=1.2),
-                hovertemplate="%{y:.3f} ms in driver calls<extra>step %{x}</extra>",
-            ),
-            row=3,
-            col=1,
-        )
+    fig.add_trace(batch, row=2, col=1, secondary_y=True)
+    # Step time and what part of it the GPU and the VMM driver took; a series with no values is not drawn.
+    timing = [
+        (1000 * numeric(df["dur_s"]), "step wall time (ms)", "#333", "%{y:.3f} ms step", True),
+        (numeric(df["kernel_ms"]), "GPU forward time (ms)", KERNEL_COLOR, "%{y:.3f} ms GPU", show_kernel),
+        (numeric(df["driver_ms"]), "VMM driver calls (ms)", DRIVER_COLOR, "%{y:.3f} ms in driver calls", show_driver),
+    ]
+    for y, name, color, text, shown in timing:
+        if shown:
+            fig.add_trace(line_trace(x, y, name, color, text + hover), row=3, col=1)
     if show_tbps:
-        fig.add_trace(
-            go.Scatter(
-                x=x,
-                y=numeric(df["achieved_tbps"]),
-                name="achieved TB/s (KV bytes read / GPU time)",
-                mode="lines",
-                line=dict(color=TBPS_COLOR, width=1.5),
-                hovertemplate="%{y:.2f} TB/s<extra>step %{x}</extra>",
-            ),
-            row=4,
-            col=1,
-        )
+        tbps = numeric(df["achieved_tbps"])
+        name = "achieved TB/s (KV bytes read / GPU time)"
+        fig.add_trace(line_trace(x, tbps, name, TBPS_COLOR, "%{y:.2f} TB/s" + hover, width=1.5), row=4, col=1)
         fig.update_yaxes(title_text="TB/s", rangemode="tozero", row=4, col=1)
     fig.update_yaxes(title_text="tokens/s", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="tokens", rangemode="tozero", row=2, col=1, secondary_y=False)
