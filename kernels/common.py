@@ -246,6 +246,95 @@ def check_cache_index(
     return k.shape[1]
 
 
+PAGED_LAYOUT = "[num_blocks, block_size, kv_heads, head_dim]"
+CONTIGUOUS_LAYOUT = "[num_rows, kv_heads, head_dim]"
+
+
+def check_cache_layout(paged: bool, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The public wrappers' rank check, naming the arguments as the caller knows them (k_cache/v_cache, k_buf/v_buf)."""
+    if paged:
+        check_shape("k_cache", k, 4, PAGED_LAYOUT)
+        check_shape("v_cache", v, 4, PAGED_LAYOUT)
+    else:
+        check_shape("k_buf", k, 3, CONTIGUOUS_LAYOUT)
+        check_shape("v_buf", v, 3, CONTIGUOUS_LAYOUT)
+
+
+def check_float_rows(*named: tuple[str, torch.Tensor]) -> None:
+    """Each tensor holds floats the kernels read, with a contiguous head_dim axis."""
+    for name, t in named:
+        check_dtype(name, t, FLOAT_DTYPES)
+        check_last_dim_contiguous(name, t)
+
+
+def check_kv_pair(k: torch.Tensor, v: torch.Tensor) -> None:
+    if k.shape != v.shape:
+        raise ValueError(f"k and v caches differ in shape: {tuple(k.shape)} vs {tuple(v.shape)}")
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What the decode and prefill wrappers read off checked q and K/V caches."""
+
+    num_q_heads: int
+    kv_heads: int
+    head_dim: int
+    group: int  # q heads per kv head
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_layout: str) -> AttentionShape:
+    """q [tokens, q_heads, head_dim] against K/V caches of either layout: heads, head_dim, shapes, dtypes, strides."""
+    check_shape("q", q, 3, q_layout)
+    _, num_q_heads, head_dim = q.shape
+    kv_heads = k.shape[-2]
+    group = check_heads(num_q_heads, kv_heads)
+    check_head_dim(head_dim, ("k cache", k.shape[-1]), ("v cache", v.shape[-1]))
+    check_kv_pair(k, v)
+    check_float_rows(("q", q), ("k cache", k), ("v cache", v))
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    return AttentionShape(num_q_heads, kv_heads, head_dim, group)
+
+
+def check_grid_batch(batch: int) -> None:
+    if batch > MAX_GRID_YZ:
+        raise ValueError(f"batch {batch} exceeds the CUDA grid limit {MAX_GRID_YZ}: split the batch")
+
+
+def cache_strides(paged: bool, t: torch.Tensor) -> tuple[int, int, int]:
+    """(block, token, head) strides of a cache; a contiguous buffer is one block of all rows (block stride 0)."""
+    return tuple(t.stride()[:3]) if paged else (0, *t.stride()[:2])
+
+
+@dataclass(frozen=True)
+class CacheArgs:
+    """The cache-side kernel arguments shared by decode and prefill, for either layout."""
+
+    page: int  # PAGE constexpr: tokens per block, 1 for a contiguous buffer
+    block_tables: torch.Tensor  # a placeholder int tensor when contiguous: the kernel signature stays fixed
+    token_base: torch.Tensor  # likewise when paged
+    strides: tuple[int, ...]  # stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt
+
+
+def cache_args(
+    paged: bool,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_tables: torch.Tensor | None,
+    token_base: torch.Tensor | None,
+    batch: int,
+    placeholder: torch.Tensor,
+) -> CacheArgs:
+    """Check where each sequence's K/V live (see `check_cache_index`) and lay out the matching kernel arguments;
+    `placeholder` (any int tensor on the device) stands in for the index tensor the layout does not use."""
+    page = check_cache_index(paged, block_tables, token_base, batch, k)
+    stride_bt = block_tables.stride(0) if paged else 0
+    strides = (*cache_strides(paged, k), *cache_strides(paged, v), stride_bt)
+    if paged:
+        return CacheArgs(page, block_tables, placeholder, strides)
+    return CacheArgs(page, placeholder, token_base, strides)
+
+
 def output_like(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """`out` checked against q (same shape, dtype, device; last dim contiguous), or a new tensor like q."""
     if out is None:

@@ -91,6 +91,10 @@ def _short(value: object) -> str:
     return str(value).removeprefix("torch.").removesuffix("_ptr")
 
 
+def _variant_name(kernel: str, dtype: torch.dtype, over: dict[str, object]) -> str:
+    return " ".join([kernel, _short(dtype), *(f"{k}={_short(v)}" for k, v in over.items())])
+
+
 def _variants() -> list[tuple[str, object, dict[str, object], int, int]]:
     """(name, kernel, args, num_warps, num_stages) for each variant the wrappers can launch."""
     from . import block_copy, decode, kv_store, prefill
@@ -130,10 +134,9 @@ def _variants() -> list[tuple[str, object, dict[str, object], int, int]]:
         cfg = default_decode_config(over.get("HEAD_DIM", d), dtype)
         args = decode_args(dtype, **over)
         args["BLOCK_N"] = cfg.block_n
-        name = (
-            "decode " + str(dtype).removeprefix("torch.") + " " + " ".join(f"{k}={_short(v)}" for k, v in over.items())
+        out.append(
+            (_variant_name("decode", dtype, over), decode._decode_split_kernel, args, cfg.num_warps, cfg.num_stages)
         )
-        out.append((name.strip(), decode._decode_split_kernel, args, cfg.num_warps, cfg.num_stages))
 
     reduce_args = dict(
         part_out_ptr=f32, part_lse_ptr=f32, seq_lens_ptr=i32, out_ptr=bf16, tokens_per_split=512, num_splits=57,
@@ -167,10 +170,9 @@ def _variants() -> list[tuple[str, object, dict[str, object], int, int]]:
         cfg = default_prefill_config(over.get("HEAD_DIM", d), dtype)
         args = prefill_args(dtype, **over)
         args["BLOCK_M"], args["BLOCK_N"] = cfg.block_m, cfg.block_n
-        name = (
-            "prefill " + str(dtype).removeprefix("torch.") + " " + " ".join(f"{k}={_short(v)}" for k, v in over.items())
+        out.append(
+            (_variant_name("prefill", dtype, over), prefill._prefill_kernel, args, cfg.num_warps, cfg.num_stages)
         )
-        out.append((name.strip(), prefill._prefill_kernel, args, cfg.num_warps, cfg.num_stages))
 
     for paged in (True, False):
         store_args = dict(

@@ -17,19 +17,15 @@ import triton
 import triton.language as tl
 
 from .common import (
-    FLOAT_DTYPES,
     LOG2E,
-    MAX_GRID_YZ,
     DecodeConfig,
+    cache_args,
     cdiv,
-    check_cache_index,
-    check_dtype,
-    check_head_dim,
-    check_heads,
+    check_attention_inputs,
+    check_cache_layout,
+    check_grid_batch,
     check_index_vector,
-    check_last_dim_contiguous,
     check_runnable,
-    check_shape,
     choose_num_splits,
     default_decode_config,
     default_scale,
@@ -215,25 +211,14 @@ def _decode(
 ) -> torch.Tensor:
     paged = block_tables is not None
     device = check_runnable(q, k, v, seq_lens, block_tables if paged else token_base)
-    check_shape("q", q, 3, "[batch, q_heads, head_dim]")
-    batch, num_q_heads, head_dim = q.shape
-    kv_heads = k.shape[-2]
-    group = check_heads(num_q_heads, kv_heads)
-    check_head_dim(head_dim, ("k cache", k.shape[-1]), ("v cache", v.shape[-1]))
-    if k.shape != v.shape:
-        raise ValueError(f"k and v caches differ in shape: {tuple(k.shape)} vs {tuple(v.shape)}")
-    for name, t in (("q", q), ("k cache", k), ("v cache", v)):
-        check_dtype(name, t, FLOAT_DTYPES)
-        check_last_dim_contiguous(name, t)
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    shape = check_attention_inputs(q, k, v, "[batch, q_heads, head_dim]")
+    batch, head_dim, kv_heads = q.shape[0], shape.head_dim, shape.kv_heads
     check_index_vector("seq_lens", seq_lens, batch)
-    page = check_cache_index(paged, block_tables, token_base, batch, k)
+    cache = cache_args(paged, k, v, block_tables, token_base, batch, placeholder=seq_lens)
     out = output_like(q, out)
     if batch == 0:
         return out
-    if batch > MAX_GRID_YZ:
-        raise ValueError(f"batch {batch} exceeds the CUDA grid limit {MAX_GRID_YZ}: split the batch")
+    check_grid_batch(batch)
 
     config = config or default_decode_config(head_dim, q.dtype)
     if max_seq_len is None:
@@ -244,17 +229,6 @@ def _decode(
     tokens_per_split = cdiv(num_tiles, num_splits) * config.block_n
     num_splits = cdiv(max(max_seq_len, 1), tokens_per_split)
 
-    if paged:
-        stride_kb, stride_kt, stride_kh = k.stride()[:3]
-        stride_vb, stride_vt, stride_vh = v.stride()[:3]
-        stride_bt = block_tables.stride(0)
-        token_base = seq_lens  # unused by the paged kernel; any int tensor keeps the signature fixed
-    else:
-        stride_kb, (stride_kt, stride_kh) = 0, k.stride()[:2]
-        stride_vb, (stride_vt, stride_vh) = 0, v.stride()[:2]
-        stride_bt = 0
-        block_tables = seq_lens
-
     direct = num_splits == 1
     block_d = max(16, next_power_of_2(head_dim))
     if direct:
@@ -262,16 +236,16 @@ def _decode(
         part_lse = out
         stride_p = (0, 0, 0, 0, 0)
     else:
-        part_out = torch.empty((batch, num_q_heads, num_splits, block_d), dtype=torch.float32, device=device)
-        part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=device)
+        part_out = torch.empty((batch, shape.num_q_heads, num_splits, block_d), dtype=torch.float32, device=device)
+        part_lse = torch.empty((batch, shape.num_q_heads, num_splits), dtype=torch.float32, device=device)
         stride_p = (*part_out.stride()[:3], *part_lse.stride()[:2])
 
     _decode_split_kernel[(kv_heads, num_splits, batch)](
         q,
         k,
         v,
-        block_tables,
-        token_base,
+        cache.block_tables,
+        cache.token_base,
         seq_lens,
         out,
         part_out,
@@ -279,21 +253,15 @@ def _decode(
         default_scale(scale, head_dim) * LOG2E,
         tokens_per_split,
         *q.stride()[:2],
-        stride_kb,
-        stride_kt,
-        stride_kh,
-        stride_vb,
-        stride_vt,
-        stride_vh,
-        stride_bt,
+        *cache.strides,
         *out.stride()[:2],
         *stride_p,
-        GROUP=group,
-        BLOCK_G=max(16, next_power_of_2(group)),
+        GROUP=shape.group,
+        BLOCK_G=max(16, next_power_of_2(shape.group)),
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_N=config.block_n,
-        PAGE=page,
+        PAGE=cache.page,
         PAGED=paged,
         DIRECT_OUT=direct,
         **dot_args(q.dtype),
@@ -301,7 +269,7 @@ def _decode(
         num_stages=config.num_stages,
     )
     if not direct:
-        _decode_reduce_kernel[(num_q_heads, batch)](
+        _decode_reduce_kernel[(shape.num_q_heads, batch)](
             part_out,
             part_lse,
             seq_lens,
@@ -339,8 +307,7 @@ def paged_decode_attention(
     correct, the last split takes the rest, but loses parallelism); without it one device sync reads it. A sequence
     of length 0 gets zeros.
     """
-    check_shape("k_cache", k_cache, 4, "[num_blocks, block_size, kv_heads, head_dim]")
-    check_shape("v_cache", v_cache, 4, "[num_blocks, block_size, kv_heads, head_dim]")
+    check_cache_layout(True, k_cache, v_cache)
     return _decode(q, k_cache, v_cache, block_tables, None, seq_lens, scale, max_seq_len, out, config)
 
 
@@ -362,6 +329,5 @@ def contiguous_decode_attention(
     occupies rows token_base[b] .. token_base[b] + seq_lens[b] - 1 (token_base int32/int64, e.g. slot * max_len).
     Otherwise as `paged_decode_attention`.
     """
-    check_shape("k_buf", k_buf, 3, "[num_rows, kv_heads, head_dim]")
-    check_shape("v_buf", v_buf, 3, "[num_rows, kv_heads, head_dim]")
+    check_cache_layout(False, k_buf, v_buf)
     return _decode(q, k_buf, v_buf, None, token_base, seq_lens, scale, max_seq_len, out, config)

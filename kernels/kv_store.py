@@ -13,11 +13,13 @@ import triton
 import triton.language as tl
 
 from .common import (
-    FLOAT_DTYPES,
     INDEX_DTYPES,
+    cache_strides,
+    check_cache_layout,
     check_dtype,
+    check_float_rows,
     check_index_vector,
-    check_last_dim_contiguous,
+    check_kv_pair,
     check_runnable,
     check_shape,
     next_power_of_2,
@@ -79,28 +81,18 @@ def _store(
     if value.shape != key.shape:
         raise ValueError(f"value: shape {tuple(value.shape)} differs from key's {tuple(key.shape)}")
     num_tokens, kv_heads, head_dim = key.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v caches differ in shape: {tuple(k.shape)} vs {tuple(v.shape)}")
+    check_kv_pair(k, v)
     if tuple(k.shape[-2:]) != (kv_heads, head_dim):
         raise ValueError(
             f"cache rows are {tuple(k.shape[-2:])} [kv_heads, head_dim], new tokens {(kv_heads, head_dim)}"
         )
-    for name, t in (("key", key), ("value", value), ("k cache", k), ("v cache", v)):
-        check_dtype(name, t, FLOAT_DTYPES)
-        check_last_dim_contiguous(name, t)
+    check_float_rows(("key", key), ("value", value), ("k cache", k), ("v cache", v))
     if key.dtype != k.dtype or value.dtype != v.dtype:
         raise ValueError(f"new K/V dtype {key.dtype} differs from the cache's {k.dtype}")
     check_index_vector(slots_name, slots, num_tokens)
     if num_tokens == 0:
         return
-    if paged:
-        strides_k = (k.stride(0), k.stride(1), k.stride(2))
-        strides_v = (v.stride(0), v.stride(1), v.stride(2))
-        page = k.shape[1]
-    else:
-        strides_k = (0, k.stride(0), k.stride(1))
-        strides_v = (0, v.stride(0), v.stride(1))
-        page = 1
+    page = k.shape[1] if paged else 1
     block_h, block_d = next_power_of_2(kv_heads), next_power_of_2(head_dim)
     _store_kv_kernel[(num_tokens,)](
         key,
@@ -112,8 +104,8 @@ def _store(
         key.stride(1),
         value.stride(0),
         value.stride(1),
-        *strides_k,
-        *strides_v,
+        *cache_strides(paged, k),
+        *cache_strides(paged, v),
         NUM_HEADS=kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_H=block_h,
@@ -134,8 +126,7 @@ def store_kv_paged(
     """Write key/value [num_tokens, kv_heads, head_dim] into k_cache/v_cache [num_blocks, block_size, kv_heads,
     head_dim] (any strides, head_dim contiguous) at slot_mapping [num_tokens] (int32/int64, block * block_size +
     offset; negative = skip)."""
-    check_shape("k_cache", k_cache, 4, "[num_blocks, block_size, kv_heads, head_dim]")
-    check_shape("v_cache", v_cache, 4, "[num_blocks, block_size, kv_heads, head_dim]")
+    check_cache_layout(True, k_cache, v_cache)
     _store(key, value, k_cache, v_cache, slot_mapping, "slot_mapping", paged=True)
 
 
@@ -148,8 +139,7 @@ def store_kv_contiguous(
 ) -> None:
     """Write key/value [num_tokens, kv_heads, head_dim] into rows `rows` [num_tokens] (int32/int64: token_base of the
     sequence + position; negative = skip) of k_buf/v_buf [num_rows, kv_heads, head_dim] (any row stride)."""
-    check_shape("k_buf", k_buf, 3, "[num_rows, kv_heads, head_dim]")
-    check_shape("v_buf", v_buf, 3, "[num_rows, kv_heads, head_dim]")
+    check_cache_layout(False, k_buf, v_buf)
     _store(key, value, k_buf, v_buf, rows, "rows", paged=False)
 
 

@@ -17,17 +17,14 @@ import triton
 import triton.language as tl
 
 from .common import (
-    FLOAT_DTYPES,
     LOG2E,
-    MAX_GRID_YZ,
     PrefillConfig,
+    cache_args,
     cdiv,
-    check_cache_index,
-    check_dtype,
-    check_head_dim,
-    check_heads,
+    check_attention_inputs,
+    check_cache_layout,
+    check_grid_batch,
     check_index_vector,
-    check_last_dim_contiguous,
     check_runnable,
     check_shape,
     default_prefill_config,
@@ -171,72 +168,43 @@ def _prefill(
 ) -> torch.Tensor:
     paged = block_tables is not None
     check_runnable(q, k, v, cu_seqlens_q, context_lens, block_tables if paged else token_base)
-    check_shape("q", q, 3, "[total_new_tokens, q_heads, head_dim]")
-    _, num_q_heads, head_dim = q.shape
-    kv_heads = k.shape[-2]
-    group = check_heads(num_q_heads, kv_heads)
-    check_head_dim(head_dim, ("k cache", k.shape[-1]), ("v cache", v.shape[-1]))
-    if k.shape != v.shape:
-        raise ValueError(f"k and v caches differ in shape: {tuple(k.shape)} vs {tuple(v.shape)}")
-    for name, t in (("q", q), ("k cache", k), ("v cache", v)):
-        check_dtype(name, t, FLOAT_DTYPES)
-        check_last_dim_contiguous(name, t)
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    shape = check_attention_inputs(q, k, v, "[total_new_tokens, q_heads, head_dim]")
     check_shape("context_lens", context_lens, 1, "[batch]")
     batch = context_lens.shape[0]
     check_index_vector("context_lens", context_lens, batch)
     check_index_vector("cu_seqlens_q", cu_seqlens_q, batch + 1)
-    page = check_cache_index(paged, block_tables, token_base, batch, k)
+    cache = cache_args(paged, k, v, block_tables, token_base, batch, placeholder=context_lens)
     out = output_like(q, out)
     if batch == 0 or q.shape[0] == 0:
         return out
-    if batch > MAX_GRID_YZ:
-        raise ValueError(f"batch {batch} exceeds the CUDA grid limit {MAX_GRID_YZ}: split the batch")
+    check_grid_batch(batch)
 
-    config = config or default_prefill_config(head_dim, q.dtype)
+    config = config or default_prefill_config(shape.head_dim, q.dtype)
     if max_query_len is None:
         max_query_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())  # one device sync
     if max_query_len <= 0:
         return out
 
-    if paged:
-        stride_kb, stride_kt, stride_kh = k.stride()[:3]
-        stride_vb, stride_vt, stride_vh = v.stride()[:3]
-        stride_bt = block_tables.stride(0)
-        token_base = context_lens  # unused by the paged kernel
-    else:
-        stride_kb, (stride_kt, stride_kh) = 0, k.stride()[:2]
-        stride_vb, (stride_vt, stride_vh) = 0, v.stride()[:2]
-        stride_bt = 0
-        block_tables = context_lens  # unused by the contiguous kernel
-
-    grid = (cdiv(max_query_len, config.block_m), num_q_heads, batch)
+    grid = (cdiv(max_query_len, config.block_m), shape.num_q_heads, batch)
     _prefill_kernel[grid](
         q,
         k,
         v,
         out,
-        block_tables,
-        token_base,
+        cache.block_tables,
+        cache.token_base,
         cu_seqlens_q,
         context_lens,
-        default_scale(scale, head_dim) * LOG2E,
+        default_scale(scale, shape.head_dim) * LOG2E,
         *q.stride()[:2],
-        stride_kb,
-        stride_kt,
-        stride_kh,
-        stride_vb,
-        stride_vt,
-        stride_vh,
-        stride_bt,
+        *cache.strides,
         *out.stride()[:2],
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        BLOCK_D=max(16, next_power_of_2(head_dim)),
+        GROUP=shape.group,
+        HEAD_DIM=shape.head_dim,
+        BLOCK_D=max(16, next_power_of_2(shape.head_dim)),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
-        PAGE=page,
+        PAGE=cache.page,
         PAGED=paged,
         **dot_args(q.dtype),
         num_warps=config.num_warps,
@@ -267,8 +235,7 @@ def paged_prefill_attention(
     dtype (into `out` when given). max_query_len (>= the longest chunk) sizes the grid; without it one device sync
     reads it; it must not be smaller than the longest chunk (the rows past it would not be computed).
     """
-    check_shape("k_cache", k_cache, 4, "[num_blocks, block_size, kv_heads, head_dim]")
-    check_shape("v_cache", v_cache, 4, "[num_blocks, block_size, kv_heads, head_dim]")
+    check_cache_layout(True, k_cache, v_cache)
     return _prefill(
         q, k_cache, v_cache, block_tables, None, cu_seqlens_q, context_lens, scale, max_query_len, out, config
     )
@@ -292,6 +259,5 @@ def contiguous_prefill_attention(
     k_buf, v_buf [num_rows, kv_heads, head_dim] (any row stride); sequence b's token p is row token_base[b] + p
     (token_base int32/int64). Otherwise as `paged_prefill_attention`.
     """
-    check_shape("k_buf", k_buf, 3, "[num_rows, kv_heads, head_dim]")
-    check_shape("v_buf", v_buf, 3, "[num_rows, kv_heads, head_dim]")
+    check_cache_layout(False, k_buf, v_buf)
     return _prefill(q, k_buf, v_buf, None, token_base, cu_seqlens_q, context_lens, scale, max_query_len, out, config)

@@ -6,7 +6,7 @@ float32, one sequence at a time, the K/V of a sequence gathered explicitly throu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -43,6 +43,54 @@ def gather_rows(buf: torch.Tensor, base: int, length: int) -> torch.Tensor:
     return buf[base : base + length]
 
 
+#: Tokens 0..length-1 of sequence b from one cache: `gather(cache, b, length)`.
+Gather = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def _paged_gather(block_tables: torch.Tensor) -> Gather:
+    return lambda cache, b, length: gather_paged(cache, block_tables[b], length)
+
+
+def _contiguous_gather(token_base: torch.Tensor) -> Gather:
+    bases = token_base.tolist()
+    return lambda buf, b, length: gather_rows(buf, bases[b], length)
+
+
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gather: Gather,
+    q_spans: Sequence[tuple[int, int]],
+    context_lens: Sequence[int],
+    scale: float | None,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Sequence b's queries q[start:end] (q_spans[b]) attend causally to its context_lens[b] cached tokens and to
+    themselves, the K/V of all of them read through `gather`: the one routine behind every layout and phase."""
+    scale = default_scale(scale, q.shape[-1])
+    result = torch.empty_like(q) if out is None else out
+    for b, ((start, end), ctx) in enumerate(zip(q_spans, context_lens, strict=True)):
+        length = ctx + end - start
+        keys, values = gather(k, b, length), gather(v, b, length)
+        result[start:end] = attend(q[start:end], keys, values, torch.arange(ctx, length), scale).to(result.dtype)
+    return result
+
+
+Spans = tuple[list[tuple[int, int]], list[int]]  # (q rows start..end, cached tokens before them) per sequence
+
+
+def _decode_spans(seq_lens: torch.Tensor) -> Spans:
+    # One query per sequence, the last of its seq_lens[b] tokens (the new token's K/V are already stored).
+    lens = seq_lens.tolist()
+    return [(b, b + 1) for b in range(len(lens))], [n - 1 for n in lens]
+
+
+def _prefill_spans(cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor) -> Spans:
+    cu = cu_seqlens_q.tolist()
+    return list(zip(cu[:-1], cu[1:], strict=True)), context_lens.tolist()
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -54,14 +102,7 @@ def paged_decode_attention(
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    scale = default_scale(scale, q.shape[-1])
-    result = torch.empty_like(q) if out is None else out
-    for b, length in enumerate(seq_lens.tolist()):
-        k = gather_paged(k_cache, block_tables[b], length)
-        v = gather_paged(v_cache, block_tables[b], length)
-        pos = torch.tensor([length - 1])
-        result[b] = attend(q[b : b + 1], k, v, pos, scale)[0].to(result.dtype)
-    return result
+    return _attention(q, k_cache, v_cache, _paged_gather(block_tables), *_decode_spans(seq_lens), scale, out)
 
 
 def contiguous_decode_attention(
@@ -75,14 +116,7 @@ def contiguous_decode_attention(
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    scale = default_scale(scale, q.shape[-1])
-    result = torch.empty_like(q) if out is None else out
-    for b, (base, length) in enumerate(zip(token_base.tolist(), seq_lens.tolist(), strict=True)):
-        k = gather_rows(k_buf, base, length)
-        v = gather_rows(v_buf, base, length)
-        pos = torch.tensor([length - 1])
-        result[b] = attend(q[b : b + 1], k, v, pos, scale)[0].to(result.dtype)
-    return result
+    return _attention(q, k_buf, v_buf, _contiguous_gather(token_base), *_decode_spans(seq_lens), scale, out)
 
 
 def paged_prefill_attention(
@@ -97,17 +131,8 @@ def paged_prefill_attention(
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    scale = default_scale(scale, q.shape[-1])
-    result = torch.empty_like(q) if out is None else out
-    cu = cu_seqlens_q.tolist()
-    for b, ctx in enumerate(context_lens.tolist()):
-        start, end = cu[b], cu[b + 1]
-        length = ctx + end - start
-        k = gather_paged(k_cache, block_tables[b], length)
-        v = gather_paged(v_cache, block_tables[b], length)
-        pos = torch.arange(ctx, length)
-        result[start:end] = attend(q[start:end], k, v, pos, scale).to(result.dtype)
-    return result
+    spans = _prefill_spans(cu_seqlens_q, context_lens)
+    return _attention(q, k_cache, v_cache, _paged_gather(block_tables), *spans, scale, out)
 
 
 def contiguous_prefill_attention(
@@ -122,17 +147,8 @@ def contiguous_prefill_attention(
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    scale = default_scale(scale, q.shape[-1])
-    result = torch.empty_like(q) if out is None else out
-    cu = cu_seqlens_q.tolist()
-    for b, (base, ctx) in enumerate(zip(token_base.tolist(), context_lens.tolist(), strict=True)):
-        start, end = cu[b], cu[b + 1]
-        length = ctx + end - start
-        k = gather_rows(k_buf, base, length)
-        v = gather_rows(v_buf, base, length)
-        pos = torch.arange(ctx, length)
-        result[start:end] = attend(q[start:end], k, v, pos, scale).to(result.dtype)
-    return result
+    spans = _prefill_spans(cu_seqlens_q, context_lens)
+    return _attention(q, k_buf, v_buf, _contiguous_gather(token_base), *spans, scale, out)
 
 
 def store_kv_paged(
