@@ -228,6 +228,93 @@ def test_free_blocks_are_taken_before_cached_idle_ones():
     assert rows(events(rec, "block_evict"), "block") == [(0,)]
 
 
+def test_lookup_returns_the_first_registered_block_and_revives_it():
+    """vLLM's get_cached_block: of two blocks with one hash, the first registered, even idle beside an active copy."""
+    prompt = toks(1, 1, 1, 1, 2)
+    for prefers_active in (False, True):
+        a, rec = make(8, enable_prefix_caching=True, hit_prefers_active=prefers_active)
+        start(a, 0, prompt)  # block 0 cached; block 1 partial
+        a.admit(1, toks(1, 1, 1, 1), 9)  # a prompt of one full block never hits it: seq 1 computes its own copy
+        a.append(1, toks(1, 1, 1, 1))
+        first, copy = a.block_table(0)[0], a.block_table(1)[0]
+        assert first != copy and len(events(rec, "block_cache")["aux"].unique()) == 1, "two blocks, one hash"
+        a.free(0)  # the first-registered copy goes idle, seq 1's stays active
+        assert start(a, 2, prompt) == 4
+        expected = (copy, 2) if prefers_active else (first, 1)  # ref after: revived from idle, or shared
+        assert rows(events(rec, "block_share"), "block aux")[-1] == expected
+        assert a.usage().cached_idle == (BB if prefers_active else 0)
+        assert ("hit_prefers_active" in a.config()) == prefers_active
+        a.check_invariants()
+
+
+def test_evicting_one_of_two_blocks_with_a_hash_keeps_the_other_findable():
+    a, rec = make(5, enable_prefix_caching=True)
+    start(a, 0, toks(1, 1, 1, 1, 2))
+    a.admit(1, toks(1, 1, 1, 1), 9)
+    a.append(1, toks(1, 1, 1, 1))
+    first, copy = a.block_table(0)[0], a.block_table(1)[0]
+    a.free(0)
+    a.free(1)  # cached-idle, least recently used first: first, copy; 3 blocks free
+    start(a, 2, toks(*range(20, 32)))  # the 3 free blocks
+    a.append(2, toks(32))  # a 4th block: evicts the least recently used, the first-registered copy
+    assert rows(events(rec, "block_evict"), "block") == [(first,)]
+    a.free(2)
+    assert start(a, 3, toks(1, 1, 1, 1, 3)) == 4 and a.block_table(3)[0] == copy, "the other copy is still a hit"
+    a.check_invariants()
+
+
+def test_can_admit_with_tokens_counts_the_hit_as_vllm():
+    """Hit blocks that are active cost nothing; cached-idle ones still take a block out of the free queue."""
+    a, _ = make(4, enable_prefix_caching=True)
+    prompt = toks(*range(9))  # blocks [0-3] [4-7] full, [8] partial
+    start(a, 0, prompt)  # 3 blocks, 1 free
+    assert not a.can_admit(9, 12) and a.can_admit(9, 12, prompt_tokens=prompt), "2 active hit blocks + 1 new"
+    assert not a.can_admit(9, 12, prompt_tokens=toks(*range(100, 109)))
+    a.free(0)  # 2 cached-idle + 2 free: 4 blocks an allocation can take
+    start(a, 1, toks(50, 51, 52, 53, 54))  # takes the 2 free ones
+    assert not a.can_admit(9, 12, prompt_tokens=prompt), "2 idle hit blocks + 1 new block > the 2 idle ones"
+    assert a.can_admit(5, 8, prompt_tokens=toks(0, 1, 2, 3, 9)), "1 idle hit block + 1 new block"
+    a.check_invariants()
+
+
+def test_freed_never_hashed_blocks_are_reused_last_in_first_out_with_prefix_caching():
+    """vLLM 0.33 puts them at the free queue's front; without prefix caching they go to the tail (FIFO)."""
+    for caching, expected in ((True, [3, 0]), (False, [4, 5])):
+        a, _ = make(6, enable_prefix_caching=caching)
+        start(a, 0, toks(1, 2))  # block 0
+        start(a, 1, toks(3, 4, 5, 6, 7))  # blocks 1 (full: hashed with caching), 2
+        start(a, 2, toks(8))  # block 3
+        a.free(0)
+        a.free(2)  # with caching the free queue is now 3, 0, 4, 5
+        start(a, 3, toks(9, 9, 9, 9, 9))
+        assert a.block_table(3) == expected
+        a.check_invariants()
+
+
+def test_an_append_takes_all_its_blocks_before_caching_any():
+    """vLLM's allocate_slots takes every new block (evicting as needed) before cache_full_blocks registers any."""
+    a, rec = make(8, enable_prefix_caching=True)
+    start(a, 0, toks(*range(10)))
+    assert list(events(rec)["kind"]) == ["block_alloc"] * 3 + ["block_cache"] * 2 + ["append"]
+    assert rows(events(rec, "block_alloc"), "block addr") == [(0, 0), (1, 1), (2, 2)]
+
+
+def test_reset_prefix_cache_evicts_every_cached_idle_block():
+    a, rec = make(6, enable_prefix_caching=True)
+    start(a, 0, toks(1, 1, 1, 1, 2, 2, 2, 2, 3))  # blocks 0, 1 cached, 2 partial
+    start(a, 1, toks(4, 4, 4, 4, 5))  # block 3 cached, 4 partial
+    assert not a.reset_prefix_cache() and events(rec, "block_evict").empty, "refused while blocks are active"
+    a.free(0)
+    a.free(1)  # idle, least recently used first: 1, 0, 3
+    assert a.reset_prefix_cache()
+    assert rows(events(rec, "block_evict"), "block") == [(1,), (0,), (3,)]
+    u = a.usage()
+    assert (u.cached_idle, u.free) == (0, 6 * BB) and a.num_free_blocks == 6
+    assert start(a, 2, toks(1, 1, 1, 1, 2, 2, 2, 2, 3)) == 0, "no prefix is findable after a reset"
+    a.check_invariants()
+    assert a.reset_prefix_cache() is False
+
+
 def test_oom_is_atomic_and_emits_oom():
     a, rec = make(3)
     start(a, 0, toks(1, 2, 3, 4, 5, 6))

@@ -8,7 +8,9 @@ after every step, checks the allocator against an independent model:
 - ref counts equal the number of block-table entries holding each block; block-table lengths = ceil(tokens / bs);
 - Usage adds up, and matches the model's own used / logical counts;
 - replaying the emitted block events reproduces the allocator's ref counts and block states, and every eviction
-  takes the least recently idled cached block (a freed sequence's chain tail first) and only when no free block is left;
+  takes the least recently idled cached block (a freed sequence's chain tail first) and only when no free block is left
+  (a prefix-cache reset evicts every cached-idle block, least recently used first);
+- a prefix hit shares, for each hash, the first block registered under it (as vLLM's lookup), idle or not;
 - at the end, freeing everything releases every block (reserved == 0, all blocks free or cached-idle).
 """
 
@@ -50,9 +52,12 @@ class EventReplay:
         self.ref = [0] * num_blocks
         self.hashed = [False] * num_blocks
         self.idle: dict[int, None] = {}  # cached-idle blocks in the order they went idle: the eviction order
+        self.hash_of: dict[int, int] = {}  # hashed block -> its hash (aux)
+        self.registered: dict[int, dict[int, None]] = {}  # hash -> blocks carrying it, in registration order
         self.pos = 0
 
-    def feed(self, log: list[tuple[int, int, int, int]]) -> None:
+    def feed(self, log: list[tuple[int, int, int, int]], reset: bool = False) -> None:
+        """Replay the events not seen yet; `reset`: they come from reset_prefix_cache (evictions with free blocks)."""
         for kind, _seq, block, aux in log[self.pos :]:
             self.pos += 1  # before checking: after a failure, teardown must not replay the same event again
             if kind in (Kind.BLOCK_ALLOC, Kind.BLOCK_COW):
@@ -70,12 +75,20 @@ class EventReplay:
             elif kind == Kind.BLOCK_CACHE:
                 assert self.ref[block] > 0, "a block is cached while nobody holds it"
                 self.hashed[block] = True
+                self.hash_of[block] = aux
+                self.registered.setdefault(aux, {})[block] = None
             elif kind == Kind.BLOCK_EVICT:
                 assert self.ref[block] == 0 and self.hashed[block], f"evicted block {block} was not cached-idle"
-                assert self.num_free() == 0, "evicted a cached block while free blocks were left"
+                assert reset or self.num_free() == 0, "evicted a cached block while free blocks were left"
                 assert block == next(iter(self.idle)), f"evicted {block}, LRU is {next(iter(self.idle))}"
                 del self.idle[block]
                 self.hashed[block] = False
+                holders = self.registered[self.hash_of.pop(block)]
+                del holders[block]  # only this block: another one with the same hash stays findable
+
+    def first_registered(self, block: int) -> int:
+        """The block a lookup of `block`'s hash returns: the first one registered under it and not evicted since."""
+        return next(iter(self.registered[self.hash_of[block]]))
 
     def num_free(self) -> int:
         return sum(r == 0 and not h for r, h in zip(self.ref, self.hashed, strict=True))
@@ -155,9 +168,12 @@ class PagedMachine(RuleBasedStateMachine):
             return
         seq = self.next_seq
         self.next_seq += 1
+        self.replay.feed(self.rec.log)  # the hash index as it stands at the lookup
         hit = self.alloc.admit(seq, np.array(prompt), len(prompt) + 4)
         assert hit % self.bs == 0 and 0 <= hit <= (len(prompt) - 1) // self.bs * self.bs
         assert hit == 0 or self.prefix_caching
+        hits = self.alloc.block_table(seq)
+        assert hits == [self.replay.first_registered(b) for b in hits], "a hit is not the first-registered block"
         self.tokens[seq] = prompt[:hit]
         assert self.alloc.num_tokens(seq) == hit
         if not self.grow(seq, prompt[hit:]):
@@ -216,6 +232,24 @@ class PagedMachine(RuleBasedStateMachine):
         self.released_tail_first(table, since)
         del self.tokens[seq]
         self.swapped.discard(seq)
+
+    @rule()
+    def reset_prefix_cache(self) -> None:
+        """vLLM's reset_prefix_cache: refused while a block is active, else every cached-idle block becomes free."""
+        self.replay.feed(self.rec.log)
+        active = any(self.alloc.block_state(b) == "active" for b in range(self.alloc.num_blocks))
+        before = (self.alloc.usage(), len(self.rec.log))
+        assert self.alloc.reset_prefix_cache() == (not active)
+        if active:
+            assert (self.alloc.usage(), len(self.rec.log)) == before, "a refused reset changed something"
+            return
+        if before[0].cached_idle:
+            event("reset evicted cached blocks")
+        self.replay.feed(self.rec.log, reset=True)
+        assert not self.replay.idle and self.alloc.usage().cached_idle == 0
+        assert [k for k, *_ in self.rec.log[before[1] :]] == [Kind.BLOCK_EVICT] * (
+            before[0].cached_idle // self.alloc.block_bytes
+        )
 
     @precondition(lambda self: self.resident())
     @rule(data=st.data())

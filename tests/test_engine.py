@@ -78,37 +78,93 @@ def test_all_at_t0_prefill_step0_decode_every_step_finish_per_contract(allocator
 SMALL = reqs((5, 4), (20, 3), (33, 1))
 # Tokens held at the end of each step: A=5,B=20 (C finished in step 0) | A=6,B=21 | A=7 (B done) | 0 (A done)
 SMALL_USED = [25, 27, 7, 0]
+# The most held at any instant of each step: C (output length 1) holds its 33 prompt tokens during step 0, B its
+# 22 during step 2 and A its 8 during step 3, each released only at the end of its finishing step.
+SMALL_PEAK_USED = [5 + 20 + 33, 6 + 21, 7 + 22, 8]
 
 
 @pytest.mark.parametrize(
-    ("allocator", "options", "reserved_tokens"),
+    ("allocator", "options", "reserved_tokens", "peak_reserved_tokens"),
     [
-        # paged, 16-token blocks: A 1 block, B 2 blocks; then A alone 1 block
-        ("paged", {}, [48, 48, 16, 0]),
-        ("paged", {"block_size": 4}, [4 * (2 + 5), 4 * (2 + 6), 4 * 2, 0]),
+        # paged, 16-token blocks: A 1 block, B 2 blocks, C 3 blocks during step 0; then A alone 1 block
+        ("paged", {}, [48, 48, 16, 0], [96, 48, 48, 16]),
+        ("paged", {"block_size": 4}, [4 * (2 + 5), 4 * (2 + 6), 4 * 2, 0], [4 * (2 + 5 + 9), 32, 32, 8]),
         # static reserves max_len (64) rows / next power of two of P + O - 1 / exactly P + O - 1 per sequence
-        ("static", {}, [128, 128, 64, 0]),
-        ("static", {"static_variant": "pow2"}, [8 + 32, 8 + 32, 8, 0]),
-        ("static", {"static_variant": "oracle"}, [8 + 22, 8 + 22, 8, 0]),
+        ("static", {}, [128, 128, 64, 0], [192, 128, 128, 64]),
+        ("static", {"static_variant": "pow2"}, [8 + 32, 8 + 32, 8, 0], [8 + 32 + 64, 40, 40, 8]),
+        ("static", {"static_variant": "oracle"}, [8 + 22, 8 + 22, 8, 0], [8 + 22 + 33, 30, 30, 8]),
         # vmm, 4 KiB pages of 128-byte rows: 32 tokens per page-group (4 pages). A 1, B 1, C 2 groups; freed slots
         # keep their pages (deferred reclamation), so reserved never drops
-        ("vmm", {"page_size": 4096}, [128, 128, 128, 128]),
-        ("vmm", {"page_size": 4096, "deferred_reclaim": False}, [64, 64, 32, 0]),
+        ("vmm", {"page_size": 4096}, [128, 128, 128, 128], [128, 128, 128, 128]),
+        ("vmm", {"page_size": 4096, "deferred_reclaim": False}, [64, 64, 32, 0], [128, 64, 64, 32]),
     ],
 )
-def test_hand_computed_used_and_reserved_match_acct_samples_and_summary(allocator, options, reserved_tokens):
+def test_hand_computed_used_and_reserved_match_acct_samples_and_summary(
+    allocator, options, reserved_tokens, peak_reserved_tokens
+):
+    from kvscope.analysis.memory import memory_timeline
     from kvscope.analysis.summary import summarize
 
     ev, stats, trace = run(SMALL, allocator=allocator, **options)
     assert acct(ev, Kind.ACCT_USED) == [t * BPT for t in SMALL_USED]
     assert acct(ev, Kind.ACCT_RESERVED) == [t * BPT for t in reserved_tokens]
-    assert stats.peak_used_bytes == 27 * BPT
-    assert stats.peak_reserved_bytes == max(reserved_tokens) * BPT
+    # In-step peaks: every request was resident during step 0, including the one that finished in it.
+    assert acct(ev, Kind.ACCT_PEAK_USED) == [t * BPT for t in SMALL_PEAK_USED]
+    assert acct(ev, Kind.ACCT_PEAK_RESERVED) == [t * BPT for t in peak_reserved_tokens]
+    tl = memory_timeline(trace)
+    assert tl["peak_used"].tolist() == [t * BPT for t in SMALL_PEAK_USED]
+    assert tl["peak_reserved"].tolist() == [t * BPT for t in peak_reserved_tokens]
+    assert (tl["peak_used"] >= tl["used"]).all() and (tl["peak_reserved"] >= tl["reserved"]).all()
+    assert stats.peak_used_bytes == 58 * BPT
+    assert stats.peak_reserved_bytes == max(peak_reserved_tokens) * BPT
     summary = summarize(trace)
-    assert summary["peak_used_bytes"] == 27 * BPT
-    assert summary["peak_reserved_bytes"] == max(reserved_tokens) * BPT
+    assert summary["peaks"] == "at any instant"
+    assert summary["peak_used_bytes"] == 58 * BPT
+    assert summary["peak_reserved_bytes"] == max(peak_reserved_tokens) * BPT
+    assert summary["peak_used_end_of_step_bytes"] == 27 * BPT
+    assert summary["peak_reserved_end_of_step_bytes"] == max(reserved_tokens) * BPT
     assert summary["finished"] == 3
     assert summary["generated_tokens"] == 8
+
+
+@pytest.mark.parametrize("output_len", [1, 2])
+@pytest.mark.parametrize("allocator", ["static", "paged", "vmm"])
+def test_peak_counts_requests_that_finish_in_the_peak_step(allocator, output_len):
+    """Twelve requests at t=0, every one of them done within two steps: the high-water mark is the sum of what
+    they all held, though no end-of-step sample ever shows more than a fraction of it."""
+    from kvscope.analysis.summary import summarize
+
+    lens = [(10 + 3 * i, output_len if i % 2 else 1) for i in range(12)]
+    extra = {"page_size": 4096} if allocator == "vmm" else {}
+    ev, _, trace = run(reqs(*lens), allocator=allocator, max_len=64, kv_memory=1 << 22, **extra)
+    held_step0 = sum(p for p, _ in lens)
+    held_step1 = sum(p + 1 for p, o in lens if o == 2)
+    peaks = acct(ev, Kind.ACCT_PEAK_USED)
+    assert peaks[0] == held_step0 * BPT
+    if output_len == 2:
+        assert peaks[1] == held_step1 * BPT
+    summary = summarize(trace)
+    assert summary["peak_used_bytes"] == held_step0 * BPT
+    assert summary["peak_used_end_of_step_bytes"] < summary["peak_used_bytes"]
+    if allocator == "static":  # every request reserves max_len rows during step 0
+        assert summary["peak_reserved_bytes"] == 12 * 64 * BPT
+
+
+def test_vmm_waste_is_measured_while_requests_hold_memory_and_retention_is_apart():
+    """Deferred reclamation keeps every page mapped after the last request: that is retention, not waste.
+    Hand-computed (tokens): 4 groups of 32 stay mapped from step 0 on. Waste peaks at 121 right after B finishes in
+    step 2 (A holds 7 tokens in 128 mapped); after A's release nothing is live, so the 128 retained tokens' worth
+    of pages are not waste."""
+    from kvscope.analysis.summary import summarize
+
+    ev, _, trace = run(SMALL, allocator="vmm", page_size=4096)
+    # A step's peak includes the state it starts from (the previous step's end): step 1 starts at 128 - 25 and
+    # step 3 at 128 - 7, both above anything reached inside those steps.
+    assert acct(ev, Kind.ACCT_PEAK_WASTE) == [t * BPT for t in (128 - 25, 128 - 25, 128 - 7, 128 - 7)]
+    summary = summarize(trace)
+    assert summary["peak_waste_bytes"] == 121 * BPT
+    assert summary["retained_end_bytes"] == 128 * BPT
+    assert summary["peak_waste_bytes"] < summary["capacity_bytes"]
 
 
 def test_meta_carries_request_table_allocator_config_and_versions():

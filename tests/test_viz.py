@@ -160,7 +160,7 @@ def test_memory_stack_bands_add_up_to_capacity_and_name_both_usage_figures():
     usage = next(t for t in fig.data if "block usage" in t.name)
     assert np.allclose(usage.y, 100 * df["block_usage_frac"])
     assert any("logical" in n for n in names)  # logical differs from used: sharing is visible
-    assert fig.layout.title.text and fig.layout.xaxis.title.text == "engine step"
+    assert fig.layout.title.text and fig.layout.xaxis.title.text.startswith("engine step")
 
 
 def test_memory_stack_bins_long_runs_and_says_so():
@@ -467,3 +467,20 @@ def test_comparison_leaves_out_panels_where_every_run_is_zero():
     assert [a.text for a in fig.layout.annotations] == ["peak KV reserved (B)"]
     asked = comparison_figure(runs, metrics=[Metric("prefix_hit_tokens", "prefix hits", "tokens")])
     assert [a.text for a in asked.layout.annotations] == ["prefix hits (tokens)"]
+
+
+def test_memory_stack_draws_in_step_peaks_as_step_lines_binned_by_max():
+    df = memory_frame(40)
+    df["peak_used"] = df["used"] + 5 * MiB
+    df["peak_reserved"] = df["reserved"] + 7 * MiB
+    df.loc[13, "peak_reserved"] = 60 * MiB  # one step's spike must survive binning
+    fig = memory_stack_figure(df)
+    lines = {t.name: t for t in fig.data if t.name and t.name.startswith("in-step peak")}
+    assert set(lines) == {"in-step peak reserved", "in-step peak used"}
+    assert lines["in-step peak reserved"].line.shape == "hv"
+    assert np.allclose(lines["in-step peak used"].y, df["peak_used"] / MiB)
+    binned = memory_stack_figure(df, max_points=10)
+    spike = next(t for t in binned.data if t.name.startswith("in-step peak reserved"))
+    assert np.isclose(np.max(spike.y), 60) and "max of each" in spike.name
+    without = memory_stack_figure(memory_frame(40))  # an older trace's timeline: no peak columns, no lines
+    assert not any(t.name and t.name.startswith("in-step peak") for t in without.data)

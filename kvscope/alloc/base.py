@@ -67,6 +67,74 @@ class Usage:
         return asdict(self)
 
 
+@dataclass(slots=True)
+class HighWater:
+    """The most each quantity of Usage reached since the last `take`: the in-step peaks next to the end-of-step
+    Usage samples (a request that finishes in a step holds its memory during that step, so it counts there).
+
+    Allocators call `note` after every state-changing operation. An operation is atomic (it fails whole or
+    succeeds whole), so the states between its own events are not observable and not counted. Waste and its split
+    (internal, reservation, mapped-idle) are counted only at instants when some sequence holds tokens (used > 0):
+    pages a deferred reclaimer keeps mapped after the last request are retention, reported apart, not waste."""
+
+    reserved: int = 0
+    used: int = 0
+    logical: int = 0
+    waste: int = 0
+    internal: int = 0
+    reservation: int = 0
+    mapped_idle: int = 0
+    cached_idle: int = 0
+
+    def note(
+        self, reserved: int, used: int, logical: int, internal: int, reservation: int, mapped_idle: int, cached: int
+    ) -> None:
+        if reserved > self.reserved:
+            self.reserved = reserved
+        if used > self.used:
+            self.used = used
+        if logical > self.logical:
+            self.logical = logical
+        if cached > self.cached_idle:
+            self.cached_idle = cached
+        if used > 0:
+            if reserved - used > self.waste:
+                self.waste = reserved - used
+            if internal > self.internal:
+                self.internal = internal
+            if reservation > self.reservation:
+                self.reservation = reservation
+            if mapped_idle > self.mapped_idle:
+                self.mapped_idle = mapped_idle
+
+    def note_growth(self, used: int) -> None:
+        """The fast path of an append that took no new memory while tokens were already held: only used and
+        logical can rise (waste and its split can only fall)."""
+        if used > self.used:
+            self.used = used
+        if used > self.logical:
+            self.logical = used
+
+    def note_usage(self, u: Usage) -> None:
+        self.note(u.reserved, u.used, u.logical, u.internal, u.reservation, u.mapped_idle, u.cached_idle)
+
+    def take(self, now: Usage) -> HighWater:
+        """The peaks since the last take (the current state included), then start again from `now`."""
+        self.note_usage(now)
+        peaks = HighWater(*(getattr(self, f) for f in self.__slots__))
+        for f in self.__slots__:
+            setattr(self, f, 0)
+        self.note_usage(now)
+        return peaks
+
+    @staticmethod
+    def of(now: Usage) -> HighWater:
+        """The peaks of an allocator that tracks none: the current state alone (an end-of-step sample)."""
+        hw = HighWater()
+        hw.note_usage(now)
+        return hw
+
+
 @dataclass(frozen=True)
 class Copy:
     """Data movement for the executor. kind: 'block' (paged copy-on-write: src/dst block ids), 'rows' (static/vmm
@@ -110,3 +178,28 @@ def emit_usage(recorder: Recorder, usage: Usage) -> None:
     emit(Kind.ACCT_MAPPED_IDLE, bytes=usage.mapped_idle)
     emit(Kind.ACCT_CACHED_IDLE, bytes=usage.cached_idle)
     emit(Kind.ACCT_FREE, bytes=usage.free)
+
+
+def emit_peaks(recorder: Recorder, peaks: HighWater) -> None:
+    """One ACCT_PEAK_* sample per HighWater field, right after the step's ACCT_* samples."""
+    emit = recorder.emit
+    emit(Kind.ACCT_PEAK_RESERVED, bytes=peaks.reserved)
+    emit(Kind.ACCT_PEAK_USED, bytes=peaks.used)
+    emit(Kind.ACCT_PEAK_LOGICAL, bytes=peaks.logical)
+    emit(Kind.ACCT_PEAK_WASTE, bytes=peaks.waste)
+    emit(Kind.ACCT_PEAK_INTERNAL, bytes=peaks.internal)
+    emit(Kind.ACCT_PEAK_RESERVATION, bytes=peaks.reservation)
+    emit(Kind.ACCT_PEAK_MAPPED_IDLE, bytes=peaks.mapped_idle)
+    emit(Kind.ACCT_PEAK_CACHED_IDLE, bytes=peaks.cached_idle)
+
+
+def step_peaks(allocator: KVAllocator, now: Usage) -> HighWater:
+    """The allocator's in-step peaks when it tracks them (`high_water`), else the end-of-step state alone."""
+    hw = getattr(allocator, "high_water", None)
+    if not isinstance(hw, HighWater):
+        return HighWater.of(now)
+    lock = getattr(allocator, "lock", None)  # allocators used from a background thread (VMM map-ahead) have one
+    if lock is None:
+        return hw.take(now)
+    with lock:
+        return hw.take(now)

@@ -2,22 +2,39 @@
 counts, copy-on-write, prefix caching by chained block hashes, and swapping to a CPU block pool.
 
 Block states (every block is in exactly one):
-    free         ref 0, no hash: in `_free` (FIFO)
+    free         ref 0, no hash: in `_free`
     active       ref > 0: held by one or more sequences' block tables
     cached-idle  ref 0, hashed: in `_idle` (LRU order), still findable by a prefix lookup until evicted
 
-Allocation takes free blocks first, then evicts cached-idle ones least recently used first (vLLM v1 appends a freed
-request's blocks to its free queue in reverse order, so a chain's tail is evicted before its head; we do the same).
-vLLM reserves block 0 as a null block; we do not: all `num_blocks` blocks hold KV and count towards capacity.
+The books follow vLLM 0.33's v1 block pool (BlockPool with its FreeKVCacheBlockQueue). vLLM keeps one free queue
+holding both kinds of ref-0 block: `_free` + `_idle` is that queue, split at the point where it always splits
+(never-hashed blocks in front, cached ones behind them), so:
+- allocation takes the queue's head: a free block while there is one, else the least recently used cached-idle block,
+  which is evicted (BLOCK_EVICT, like BlockRemoved) and only it leaves the hash index;
+- a release walks the block table tail first; its blocks that drop to ref 0 and carry a hash go to the LRU tail in
+  that order (a freed chain's tail is evicted before its head); with prefix caching, its never-hashed ones go to the
+  front, so they are handed out again last in, first out, as vLLM 0.33 does (without prefix caching kvscope keeps
+  them first in, first out; only block ids depend on this, not counts or the eviction order);
+- an append takes every new block it needs before it caches any of them (vLLM's allocate_slots, then
+  cache_full_blocks), so an append's evictions come before its BLOCK_CACHE events.
+vLLM reserves block 0 as a null block, so its pool of N usable blocks has num_gpu_blocks = N + 1 and its block ids
+are ours + 1; we have no null block: all `num_blocks` blocks hold KV and count towards capacity.
 
 Prefix caching: a block that becomes full gets the chained hash sha256(parent hash + its token ids as int64) and is
-registered in `_cached` (hash -> blocks). Like vLLM v1, two blocks may carry the same hash (two sequences computed the
-same prefix at once); a lookup prefers an active one. A full block is never written again, so its hash stays valid.
+registered in `_cached` (hash -> blocks, in registration order). Like vLLM, two blocks may carry the same hash (the
+same prompt running twice at once: the last prompt block is always computed, so the second copy registers its own
+block). A lookup returns the first block registered under the hash, reviving it if it is cached-idle, even when
+another block with that hash is active, as vLLM's get_cached_block does; `hit_prefers_active=True` (off by default,
+a deliberate deviation from vLLM) shares an active holder instead, which keeps the idle copy evictable. A lookup stops
+at the first miss and never covers the last prompt token. A full block is never written again, so its hash stays
+valid. `reset_prefix_cache` mirrors vLLM's reset_prefix_cache (AllBlocksCleared): only with no active block, every
+cached-idle block is evicted (one BLOCK_EVICT each, LRU first: kvscope has no all-cleared event) and becomes free.
 
 Swapping: `swap_out` refuses sequences holding a shared block (ref > 1: forks or prefix hits). Moving a block that
 others still read would need per-block CPU ref counts and re-sharing on the way back; the engine preempts such
 sequences by recompute instead (`can_swap_out` says which way to go). Swapped sequences do not count in `logical`
-(their tokens are not in GPU memory).
+(their tokens are not in GPU memory). vLLM v1 has no swapping (nor forks and copy-on-write); those paths keep the
+rules above for the blocks they free and take.
 
 Data movement is queued in `pending_copies` (Copy 'block' for copy-on-write, 'swap_out' GPU->CPU, 'swap_in'
 CPU->GPU) and the executor must drain it, in order, before the next forward pass writes K/V: a block freed by a
@@ -33,7 +50,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvscope.alloc.base import Copy, KVOutOfMemory, Usage
+from kvscope.alloc.base import Copy, HighWater, KVOutOfMemory, Usage
 from kvscope.events import Kind
 from kvscope.recorder import NullRecorder, Recorder
 from kvscope.spec import KVSpec
@@ -75,6 +92,19 @@ class _Seq:
 
 
 class PagedAllocator:
+    """vLLM 0.33's v1 block pool as kvscope's books (the module docstring gives the rules it follows).
+
+    Options: `block_size` (tokens per block), `enable_prefix_caching` (on by default in vLLM v1; off here unless
+    asked for), `cpu_swap_bytes` (a CPU block pool for swap preemption, which vLLM v1 does not have).
+
+    Deliberate deviations from vLLM:
+    - no null block: ids start at 0 (vLLM's id = ours + 1) and all `num_blocks` blocks are usable, so a vLLM pool of
+      N usable blocks (`num_gpu_blocks` = N + 1) is `num_blocks` = N here; always so, it changes block ids only;
+    - `hit_prefers_active` (off by default): a prefix lookup of a hash that several blocks carry shares an active one
+      when there is one (kvscope's rule before it followed vLLM) instead of the first one registered, so an idle
+      duplicate is not revived while an active copy exists.
+    """
+
     name = "paged"
 
     def __init__(
@@ -86,6 +116,7 @@ class PagedAllocator:
         block_size: int = 16,
         enable_prefix_caching: bool = False,
         cpu_swap_bytes: int = 0,
+        hit_prefers_active: bool = False,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"paged allocator: block_size must be positive, got {block_size}")
@@ -95,6 +126,7 @@ class PagedAllocator:
         self.recorder = recorder if recorder is not None else NullRecorder()
         self.block_size = block_size
         self.prefix_caching = enable_prefix_caching
+        self.hit_prefers_active = hit_prefers_active
         self.bytes_per_token = spec.bytes_per_token
         self.block_bytes = block_size * self.bytes_per_token
         self.num_blocks = capacity_bytes // self.block_bytes
@@ -107,9 +139,10 @@ class PagedAllocator:
         self.pending_copies: list[Copy] = []
 
         self._blocks = [_Block(i) for i in range(self.num_blocks)]
+        # vLLM's one free queue, split where it always splits: never-hashed blocks in front, cached-idle ones behind.
         self._free: deque[int] = deque(range(self.num_blocks))
         self._idle: OrderedDict[int, None] = OrderedDict()  # cached-idle blocks, least recently used first
-        self._cached: dict[bytes, dict[int, None]] = {}  # hash -> blocks carrying it (active or idle)
+        self._cached: dict[bytes, dict[int, None]] = {}  # hash -> blocks carrying it (active or idle), oldest first
         self._cpu_free: list[int] = list(range(self.num_cpu_blocks - 1, -1, -1))  # stack: lowest id on top
         self._seqs: dict[int, _Seq] = {}
         # Prompt length at each sequence's first admission (prefix caching only). A recompute preemption re-admits
@@ -120,6 +153,7 @@ class PagedAllocator:
         self._num_active = 0
         self._active_fill = 0  # tokens in active blocks, each block once
         self._logical = 0  # tokens of GPU-resident sequences
+        self.high_water = HighWater()  # in-step peaks: noted after every state-changing operation
 
     # ---- queries -------------------------------------------------------------------------------------------------
     def config(self) -> dict:
@@ -129,7 +163,7 @@ class PagedAllocator:
             "prefix_caching": self.prefix_caching,
             "cpu_blocks": self.num_cpu_blocks,
             "block_bytes": self.block_bytes,
-        }
+        } | ({"hit_prefers_active": True} if self.hit_prefers_active else {})  # default configs stay as they were
 
     @property
     def num_free_blocks(self) -> int:
@@ -177,10 +211,25 @@ class PagedAllocator:
             free=len(self._free) * bb,
         )
 
+    def _note(self) -> None:
+        """Record the state after an operation in the high-water marks (O(1): the running totals)."""
+        bb = self.block_bytes
+        reserved = self._num_active * bb
+        used = self._active_fill * self.bytes_per_token
+        self.high_water.note(
+            reserved, used, self._logical * self.bytes_per_token, reserved - used, 0, 0, len(self._idle) * bb
+        )
+
     # ---- admission -----------------------------------------------------------------------------------------------
-    def can_admit(self, prompt_len: int, final_len: int) -> bool:
-        # Conservative: prefix hits (unknown without the token ids) could only lower the need.
-        return self.blocks_for(prompt_len) <= self.num_free_blocks
+    def can_admit(self, prompt_len: int, final_len: int, prompt_tokens: np.ndarray | None = None) -> bool:
+        """Room for the prompt now? Without `prompt_tokens` (or prefix caching): conservatively, as if nothing hit.
+        With them, as vLLM's allocate_slots decides: the blocks beyond the cache hit, plus the hit blocks that are
+        cached-idle (reviving one takes it out of the free queue), must not exceed what an allocation can take."""
+        need = self.blocks_for(prompt_len)
+        if prompt_tokens is not None and self.prefix_caching:
+            hits = self._lookup(np.asarray(prompt_tokens))
+            need += sum(self._blocks[b].ref == 0 for _, b in hits) - len(hits)
+        return need <= self.num_free_blocks
 
     def admit(self, seq: int, prompt_tokens: np.ndarray, final_len: int) -> int:
         """Register `seq`; with prefix caching, share the longest run of cached full prompt blocks (never the whole
@@ -192,19 +241,15 @@ class PagedAllocator:
         self._seqs[seq] = s
         if not self.prefix_caching:
             return 0
-        bs = self.block_size
-        prompt = np.asarray(prompt_tokens)
-        parent = _ROOT_HASH
-        for i in range((len(prompt) - 1) // bs):
-            h = block_hash(parent, prompt[i * bs : (i + 1) * bs])
-            holders = self._cached.get(h)
-            if not holders:
-                break
-            block = next((b for b in holders if self._blocks[b].ref > 0), next(iter(holders)))
+        hit = self._share_cached_prefix(seq, s, np.asarray(prompt_tokens))
+        self._note()
+        return hit
+
+    def _share_cached_prefix(self, seq: int, s: _Seq, prompt: np.ndarray) -> int:
+        for h, block in self._lookup(prompt):  # chain order, head first, as vLLM's touch
             self._share(seq, s, block)
             s.hashes.append(h)
-            parent = h
-        hit = len(s.table) * bs
+        hit = len(s.table) * self.block_size
         s.tokens = hit
         self._logical += hit
         prompt_hit = min(hit, self._first_prompt_len.setdefault(seq, len(prompt)))
@@ -237,28 +282,28 @@ class PagedAllocator:
             )
         if cow:
             self._copy_on_write(seq, s)
+        # Every new block first (evicting as needed), then the writes that fill and cache them: vLLM's allocate_slots
+        # takes all of a request's new blocks before cache_full_blocks registers any.
+        for _ in range(need - cow):
+            self._alloc(seq, s)
         bs = self.block_size
         table = s.table
-        room = len(table) * bs - s.tokens
         ids = np.asarray(tokens).tolist() if self.prefix_caching else None
         pos = 0
         while pos < n:
-            if room == 0:
-                self._alloc(seq, s)
-                room = bs
-            k = min(room, n - pos)
-            block = self._blocks[table[-1]]
+            block = self._blocks[table[(s.tokens + pos) // bs]]
+            k = min(bs - block.fill, n - pos)
             block.fill += k
-            room -= k
             if ids is not None:
                 s.partial.extend(ids[pos : pos + k])
-                if room == 0:
+                if block.fill == bs:
                     self._seal(seq, s, block)
             pos += k
         self._active_fill += n
         s.tokens += n
         self._logical += n
         self.recorder.emit(Kind.APPEND, seq=seq, n=n, aux=s.tokens)
+        self._note()
 
     def fork(self, parent: int, child: int) -> None:
         """Child starts with the parent's tokens, sharing every block (copy-on-write on the first divergent write)."""
@@ -270,6 +315,7 @@ class PagedAllocator:
         for block in p.table:
             self._share(child, c, block)
         self._logical += c.tokens
+        self._note()
 
     # ---- release -------------------------------------------------------------------------------------------------
     def free(self, seq: int) -> None:
@@ -280,6 +326,23 @@ class PagedAllocator:
             self._release_table(seq, s)
             self._logical -= s.tokens
         del self._seqs[seq]
+        self._note()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix, as vLLM's reset_prefix_cache (its AllBlocksCleared event): refused (False,
+        nothing changed) while any block is active; else every cached-idle block is evicted, least recently used
+        first (one BLOCK_EVICT each: there is no all-cleared event), and stays where it was in vLLM's free queue,
+        i.e. joins the free blocks behind the ones already free. Swapped-out sequences keep their hashes and register
+        them again on swap-in (vLLM has no swapping)."""
+        if self._num_active:
+            return False
+        while self._idle:
+            block = self._blocks[self._idle.popitem(last=False)[0]]
+            self._evict(block)
+            block.fill = 0
+            self._free.append(block.id)
+        self._note()
+        return True
 
     # ---- swapping ------------------------------------------------------------------------------------------------
     def can_swap_out(self, seq: int) -> bool:
@@ -305,6 +368,7 @@ class PagedAllocator:
         self._logical -= s.tokens
         s.cpu_table = cpu
         self.recorder.emit(Kind.SWAP_OUT, seq=seq, n=moved, bytes=moved * self.block_bytes)
+        self._note()
 
     def can_swap_in(self, seq: int) -> bool:
         s = self._get(seq)
@@ -333,20 +397,26 @@ class PagedAllocator:
         self._cpu_free.extend(reversed(s.cpu_table))
         s.cpu_table = None
         self.recorder.emit(Kind.SWAP_IN, seq=seq, n=need, bytes=need * self.block_bytes)
+        self._note()
 
     # ---- block moves (each emits its event) ----------------------------------------------------------------------
     def _take(self) -> _Block:
-        """A block for a new allocation: a free one, else evict the least recently used cached-idle one."""
+        """A block for a new allocation: the free queue's head, i.e. a free block while there is one, else the least
+        recently used cached-idle one, evicted (vLLM's get_new_blocks with _maybe_evict_cached_block)."""
         if self._free:
             return self._blocks[self._free.popleft()]
         block = self._blocks[self._idle.popitem(last=False)[0]]
+        self._evict(block)
+        return block
+
+    def _evict(self, block: _Block) -> None:
+        """Drop a block (already out of `_idle`) from the hash index: only it; other blocks with its hash stay."""
         holders = self._cached[block.hash]
         del holders[block.id]
         if not holders:
             del self._cached[block.hash]
         self.recorder.emit(Kind.BLOCK_EVICT, block=block.id, aux=hash_prefix(block.hash))
         block.hash = None
-        return block
 
     def _alloc(self, seq: int, s: _Seq) -> _Block:
         block = self._take()
@@ -395,7 +465,9 @@ class PagedAllocator:
         self.recorder.emit(Kind.BLOCK_CACHE, seq=seq, block=block.id, aux=hash_prefix(h))
 
     def _release_table(self, seq: int, s: _Seq) -> None:
-        # Tail first, so that among this sequence's blocks the chain tail is the first to be evicted.
+        # Tail first (vLLM frees a request's blocks in reverse), so that of this sequence's blocks the chain tail goes
+        # to the LRU tail first and is the first to be evicted.
+        fresh: list[int] = []  # never-hashed blocks let go, in release order
         for block_id in reversed(s.table):
             block = self._blocks[block_id]
             block.ref -= 1
@@ -407,10 +479,46 @@ class PagedAllocator:
                     self._idle[block_id] = None
                 else:
                     block.fill = 0
-                    self._free.append(block_id)
+                    fresh.append(block_id)
+        self._return_fresh(fresh)
         s.table = []
 
+    def _return_fresh(self, fresh: list[int]) -> None:
+        """Never-hashed blocks back to the free queue, taken before any cached-idle block either way. With prefix
+        caching vLLM 0.33 puts them at the queue's front in release order, so the last freed are handed out first;
+        without it, at the tail (first in, first out; only block ids differ)."""
+        if self.prefix_caching:
+            self._free.extendleft(reversed(fresh))
+        else:
+            self._free.extend(fresh)
+
     # ---- lookups -------------------------------------------------------------------------------------------------
+    def _lookup(self, prompt: np.ndarray) -> list[tuple[bytes, int]]:
+        """(hash, block) of the longest cached run of the prompt's full blocks, never covering the last prompt token
+        (it is always computed); stops at the first miss, as vLLM's find_longest_cache_hit. Changes nothing."""
+        bs = self.block_size
+        found: list[tuple[bytes, int]] = []
+        parent = _ROOT_HASH
+        for i in range((len(prompt) - 1) // bs):
+            h = block_hash(parent, prompt[i * bs : (i + 1) * bs])
+            block = self._cached_block(h)
+            if block is None:
+                break
+            found.append((h, block))
+            parent = h
+        return found
+
+    def _cached_block(self, h: bytes) -> int | None:
+        """The block a lookup of hash h returns: the first registered under it, active or cached-idle (vLLM's
+        get_cached_block); with `hit_prefers_active`, an active holder when there is one."""
+        holders = self._cached.get(h)
+        if not holders:
+            return None
+        first = next(iter(holders))
+        if self.hit_prefers_active:
+            return next((b for b in holders if self._blocks[b].ref > 0), first)
+        return first
+
     def _get(self, seq: int) -> _Seq:
         try:
             return self._seqs[seq]

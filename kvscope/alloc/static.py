@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvscope.alloc.base import Copy, KVOutOfMemory, Usage
+from kvscope.alloc.base import Copy, HighWater, KVOutOfMemory, Usage
 from kvscope.events import Kind
 from kvscope.recorder import NullRecorder, Recorder
 from kvscope.spec import KVSpec
@@ -68,6 +68,12 @@ class StaticAllocator:
         # Free ranges, sorted by start and always coalesced: parallel lists of starts and lengths.
         self._free_starts: list[int] = [0]
         self._free_lens: list[int] = [self.num_rows]
+        # Running totals over live sequences (rows reserved, tokens held, rows held for tokens not generated yet),
+        # so that usage() and the high-water marks noted after every operation are O(1).
+        self._rows_taken = 0
+        self._tokens = 0
+        self._pending = 0
+        self.high_water = HighWater()
 
     def config(self) -> dict:
         return {"variant": self.variant, "max_len": self.max_len, "rows": self.num_rows}
@@ -106,7 +112,8 @@ class StaticAllocator:
             raise ValueError(f"sequence {seq}: final length {final_len} exceeds max_len={self.max_len}")
         if final_len < max(prompt_len, 1):
             raise ValueError(f"sequence {seq}: final length {final_len} is shorter than its prompt ({prompt_len})")
-        self._seqs[seq] = self._reserve(seq, self.rows_for(final_len), final_len)
+        self._hold(seq, self._reserve(seq, self.rows_for(final_len), final_len))
+        self._note()
         return 0
 
     def can_append(self, seq: int, n: int = 1) -> bool:
@@ -118,8 +125,15 @@ class StaticAllocator:
         n = len(tokens)
         if r.tokens + n > r.rows:
             self._oom(seq, n, f"sequence {seq}: {r.tokens} + {n} tokens exceed its reservation of {r.rows} rows")
+        self._pending -= max(r.final_len - r.tokens, 0) - max(r.final_len - r.tokens - n, 0)
         r.tokens += n
+        held_before = self._tokens
+        self._tokens += n
         self.recorder.emit(Kind.APPEND, seq=seq, n=n, aux=r.tokens)
+        if held_before:  # reservations are fixed: only used (and logical, the same here) can rise
+            self.high_water.note_growth(self._tokens * self.bytes_per_token)
+        else:
+            self._note()
 
     def fork(self, parent: int, child: int) -> None:
         p = self._get(parent)
@@ -127,14 +141,19 @@ class StaticAllocator:
             raise KeyError(f"static allocator: fork child {child} is already admitted")
         c = self._reserve(child, p.rows, p.final_len)
         c.tokens = p.tokens
-        self._seqs[child] = c
+        self._hold(child, c)
         self.pending_copies.append(Copy("rows", p.base, c.base, p.tokens))
+        self._note()
 
     def free(self, seq: int) -> None:
         r = self._get(seq)
         del self._seqs[seq]
+        self._rows_taken -= r.rows
+        self._tokens -= r.tokens
+        self._pending -= max(r.final_len - r.tokens, 0)
         self._release_range(r.base, r.rows)
         self.recorder.emit(Kind.STATIC_RELEASE, seq=seq, addr=r.base, n=r.rows, bytes=r.rows * self.bytes_per_token)
+        self._note()
 
     def num_tokens(self, seq: int) -> int:
         return self._get(seq).tokens
@@ -150,11 +169,7 @@ class StaticAllocator:
         return list(self._seqs)
 
     def usage(self) -> Usage:
-        reserved = used = reservation = 0
-        for r in self._seqs.values():
-            reserved += r.rows
-            used += r.tokens
-            reservation += max(r.final_len - r.tokens, 0)
+        reserved, used, reservation = self._rows_taken, self._tokens, self._pending
         bpt = self.bytes_per_token
         return Usage(
             capacity=self.num_rows * bpt,
@@ -186,8 +201,27 @@ class StaticAllocator:
         for s, r in self._seqs.items():
             assert 0 <= r.tokens <= r.rows, f"seq {s}: {r.tokens} tokens in {r.rows} rows"
             assert r.rows <= self.max_len, f"seq {s}: {r.rows} rows > max_len"
+        totals = (
+            sum(r.rows for r in self._seqs.values()),
+            sum(r.tokens for r in self._seqs.values()),
+            sum(max(r.final_len - r.tokens, 0) for r in self._seqs.values()),
+        )
+        assert totals == (self._rows_taken, self._tokens, self._pending), (
+            f"running totals {(self._rows_taken, self._tokens, self._pending)} != live sequences' {totals}"
+        )
 
     # ---- internals ------------------------------------------------------------------------------------------
+    def _hold(self, seq: int, r: _Reservation) -> None:
+        self._seqs[seq] = r
+        self._rows_taken += r.rows
+        self._tokens += r.tokens
+        self._pending += max(r.final_len - r.tokens, 0)
+
+    def _note(self) -> None:
+        bpt = self.bytes_per_token
+        rows, used, pending = self._rows_taken, self._tokens, self._pending
+        self.high_water.note(rows * bpt, used * bpt, used * bpt, (rows - used - pending) * bpt, pending * bpt, 0, 0)
+
     def _get(self, seq: int) -> _Reservation:
         try:
             return self._seqs[seq]

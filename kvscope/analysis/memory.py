@@ -1,8 +1,16 @@
-"""Memory timeline: the allocator's own books (ACCT_* samples) at the end of every step, with the waste breakdown.
+"""Memory timeline: the allocator's own books (ACCT_* samples) at the end of every step, the in-step peaks beside
+them (ACCT_PEAK_* samples), and the waste breakdown.
 
-The engine emits one ACCT_* sample per Usage field at the end of every step; this pivots them into one row per
-step. Identities that hold on every row (kvscope.alloc.base.Usage): capacity = reserved + cached_idle + free;
-reserved = used + internal + reservation + mapped_idle; waste = reserved - used; logical >= used.
+The engine emits one ACCT_* sample per Usage field at the end of every step, after the step's releases, and one
+ACCT_PEAK_* sample per quantity with the most it reached at any instant of the step (after any allocator operation):
+a request that finishes in a step holds its memory during that step, so it counts in that step's peak. This pivots
+both into one row per step. Identities that hold on every row's end-of-step values (kvscope.alloc.base.Usage):
+capacity = reserved + cached_idle + free; reserved = used + internal + reservation + mapped_idle; waste = reserved -
+used; logical >= used. Peak columns are maxima of each quantity on its own (they need not occur at one instant), and
+peak waste counts only instants when some sequence holds tokens (retention after the last request is not waste).
+
+Traces written before in-step peaks existed (format version 1) have no ACCT_PEAK_* samples: their peak columns fall
+back to the end-of-step values, and `has_in_step_peaks` says so.
 """
 
 from __future__ import annotations
@@ -10,10 +18,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis._events import cached, select, step_clock
-from kvscope.events import ACCT_FIELDS, Kind
+from kvscope.analysis._events import cached, count, select, step_clock
+from kvscope.events import ACCT_FIELDS, PEAK_FIELDS, Kind
 
 FIELDS: list[str] = list(ACCT_FIELDS.values())
+PEAK_COLUMNS: list[str] = [f"peak_{name}" for name in PEAK_FIELDS.values()]
 TIMELINE_COLUMNS: list[str] = [
     "step",
     "t_s",
@@ -25,6 +34,7 @@ TIMELINE_COLUMNS: list[str] = [
     "sharing_saved",
     "nvml_bytes",
     "torch_bytes",
+    *PEAK_COLUMNS,
 ]
 
 
@@ -33,7 +43,9 @@ def memory_timeline(trace) -> pd.DataFrame:
     mapped_idle, cached_idle, free (bytes, int64), waste (= reserved - used), waste_frac (waste / reserved, 0 when
     nothing is reserved), block_usage_frac (reserved / capacity: vLLM's kv_cache_usage figure, which counts blocks
     and treats cached-idle blocks as free), token_usage_frac (used / capacity), sharing_saved (logical - used),
-    nvml_bytes / torch_bytes (the last MEM_NVML / MEM_TORCH sample at or before the step's end; NaN if none).
+    nvml_bytes / torch_bytes (the last MEM_NVML / MEM_TORCH sample at or before the step's end; NaN if none),
+    peak_reserved, peak_used, peak_logical, peak_waste, peak_internal, peak_reservation, peak_mapped_idle,
+    peak_cached_idle (the most each reached during the step; see the module docstring).
 
     A field never sampled in a step carries the previous step's value (a sample lost to a cut-off trace)."""
     return cached(trace, "memory_timeline", lambda: _build(trace)).copy()
@@ -43,7 +55,8 @@ def _build(trace) -> pd.DataFrame:
     acct = select(trace, *ACCT_FIELDS)
     acct = acct[acct["step"] >= 0]
     if acct.empty:
-        frame = pd.DataFrame({c: pd.Series([], dtype="int64") for c in ["step", *FIELDS, "waste", "sharing_saved"]})
+        ints = ["step", *FIELDS, "waste", "sharing_saved", *PEAK_COLUMNS]
+        frame = pd.DataFrame({c: pd.Series([], dtype="int64") for c in ints})
         for c in ["t_s", "waste_frac", "block_usage_frac", "token_usage_frac", "nvml_bytes", "torch_bytes"]:
             frame[c] = pd.Series([], dtype="float64")
         return frame[TIMELINE_COLUMNS]
@@ -65,7 +78,32 @@ def _build(trace) -> pd.DataFrame:
     frame["sharing_saved"] = frame["logical"] - frame["used"]
     for kind, col in ((Kind.MEM_NVML, "nvml_bytes"), (Kind.MEM_TORCH, "torch_bytes")):
         frame[col] = _sample_at_step_end(trace, kind, frame)
+    _add_peaks(trace, frame)
     return frame[TIMELINE_COLUMNS]
+
+
+def has_in_step_peaks(trace) -> bool:
+    """Whether the trace carries in-step peak samples (else peaks are the end-of-step values)."""
+    return count(trace, Kind.ACCT_PEAK_USED) > 0
+
+
+def _add_peaks(trace, frame: pd.DataFrame) -> None:
+    """peak_* columns: the step's ACCT_PEAK_* samples, never below the step's own end-of-step value (a step
+    without a peak sample, from an older or cut-off trace, takes its end-of-step value)."""
+    live = frame["used"] > 0
+    end_values = {name: frame[name] for name in ("reserved", "used", "logical", "cached_idle")}
+    for name in ("waste", "internal", "reservation", "mapped_idle"):
+        end_values[name] = frame[name].where(live, 0)  # waste counts while some sequence holds tokens
+    samples = select(trace, *PEAK_FIELDS)
+    samples = samples[samples["step"] >= 0]
+    wide = pd.DataFrame(index=frame["step"])
+    if not samples.empty:
+        samples = samples.assign(field=samples["code"].map({int(k): v for k, v in PEAK_FIELDS.items()}))
+        wide = samples.pivot_table(index="step", columns="field", values="bytes", aggfunc="max").reindex(frame["step"])
+    for name in PEAK_FIELDS.values():
+        end = end_values[name].to_numpy(dtype=np.int64)
+        got = wide[name].to_numpy(dtype=np.float64) if name in wide.columns else np.full(len(frame), np.nan)
+        frame[f"peak_{name}"] = np.where(np.isnan(got), end, np.maximum(np.nan_to_num(got), end)).astype(np.int64)
 
 
 def _sample_at_step_end(trace, kind: Kind, frame: pd.DataFrame) -> np.ndarray:

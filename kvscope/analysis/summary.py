@@ -13,8 +13,13 @@ tokens      generated_tokens (by semantics: see kvscope.analysis.requests.genera
 steps/time  steps, wall_time_s (host), run_time_s (the run's clock: simulated on sim runs), clock ('sim'|'host'),
             tokens_per_s (generated_tokens / run_time_s)
 memory      capacity_bytes, peak_used_bytes, peak_reserved_bytes, peak_waste_bytes, peak_logical_bytes,
-            peak_cached_idle_bytes, mean_waste_fraction (mean over steps with reserved > 0 of waste / reserved),
-            mean_used_fraction (mean used / capacity), peak_nvml_bytes, peak_torch_bytes (None without samples)
+            peak_cached_idle_bytes: maxima over every instant of the run (in-step peaks: a request that finishes in
+            a step counts in it; waste only while some sequence holds tokens), peaks ('at any instant', or 'at step
+            ends (older trace)' for traces without in-step samples), peak_used_end_of_step_bytes / peak_reserved_end_of_step_bytes
+            (maxima of the end-of-step samples alone), retained_end_bytes (bytes still reserved after the last
+            step: VMM pages kept mapped by deferred reclamation; not waste), mean_waste_fraction (mean over steps
+            that end with tokens held of waste / reserved), mean_used_fraction (mean used / capacity),
+            peak_nvml_bytes, peak_torch_bytes (None without samples)
 sharing     sharing_saved_bytes_peak (max over steps of logical - used), prefix_hit_tokens (prompt tokens served
             from the prefix cache at requests' first admissions: hits at re-admissions after a preemption and at
             late admissions of forked samples excluded),
@@ -56,7 +61,7 @@ def event_counts(trace) -> pd.DataFrame:
 
 
 def _build(trace) -> dict[str, Any]:
-    from kvscope.analysis.memory import memory_timeline
+    from kvscope.analysis.memory import has_in_step_peaks, memory_timeline
     from kvscope.analysis.requests import first_admission_hits, request_lifetimes
 
     meta = trace.meta
@@ -91,7 +96,7 @@ def _build(trace) -> dict[str, Any]:
 
     preempt = select(trace, Kind.PREEMPT)
     reserved = tl["reserved"].to_numpy(dtype=np.float64)
-    has_reserved = reserved > 0
+    has_reserved = (reserved > 0) & (tl["used"].to_numpy() > 0)  # waste is measured while requests hold memory
     waste_frac = float(tl["waste_frac"].to_numpy()[has_reserved].mean()) if has_reserved.any() else 0.0
     capacity = int(tl["capacity"].max()) if len(tl) else 0
     driver = mask(trace, *DRIVER_KINDS)
@@ -130,11 +135,15 @@ def _build(trace) -> dict[str, Any]:
         "clock": clock_kind,
         "tokens_per_s": generated / run_time_s if run_time_s > 0 else 0.0,
         "capacity_bytes": capacity,
-        "peak_used_bytes": peak("used"),
-        "peak_reserved_bytes": peak("reserved"),
-        "peak_waste_bytes": peak("waste"),
-        "peak_logical_bytes": peak("logical"),
-        "peak_cached_idle_bytes": peak("cached_idle"),
+        "peak_used_bytes": peak("peak_used"),
+        "peak_reserved_bytes": peak("peak_reserved"),
+        "peak_waste_bytes": peak("peak_waste"),
+        "peak_logical_bytes": peak("peak_logical"),
+        "peak_cached_idle_bytes": peak("peak_cached_idle"),
+        "peaks": "at any instant" if has_in_step_peaks(trace) else "at step ends (older trace)",
+        "peak_used_end_of_step_bytes": peak("used"),
+        "peak_reserved_end_of_step_bytes": peak("reserved"),
+        "retained_end_bytes": int(tl["reserved"].iloc[-1]) if len(tl) else 0,
         "mean_waste_fraction": waste_frac,
         "mean_used_fraction": float(tl["token_usage_frac"].mean()) if len(tl) else 0.0,
         "peak_nvml_bytes": peak_sample("nvml_bytes"),

@@ -82,6 +82,8 @@ SUMMARY_ROWS: list[tuple[str, str, str] | None] = [
     ("peak_used_bytes", "peak used", "bytes"),
     ("peak_reserved_bytes", "peak reserved", "bytes"),
     ("peak_waste_bytes", "peak waste", "bytes"),
+    ("retained_end_bytes", "retained after the last step", "bytes"),
+    ("peaks", "peaks taken", "str"),
     ("mean_waste_fraction", "mean waste / reserved", "pct"),
     ("peak_cached_idle_bytes", "peak cached-idle", "bytes"),
     ("sharing_saved_bytes_peak", "peak sharing savings", "bytes"),

@@ -22,7 +22,7 @@ from collections.abc import Sequence as SequenceABC
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kvscope.alloc.base import KVAllocator, emit_usage
+from kvscope.alloc.base import KVAllocator, emit_peaks, emit_usage, step_peaks
 from kvscope.engine.costmodel import GPUCostModel, ModelCosts, StepCost, step_time_ns
 from kvscope.engine.executor import Executor
 from kvscope.engine.scheduler import Scheduler, SchedulerConfig
@@ -143,6 +143,8 @@ class Engine:
             self.memory_sampler.drain(rec)
         usage = self.allocator.usage()
         emit_usage(rec, usage)
+        peaks = step_peaks(self.allocator, usage)
+        emit_peaks(rec, peaks)
         if self.check_invariants:
             self.allocator.check_invariants()
             usage.check()
@@ -151,8 +153,8 @@ class Engine:
         st = self.stats
         st.prefill_tokens += plan.prefill_tokens
         st.decode_tokens += plan.decode_tokens
-        st.peak_reserved_bytes = max(st.peak_reserved_bytes, usage.reserved)
-        st.peak_used_bytes = max(st.peak_used_bytes, usage.used)
+        st.peak_reserved_bytes = max(st.peak_reserved_bytes, peaks.reserved)
+        st.peak_used_bytes = max(st.peak_used_bytes, peaks.used)
         self.steps = k + 1
         if not plan.work and not plan.preempted:
             after = (sched.requests_done, sched.preemptions, len(sched.waiting), sched.next_arrival_ns())

@@ -17,7 +17,15 @@ from kvscope.viz._common import (
     numeric,
 )
 from kvscope.viz._common import require_columns as _require
-from kvscope.viz.palette import LOGICAL_LINE_COLOR, MEMORY_BANDS, USAGE_LINE_COLOR, state_color, state_label
+from kvscope.viz.palette import (
+    LOGICAL_LINE_COLOR,
+    MEMORY_BANDS,
+    PEAK_RESERVED_COLOR,
+    PEAK_USED_COLOR,
+    USAGE_LINE_COLOR,
+    state_color,
+    state_label,
+)
 
 TIMELINE_COLUMNS = ["step", *MEMORY_BANDS, "capacity", "block_usage_frac", "token_usage_frac"]
 TITLE = "KV memory by state over time"
@@ -28,11 +36,16 @@ def memory_stack_figure(
 ) -> go.Figure:
     """Stacked bands (used, internal, reservation, mapped-idle, cached-idle, free; they add up to capacity) against
     the step, with block usage (reserved / capacity, what vLLM reports) and token-slot usage (used / capacity) on
-    a right-hand percent axis. Input: analysis.memory.memory_timeline(trace)."""
+    a right-hand percent axis. The bands are the books at each step's end (after its releases); where the timeline
+    has in-step peaks (peak_reserved / peak_used), two step lines show the most reserved and used at any instant of
+    each step (a request that finishes in a step still holds its memory during it). Input:
+    analysis.memory.memory_timeline(trace)."""
     _require(timeline, TIMELINE_COLUMNS, "memory stack")
     if timeline.empty:
         return empty_figure(title, "no memory samples in this trace")
     how = {c: "mean" for c in [*MEMORY_BANDS, "capacity", "logical", "used", "block_usage_frac", "token_usage_frac"]}
+    peak_lines = [c for c in ("peak_reserved", "peak_used") if c in timeline.columns]
+    how |= {c: "max" for c in peak_lines}  # a bin's peak is the most of its steps' peaks, never a mean
     df, width = bin_steps(timeline.sort_values("step"), max_points, how)
     steps = numeric(df["step"])
     div, unit = byte_unit(float(np.nanmax(numeric(df["capacity"]))) if len(df) else 0.0)
@@ -61,6 +74,15 @@ def memory_stack_figure(
             name = "logical (tokens without sharing)"
             hover = f"%{{y:.3f}} {unit}<extra>logical, no sharing</extra>"
             fig.add_trace(line_trace(steps, logical / div, name, LOGICAL_LINE_COLOR, hover, width=1.5, dash="dot"))
+    for column, color, what in (
+        ("peak_reserved", PEAK_RESERVED_COLOR, "reserved"),
+        ("peak_used", PEAK_USED_COLOR, "used"),
+    ):
+        if column not in peak_lines:
+            continue
+        name = f"in-step peak {what}" + ("" if width == 1 else f" (max of each {width}-step bin)")
+        hover = f"%{{y:.3f}} {unit}<extra>most {what} at any instant of the step</extra>"
+        fig.add_trace(line_trace(steps, numeric(df[column]) / div, name, color, hover, width=1.2, line_shape="hv"))
     # The two usage figures people confuse, on the right-hand percent axis: solid what vLLM reports, dashed the truth.
     usage_lines = [
         (
@@ -75,7 +97,11 @@ def memory_stack_figure(
         y = 100 * numeric(df[column])
         hover = f"%{{y:.1f}}%<extra>{what}</extra>"
         fig.add_trace(line_trace(steps, y, name, USAGE_LINE_COLOR, hover, width=2, dash=dash, yaxis="y2"))
-    xlabel = "engine step" if width == 1 else f"engine step (mean of each {width}-step bin)"
+    xlabel = (
+        "engine step (bands: books at the step's end)"
+        if width == 1
+        else (f"engine step (bands: mean of each {width}-step bin of the books at steps' ends)")
+    )
     base_layout(
         fig,
         title,

@@ -87,6 +87,8 @@ TBPS_COLOR = "#e15759"
 # Usage lines drawn over the coloured memory bands: black, told apart by dash, so no band hides them.
 USAGE_LINE_COLOR = "#111111"
 LOGICAL_LINE_COLOR = "#6a3d9a"
+PEAK_RESERVED_COLOR = "#b07aa1"  # in-step peak lines over the end-of-step bands
+PEAK_USED_COLOR = "#9c755f"
 SEQ_COLOR = "#4e79a7"
 # Sequential scale for counts (prefix-cache hits, occupancy): white to the "used" blue.
 COUNT_SCALE = [[0.0, "#f7fbff"], [1.0, BLUE]]
