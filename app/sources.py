@@ -9,6 +9,12 @@ from pathlib import Path
 
 from kvscope.trace import TRACE_SUFFIX
 
+# The one upload limit, in the megabytes of Streamlit's server.maxUploadSize (which `kvscope dashboard` sets from it).
+# Streamlit's own checks disagree on what a megabyte is (its browser client counts 10**6 bytes, 2**20 on Windows;
+# its server 2**20), so the dashboard enforces the strictest reading itself: 200 MB = 200,000,000 bytes, everywhere.
+MAX_UPLOAD_MB = 200
+MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1_000_000
+
 TRACES_ENV = "KVSCOPE_TRACES"  # os.pathsep-separated trace paths; how tests (and `kvscope dashboard`) pass traces
 SAMPLES_ENV = "KVSCOPE_SAMPLE_RUNS"  # overrides where sample runs are looked for (a directory)
 

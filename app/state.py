@@ -18,11 +18,10 @@ from typing import Any
 
 import pandas as pd
 import streamlit as st
-from kvscope.app.sources import TRACE_SUFFIX, startup_trace_paths
+from kvscope.app.sources import MAX_UPLOAD_BYTES, TRACE_SUFFIX, startup_trace_paths
 
 from kvscope.trace import Trace, TraceError, TruncatedTraceWarning, load_trace
 
-MAX_UPLOAD_BYTES = 200 * 1024 * 1024  # matches --server.maxUploadSize that `kvscope dashboard` passes
 TRACES_KEY = "kvscope_traces"  # session_state: list[LoadedTrace] for this run of the script
 FOCUS_KEY = "kvscope_focus"  # session_state: key of the trace the single-trace pages show
 
@@ -78,11 +77,16 @@ def load_path(path: Path) -> LoadedTrace:
     return LoadedTrace(f"path:{path.resolve()}", path.name.removesuffix(TRACE_SUFFIX), trace, warning, "file")
 
 
+def _megabytes(n: int) -> str:
+    """Decimal megabytes, the unit of the upload limit (kvscope.app.sources.MAX_UPLOAD_MB): '200 MB', '0.001 MB'."""
+    return f"{n / 1e6:,.3g} MB" if n < 1e6 else f"{n / 1e6:,.0f} MB"
+
+
 def load_upload(name: str, data: bytes) -> LoadedTrace:
     """An uploaded trace through the cache. Raises TraceError for files that are too big or not traces."""
     if len(data) > MAX_UPLOAD_BYTES:
         raise TraceError(
-            f"{name}: {len(data) / 2**20:.0f} MiB is over the {MAX_UPLOAD_BYTES // 2**20} MiB upload limit; "
+            f"{name}: {_megabytes(len(data))} is over the {_megabytes(MAX_UPLOAD_BYTES)} upload limit; "
             "open big traces by path instead (kvscope dashboard TRACE)"
         )
     digest = hashlib.sha256(data).hexdigest()
@@ -120,7 +124,7 @@ def load_session_traces(argv: list[str]) -> list[LoadedTrace]:
         if paths:
             st.caption(f"{len(paths)} from {origin}")
         uploads = st.file_uploader(
-            f"Add traces ({TRACE_SUFFIX}, at most {MAX_UPLOAD_BYTES // 2**20} MB each)",
+            f"Add traces ({TRACE_SUFFIX}, at most {_megabytes(MAX_UPLOAD_BYTES)} each)",
             accept_multiple_files=True,
             key="kvscope_upload",
             help="Files stay in this server's memory for this session; nothing is written to your traces.",

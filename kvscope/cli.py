@@ -28,21 +28,36 @@ class UserError(Exception):
     """A mistake in what the user asked for; printed as one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line too: stock argparse prints the whole usage (several lines for `run`)
+    before the error; --help still shows it."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvscope", description="See where your LLM KV cache memory goes.")
+    parser = _Parser(prog="kvscope", description="See where your LLM KV cache memory goes.")
     parser.add_argument("--version", action="version", version=f"kvscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"kvscope.commands.{name}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_parser(p)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, _parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the subcommand's parser: "kvscope run: error: unrecognized arguments: ..."
+            getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:
+        # --help / --version (0), or a usage error _Parser has printed as one line (2): returned, so that callers
+        # of main() in-process (tests, notebooks) get the code like any other outcome.
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -50,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args._module.run(args) or 0)
-    except (UserError, TraceError, ValueError, FileNotFoundError) as e:
+    except (UserError, TraceError, ValueError) as e:
         # ValueError covers bad sizes, bad presets and bad workload lines: every one carries its own one-line message.
-        print(f"kvscope {args.command}: error: {e}", file=sys.stderr)
+        print(f"kvscope {args.command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"kvscope {args.command}: interrupted", file=sys.stderr)
@@ -62,7 +77,33 @@ def main(argv: list[str] | None = None) -> int:
         # interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        # Unwritable, missing or full paths (FileNotFoundError, PermissionError, ENOSPC...): the user's to fix.
+        print(f"kvscope {args.command}: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        # The size checks should refuse first; if something still runs out, one line beats a traceback.
+        print(f"kvscope {args.command}: error: out of memory; use a smaller --kv-memory or workload", file=sys.stderr)
+        return 1
+
+
+def os_error_line(e: OSError) -> str:
+    """'PATH: reason' for an OSError: the path it names first, then its reason, without '[Errno 13]' noise."""
+    reason = e.strerror or one_line(str(e)) or type(e).__name__
+    if e.filename is None:
+        return reason
+    names = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+    return f"{names}: {reason}"
+
+
+def one_line(text: str) -> str:
+    """Messages from libraries (pyarrow, json) may span lines; stderr gets exactly one."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m kvscope.cli`: run the kvscope.cli module's main, not this __main__ copy's, so that the UserError the
+    # commands raise (kvscope.cli.UserError) is the class main catches.
+    from kvscope.cli import main as _main
+
+    sys.exit(_main())

@@ -6,18 +6,27 @@ know exactly what each number is. Unused columns hold their default: -1 for ids 
 amounts (`n`, `bytes`, `dur_ns`).
 
 Bumping FORMAT_VERSION is a deliberate, everywhere-at-once change: readers refuse newer versions.
+
+Format versions (the file is an Arrow IPC stream either way, readable by pyarrow, pandas, polars, duckdb):
+  1  schema metadata `kvscope.meta` (run metadata, JSON) and `kvscope.format_version`; no checksums.
+  2  adds checksums that plain Arrow readers ignore: the schema metadata's `kvscope.meta_crc32` is the CRC-32 of the
+     `kvscope.meta` bytes, and every record batch message carries custom metadata `kvscope.crc32`, the CRC-32 of
+     the batch's values (`batch_crc32`: see there for exactly which bytes). In-step peak kinds (ACCT_PEAK_*).
 """
 
 from __future__ import annotations
 
+import zlib
 from enum import IntEnum
 from typing import TypedDict
 
 import pyarrow as pa
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_KEY = b"kvscope.meta"  # schema metadata key holding the run metadata as JSON
 VERSION_KEY = b"kvscope.format_version"
+META_CRC_KEY = b"kvscope.meta_crc32"  # schema metadata: CRC-32 of the META_KEY value, decimal (version >= 2)
+BATCH_CRC_KEY = b"kvscope.crc32"  # record batch message custom metadata: batch_crc32, decimal (version >= 2)
 
 
 class Kind(IntEnum):
@@ -76,6 +85,18 @@ class Kind(IntEnum):
     MEM_TORCH = 61  # bytes=torch.cuda.memory_reserved()
     OOM = 70  # seq; n=tokens asked for; bytes; the allocator could not serve the request at that moment
     RUN_END = 80  # the run closed cleanly; n=steps run
+    # ---- in-step peaks, one sample per kind right after each step's ACCT_* samples (format version 2) ---------
+    # bytes = the most the quantity reached at any instant of the step (after any allocator operation), where the
+    # ACCT_* samples are the values at the step's end, after its releases. Waste and its split count only instants
+    # when some sequence holds tokens (see kvscope.alloc.base.HighWater).
+    ACCT_PEAK_RESERVED = 90
+    ACCT_PEAK_USED = 91
+    ACCT_PEAK_LOGICAL = 92
+    ACCT_PEAK_WASTE = 93  # reserved - used
+    ACCT_PEAK_INTERNAL = 94
+    ACCT_PEAK_RESERVATION = 95
+    ACCT_PEAK_MAPPED_IDLE = 96
+    ACCT_PEAK_CACHED_IDLE = 97
 
 
 KIND_NAMES: list[str] = [""] * (max(Kind) + 1)
@@ -97,6 +118,17 @@ ACCT_FIELDS: dict[Kind, str] = {
     Kind.ACCT_FREE: "free",
 }
 
+PEAK_FIELDS: dict[Kind, str] = {
+    Kind.ACCT_PEAK_RESERVED: "reserved",
+    Kind.ACCT_PEAK_USED: "used",
+    Kind.ACCT_PEAK_LOGICAL: "logical",
+    Kind.ACCT_PEAK_WASTE: "waste",
+    Kind.ACCT_PEAK_INTERNAL: "internal",
+    Kind.ACCT_PEAK_RESERVATION: "reservation",
+    Kind.ACCT_PEAK_MAPPED_IDLE: "mapped_idle",
+    Kind.ACCT_PEAK_CACHED_IDLE: "cached_idle",
+}
+
 INT_COLUMNS: dict[str, pa.DataType] = {
     "t_ns": pa.int64(),
     "step": pa.int32(),
@@ -115,6 +147,25 @@ COLUMNS = ["t_ns", "step", "kind", "seq", "block", "n", "bytes", "addr", "aux", 
 def arrow_schema(metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
     fields = [pa.field(c, KIND_TYPE if c == "kind" else INT_COLUMNS[c], nullable=False) for c in COLUMNS]
     return pa.schema(fields, metadata=metadata)
+
+
+def batch_crc32(batch: pa.RecordBatch) -> int:
+    """The checksum stored with each record batch (format version >= 2): zlib.crc32 run over, column by column in
+    the batch's order, the little-endian bytes of the values (int64 / int32 as stored; for the dictionary-encoded
+    `kind`, its integer indices and then its dictionary's strings, each UTF-8 and followed by a NUL byte).
+
+    Over values rather than the IPC body, so that it does not depend on compression or padding and any Arrow
+    reader can recompute it. The caller validates the batch first (no nulls, offsets in bounds): this reads the
+    buffers as they are."""
+    crc = 0
+    for column in batch.columns:
+        if pa.types.is_dictionary(column.type):
+            crc = zlib.crc32(column.indices.to_numpy(zero_copy_only=True), crc)
+            names = column.dictionary.to_pylist()
+            crc = zlib.crc32("".join(f"{name}\0" for name in names).encode(), crc)
+        else:
+            crc = zlib.crc32(column.to_numpy(zero_copy_only=True), crc)
+    return crc
 
 
 class EventRecord(TypedDict):

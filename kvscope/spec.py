@@ -7,6 +7,7 @@ vocabulary) let the engine build a Llama-shaped model with random weights in the
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, replace
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -25,11 +26,17 @@ class KVSpec:
     vocab_size: int = 32000
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_BYTES:
+        # Specs also come from trace metadata (from_dict), so types are checked too: a string where a count belongs
+        # must be one ValueError naming the field, not a TypeError from the first comparison.
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"KVSpec: name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPE_BYTES:
             raise ValueError(f"KVSpec {self.name!r}: unknown dtype {self.dtype!r} (choose from {sorted(DTYPE_BYTES)})")
         for field in ("num_layers", "num_kv_heads", "head_dim"):
-            if getattr(self, field) <= 0:
-                raise ValueError(f"KVSpec {self.name!r}: {field} must be positive, got {getattr(self, field)}")
+            _check_count(self.name, field, getattr(self, field), minimum=1)
+        for field in ("num_q_heads", "hidden_size", "intermediate_size"):
+            _check_count(self.name, field, getattr(self, field), minimum=0)
+        _check_count(self.name, "vocab_size", self.vocab_size, minimum=1)
         if self.q_heads % self.num_kv_heads:
             raise ValueError(f"KVSpec {self.name!r}: q heads ({self.q_heads}) not a multiple of kv heads")
 
@@ -71,6 +78,21 @@ class KVSpec:
         return cls(**fields)
 
 
+# Far above any real model (the largest presets have 80 layers and 64 heads of 128): a bound that turns a typo like
+# `--layers 1000000000` into one line instead of billions of per-layer buffers.
+MAX_DIMENSION = 1 << 20
+
+
+def _is_count(value: object, minimum: int) -> bool:
+    """An integer (not a bool, which is an int subclass) in minimum..MAX_DIMENSION."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and minimum <= value <= MAX_DIMENSION
+
+
+def _check_count(name: str, field: str, value: object, minimum: int) -> None:
+    if not _is_count(value, minimum):
+        raise ValueError(f"KVSpec {name!r}: {field} must be an integer in {minimum}..{MAX_DIMENSION:,}, got {value!r}")
+
+
 PRESETS: dict[str, KVSpec] = {
     s.name: s
     for s in [
@@ -86,9 +108,13 @@ PRESETS: dict[str, KVSpec] = {
 
 
 def get_spec(name: str, num_layers: int | None = None) -> KVSpec:
-    """Look up a preset by name, optionally with another number of layers."""
-    try:
-        spec = PRESETS[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}") from None
-    return spec.with_layers(num_layers) if num_layers else spec
+    """Look up a preset by name, optionally with another number of layers (None: the preset's own)."""
+    spec = PRESETS.get(name.lower()) if isinstance(name, str) else None
+    if spec is None:
+        raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+    if num_layers is None:
+        return spec
+    # 0 used to mean "the preset's layers" (a falsy test); now it is refused like any other impossible count.
+    if not _is_count(num_layers, 1):
+        raise ValueError(f"--layers: must be an integer in 1..{MAX_DIMENSION:,}, got {num_layers!r}")
+    return spec.with_layers(num_layers)

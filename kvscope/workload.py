@@ -27,11 +27,12 @@ may also use a shared system prompt (its turns all name the same `shared_prefix`
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import numbers
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -41,6 +42,16 @@ import numpy as np
 
 VOCAB_SIZE = 32000
 _MAX_TOKEN_ID = 2**31 - 1  # token ids travel as int32
+
+# Sane bounds, checked when a request is built, before any token id exists: a typo like prompt_len 1e9 must be one
+# line, not 7.45 GiB of token ids. 16 Mi tokens is beyond every model's context; 65,536 samples beyond any n anyone
+# samples; 1e9 s (31 years) keeps arrival * 1e9 (the simulated clock, int64 ns) far from overflow.
+MAX_REQUEST_TOKENS = 1 << 24
+MAX_SAMPLES = 1 << 16
+MAX_ARRIVAL_S = 1e9
+MAX_REQUESTS = 1_000_000  # generated or kept per run; a million requests is about 30 min of --device sim already
+_MAX_LINE_BYTES = 1 << 27  # 128 MiB: a workload line longer than that is not a request (explicit prompts included)
+_TOKEN_CHUNK = 1 << 20  # stream_tokens hashes this many positions at a time, bounding its temporaries
 
 # splitmix64 constants (Steele, Lea, Flood 2014): a strong, vectorizable counter-based hash.
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
@@ -56,11 +67,18 @@ def stream_seed(name: str) -> int:
 
 def stream_tokens(name: str, start: int, count: int) -> np.ndarray:
     """Token ids at absolute positions start..start+count-1 of the named stream (int32, in [0, VOCAB_SIZE))."""
-    z = np.arange(start + 1, start + count + 1, dtype=np.uint64) * _GAMMA + np.uint64(stream_seed(name))
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    z ^= z >> np.uint64(31)
-    return (z % np.uint64(VOCAB_SIZE)).astype(np.int32)
+    out = np.empty(count, dtype=np.int32)
+    seed = np.uint64(stream_seed(name))
+    # In chunks: the uint64 temporaries of one pass are 8x the int32 result, so a long prompt would need several
+    # times its own size at once.
+    for lo in range(0, count, _TOKEN_CHUNK):
+        hi = min(lo + _TOKEN_CHUNK, count)
+        z = np.arange(start + lo + 1, start + hi + 1, dtype=np.uint64) * _GAMMA + seed
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z ^= z >> np.uint64(31)
+        out[lo:hi] = z % np.uint64(VOCAB_SIZE)
+    return out
 
 
 @dataclass(frozen=True)
@@ -72,7 +90,7 @@ class SharedPrefix:
 
     def __post_init__(self) -> None:
         _check_str("shared_prefix.id", self.id)
-        object.__setattr__(self, "len", _check_int("shared_prefix.len", self.len, minimum=1))
+        object.__setattr__(self, "len", _check_int("shared_prefix.len", self.len, 1, MAX_REQUEST_TOKENS))
 
 
 @dataclass(frozen=True)
@@ -91,15 +109,10 @@ class Request:
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize numpy scalars and arrays to plain Python values once
         _check_str("id", self.id)
-        arrival = self.arrival
-        if isinstance(arrival, bool) or not isinstance(arrival, numbers.Real) or not math.isfinite(arrival):
-            raise ValueError(f"field 'arrival': must be a finite number of seconds >= 0, got {arrival!r}")
-        if arrival < 0:
-            raise ValueError(f"field 'arrival': must be a finite number of seconds >= 0, got {arrival!r}")
-        set_(self, "arrival", float(arrival))
-        set_(self, "prompt_len", _check_int("prompt_len", self.prompt_len, minimum=1))
-        set_(self, "output_len", _check_int("output_len", self.output_len, minimum=1))
-        set_(self, "n", _check_int("n", self.n, minimum=1))
+        set_(self, "arrival", _check_arrival(self.arrival))
+        set_(self, "prompt_len", _check_int("prompt_len", self.prompt_len, 1, MAX_REQUEST_TOKENS))
+        set_(self, "output_len", _check_int("output_len", self.output_len, 1, MAX_REQUEST_TOKENS))
+        set_(self, "n", _check_int("n", self.n, 1, MAX_SAMPLES))
         if self.prompt is not None:
             prompt = _check_prompt(self.prompt)
             if len(prompt) != self.prompt_len:
@@ -207,11 +220,37 @@ def _check_str(name: str, value: Any) -> None:
         raise ValueError(f"field {name!r}: must be a non-empty string, got {value!r}")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def _check_int(name: str, value: Any, minimum: int, maximum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"field {name!r}: must be {what}, got {value!r}")
+        raise ValueError(f"field {name!r}: must be {what}, got {_short(value)}")
+    if value > maximum:
+        raise ValueError(f"field {name!r}: must be at most {maximum:,}, got {_short(value)}")
     return int(value)
+
+
+def _check_arrival(value: Any) -> float:
+    # Huge ints (400 digits) must not reach float(): it raises OverflowError, not the ValueError the loader names.
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
+    if ok and isinstance(value, numbers.Integral):
+        ok = 0 <= value <= MAX_ARRIVAL_S
+    elif ok:
+        ok = math.isfinite(value) and 0 <= value <= MAX_ARRIVAL_S
+    if not ok:
+        raise ValueError(
+            f"field 'arrival': must be a finite number of seconds >= 0 (at most {MAX_ARRIVAL_S:.0e}), "
+            f"got {_short(value)}"
+        )
+    return float(value)
+
+
+def _short(value: Any) -> str:
+    """repr(value), cut to one readable piece: a 400-digit number or a long list must not flood the error line."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(value) >= 10**30:
+        # bit_length, not str(): str() of an int past 4300 digits raises ValueError itself
+        return f"an integer of about {int(abs(value).bit_length() * math.log10(2)) + 1:,} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
 
 
 def _check_prompt(prompt: Any) -> tuple[int, ...]:
@@ -227,9 +266,11 @@ def _check_prompt(prompt: Any) -> tuple[int, ...]:
         raise ValueError(f"field 'prompt': must be a list of token ids, got {type(prompt).__name__}")
     if not values:
         raise ValueError("field 'prompt': must not be empty")
+    if len(values) > MAX_REQUEST_TOKENS:
+        raise ValueError(f"field 'prompt': {len(values):,} tokens, more than the {MAX_REQUEST_TOKENS:,} allowed")
     for i, t in enumerate(values):
         if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= _MAX_TOKEN_ID:
-            raise ValueError(f"field 'prompt': token {i} must be an integer id in 0..{_MAX_TOKEN_ID}, got {t!r}")
+            raise ValueError(f"field 'prompt': token {i} must be an integer id in 0..{_MAX_TOKEN_ID}, got {_short(t)}")
     return tuple(int(t) for t in values)
 
 
@@ -239,31 +280,55 @@ def _check_prompt(prompt: Any) -> tuple[int, ...]:
 def load_workload(path: str | os.PathLike) -> list[Request]:
     """Read a JSONL workload, sorted by arrival (ties keep file order). Errors: ValueError('FILE:LINE: ...')."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a workload file")
     if not path.is_file():
         raise ValueError(f"{path}: no such workload file")
     requests: list[Request] = []
     first_line: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
-            try:
-                req = Request.from_json(obj)
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            if req.id in first_line:
-                raise ValueError(f"{where}: field 'id': duplicate id {req.id!r} (first on line {first_line[req.id]})")
-            first_line[req.id] = lineno
-            requests.append(req)
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            req = Request.from_json(_parse_json(line))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if req.id in first_line:
+            raise ValueError(f"{where}: field 'id': duplicate id {_short(req.id)} (first on line {first_line[req.id]})")
+        first_line[req.id] = lineno
+        requests.append(req)
     if not requests:
         raise ValueError(f"{path}: no requests in the file")
     _check_explicit_prefixes(requests, path, first_line)
     return sort_by_arrival(requests)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, refusing binary content and absurdly long lines with the line number."""
+    with path.open("rb") as f:
+        for lineno in itertools.count(1):
+            raw = f.readline(_MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            if len(raw) > _MAX_LINE_BYTES:
+                raise ValueError(f"{path}:{lineno}: line longer than {_MAX_LINE_BYTES >> 20} MiB; not a workload line")
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _parse_json(line: str) -> Any:
+    """One JSON value; every way json can fail becomes ValueError('not valid JSON: ...')."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:  # "[[[[..." 100,000 deep: the C parser gives up with RecursionError
+        raise ValueError("not valid JSON: nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4300 digits (Python's int-conversion limit)
+        raise ValueError(f"not valid JSON: {str(e).split(':')[0]}") from None
 
 
 def _check_explicit_prefixes(requests: list[Request], path: Path, line_of: dict[str, int]) -> None:
@@ -287,10 +352,16 @@ def _check_explicit_prefixes(requests: list[Request], path: Path, line_of: dict[
 
 
 def save_workload(requests: Iterable[Request], path: str | os.PathLike) -> None:
-    """Write requests as JSONL (one compact object per line), in the order given."""
-    with Path(path).open("w", encoding="utf-8") as f:
-        for r in requests:
-            f.write(json.dumps(r.to_json(), separators=(",", ":")) + "\n")
+    """Write requests as JSONL (one compact object per line), in the order given. An OSError always names `path`
+    (a full disk fails in write or close, whose errors carry no file name)."""
+    try:
+        with Path(path).open("w", encoding="utf-8") as f:
+            for r in requests:
+                f.write(json.dumps(r.to_json(), separators=(",", ":")) + "\n")
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), os.fspath(path)) from None
 
 
 def sort_by_arrival(requests: Iterable[Request]) -> list[Request]:
@@ -367,6 +438,8 @@ def resolve_workload(
     from kvscope import workload_gen
 
     opts = {k: v for k, v in opts.items() if v is not None}
+    if requests is not None and not 1 <= requests <= MAX_REQUESTS:
+        raise ValueError(f"requests: must be an integer in 1..{MAX_REQUESTS:,}, got {requests}")
     name = os.fspath(name_or_path)
     if name in workload_gen.NAMED_WORKLOADS:
         count = DEFAULT_REQUESTS if requests is None else requests
@@ -384,8 +457,6 @@ def resolve_workload(
             if not reqs:
                 raise ValueError(f"max_len: {max_len} drops every request of {name}")
         if requests is not None:
-            if requests < 1:
-                raise ValueError(f"requests: must be a positive integer, got {requests}")
             reqs = reqs[:requests]
         params = {} if max_len is None else {"max_len": max_len}
         desc = {"name": Path(name).name, "source": "file", "path": str(Path(name).resolve()), "params": params}

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from kvscope.workload import Request, SharedPrefix, sort_by_arrival
+from kvscope.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, MAX_SAMPLES, Request, SharedPrefix, sort_by_arrival
 
 MIN_PROMPT = 4
 MAX_PROMPT = 1024
@@ -127,12 +127,20 @@ class GenParams:
         for name in ("n", "system_prompts", "turns"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)}")
-        if self.system_prompt_len < 0:
-            raise ValueError(f"system_prompt_len: must be >= 0, got {self.system_prompt_len}")
+        # The same bounds a request file is held to (kvscope.workload), checked before anything is drawn.
+        if self.n > MAX_SAMPLES:
+            raise ValueError(f"n: must be at most {MAX_SAMPLES:,}, got {self.n}")
+        if not 0 <= self.system_prompt_len <= MAX_REQUEST_TOKENS - MAX_PROMPT:
+            raise ValueError(
+                f"system_prompt_len: must be in 0..{MAX_REQUEST_TOKENS - MAX_PROMPT:,}, got {self.system_prompt_len}"
+            )
         if not 0.0 <= self.system_prompt_fraction <= 1.0:
             raise ValueError(f"system_prompt_fraction: must be in [0, 1], got {self.system_prompt_fraction}")
-        if not self.think_time >= 0 or math.isinf(self.think_time):
-            raise ValueError(f"think_time: must be a finite number of seconds >= 0, got {self.think_time}")
+        if not 0 <= self.think_time <= MAX_ARRIVAL_S:  # also refuses NaN and inf
+            raise ValueError(
+                f"think_time: must be a finite number of seconds >= 0 (at most {MAX_ARRIVAL_S:.0e}), "
+                f"got {self.think_time}"
+            )
         if self.max_len is not None and self.max_len < self.system_prompt_len + MIN_PROMPT + 1:
             raise ValueError(
                 f"max_len: {self.max_len} leaves no room for a request "
@@ -210,6 +218,7 @@ def generate(params: GenParams, requests: int, seed: int) -> list[Request]:
         gaps = rng.exponential(params.turns / params.rate, len(convs))
         starts = np.concatenate([[0.0], np.cumsum(gaps[1:])])
 
+    _check_arrivals(params, starts, convs)
     out: list[Request] = []
     multi = params.turns > 1
     for c, (turns, prefix, start) in enumerate(zip(convs, conv_prefix, starts.tolist(), strict=True)):
@@ -226,6 +235,21 @@ def generate(params: GenParams, requests: int, seed: int) -> list[Request]:
                 )
             )
     return sort_by_arrival(out)
+
+
+def _check_arrivals(params: GenParams, starts: np.ndarray, convs: list[list[tuple[int, int, float]]]) -> None:
+    """A tiny rate (1e-300) or a huge think time puts arrivals past MAX_ARRIVAL_S: name the option, not the first
+    request that Request() would refuse."""
+    last_start = float(starts.max()) if len(starts) else 0.0
+    if not last_start <= MAX_ARRIVAL_S:
+        raise ValueError(
+            f"rate: {params.rate} requests/s puts arrivals at {last_start:.3g} s, past the {MAX_ARRIVAL_S:.0e} s limit"
+        )
+    last = max(start + turns[-1][2] for start, turns in zip(starts.tolist(), convs, strict=True))
+    if not last <= MAX_ARRIVAL_S:
+        raise ValueError(
+            f"think_time: {params.think_time} s puts arrivals at {last:.3g} s, past the {MAX_ARRIVAL_S:.0e} s limit"
+        )
 
 
 class _LengthPool:

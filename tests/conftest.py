@@ -21,6 +21,9 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=60, deadline=None)
 settings.register_profile("dev", max_examples=30, deadline=None)
+# HYPOTHESIS_PROFILE=nightly: 10,000 examples per property and state machine (explicit @settings(max_examples=...)
+# keep theirs); print_blob so that a failure found after hours can be replayed with @reproduce_failure.
+settings.register_profile("nightly", max_examples=10_000, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

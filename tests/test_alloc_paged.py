@@ -49,7 +49,15 @@ def start(a: PagedAllocator, seq: int, prompt: np.ndarray) -> int:
 def test_config_and_protocol():
     a, _ = make(8, cpu_swap_bytes=3 * BB + 5)
     assert isinstance(a, KVAllocator)
-    assert a.config() == {"block_size": 4, "num_blocks": 8, "prefix_caching": False, "cpu_blocks": 3, "block_bytes": BB}
+    assert a.config() == {
+        "addressing": "blocks",
+        "label": "paged b4",
+        "block_size": 4,
+        "num_blocks": 8,
+        "prefix_caching": False,
+        "cpu_blocks": 3,
+        "block_bytes": BB,
+    }
     odd = PagedAllocator(SPEC, 8 * BB + BB - 1, block_size=BS)  # leftover bytes below one block are not counted
     assert odd.num_blocks == 8 and odd.usage().capacity == 8 * BB
     with pytest.raises(ValueError, match="less than one block"):

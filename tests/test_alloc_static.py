@@ -199,4 +199,10 @@ def test_unknown_and_duplicate_sequences():
 
 
 def test_config():
-    assert make("oracle").config() == {"variant": "oracle", "max_len": 32, "rows": 100}
+    assert make("oracle").config() == {
+        "addressing": "rows",
+        "label": "static oracle",
+        "variant": "oracle",
+        "max_len": 32,
+        "rows": 100,
+    }

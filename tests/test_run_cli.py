@@ -106,7 +106,7 @@ def test_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
         (["-a", "vmm", "--preemption", "swap"], "--preemption swap applies to --allocator paged"),
         (["-a", "paged", "--megacache"], "--megacache applies to --allocator vmm"),
         (["--kv-memory", "lots"], "--kv-memory: not a size: 'lots'"),
-        (["--max-batch", "0"], "max-batch: must be a positive integer"),
+        (["--max-batch", "0"], "--max-batch: must be an integer in 1..2,147,483,647, got 0"),
         (["--model", "gpt-9"], "unknown model preset 'gpt-9'"),
         (["--requests", "0"], "--requests: must be a positive integer"),
         (["-d", "cpu", "--model", "llama-3-8b"], "too much for --device cpu"),
@@ -159,3 +159,78 @@ def test_missing_workload_file_is_one_line(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.jsonl" in err[0]
+
+
+# ------------------------------------------------------------------------------------------------ issue 7: refusals
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--block-size", "0"], "--block-size: must be an integer in 1..16,777,216, got 0"),  # used to run with 16
+        (["-a", "vmm", "--page-size", "0"], "--page-size: must be positive, got 0"),  # used to run with 2 MiB
+        (["--model", ""], "--model: empty"),  # used to run llama-3-8b
+        (["--layers", "0"], "--layers: must be an integer in 1..1,048,576, got 0"),
+        (["--kv-memory", "9" * 400], "--kv-memory: not a size"),
+        (["--kv-memory", "99999999TiB"], "--kv-memory: size too large"),
+        (["-a", "vmm", "--max-batch", "100000000"], "more than the 128 TiB a process has; use a smaller --max-batch"),
+        (["--kv-memory", "7EiB"], "host memory, more than half of the"),
+        (["-d", "cpu", "--kv-memory", "7EiB"], "--kv-memory 7EiB on --device cpu needs about 7 EiB of host memory"),
+    ],
+)
+def test_impossible_values_are_refused_not_replaced(tmp_path, capsys, argv, needle):
+    out = tmp_path / "x.kvtrace"
+    assert kvscope("run", "-w", "alpaca", "-n", "5", "-o", str(out), "-q", *argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+
+
+def test_output_over_the_workload_is_refused_and_the_file_kept(tmp_path, capsys):
+    wl = tmp_path / "wl.jsonl"
+    wl.write_text(json.dumps({"id": "a", "arrival": 0.0, "prompt_len": 12, "output_len": 4}) + "\n")
+    before = wl.read_bytes()
+    assert kvscope("run", "-w", str(wl), "-o", str(wl), "-q") == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert wl.read_bytes() == before
+
+
+def test_a_full_disk_names_the_trace(capsys):
+    assert kvscope("run", "-w", "alpaca", "-n", "5", "-o", "/dev/full", "-q") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvscope run: error: /dev/full: writing failed"), err
+
+
+def test_kv_memory_beyond_the_gpu_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    from kvscope import cudainfo
+    from kvscope.engine import executor
+
+    gpu = cudainfo.DeviceInfo(0, "NVIDIA H100 80GB HBM3", 80 << 30, "9.0", "0000:18:00.0")
+    monkeypatch.setattr(executor, "check_device", lambda device: None)
+    monkeypatch.setattr(cudainfo, "probe", lambda: cudainfo.CudaInfo(True, "", "13.0", (gpu,)))
+    out = tmp_path / "g.kvtrace"
+    assert kvscope("run", "-w", "alpaca", "-n", "5", "-d", "cuda", "--kv-memory", "1TiB", "-o", str(out), "-q") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kvscope run: error: --kv-memory 1TiB: more than the 80 GiB of memory of NVIDIA H100 80GB HBM3; "
+                   "use a smaller --kv-memory"]  # fmt: skip
+    assert not out.exists()
+
+
+def test_argparse_mistakes_are_one_line_too(capsys):
+    assert kvscope("run", "-w", "alpaca", "--max-batch", "abc") == 2
+    assert kvscope("run", "-w", "alpaca", "--kv-memroy", "1GiB") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "kvscope run: error: argument --max-batch: invalid int value: 'abc' (see kvscope run --help)",
+        "kvscope run: error: unrecognized arguments: --kv-memroy 1GiB (see kvscope run --help)",
+    ]
+
+
+def test_unwritable_places_are_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    # Tests run as root, for whom chmod 0o500 blocks nothing: stand in for the permission check itself.
+    from kvscope.commands import outputs
+
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)
+    assert kvscope("run", "-w", "alpaca", "-n", "5", "-o", str(tmp_path / "x.kvtrace"), "-q") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"kvscope run: error: {tmp_path / 'x.kvtrace'}: cannot create files in {tmp_path}"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -82,3 +83,16 @@ def test_cut_off_trace_warns_in_one_line_and_still_summarizes(trace_file, tmp_pa
     assert summary["steps"] > 0
     warnings = [line for line in captured.err.splitlines() if line.strip()]
     assert len(warnings) == 1 and "cut off" in warnings[0] and "warning" in warnings[0]
+
+
+def test_markup_in_file_names_and_metadata_is_printed_literally(trace_file, tmp_path, capsys):
+    """Rich reads markup in plain strings: '[/]' used to crash the table (MarkupError), '[bold]' was applied."""
+    trace = load_trace(trace_file)
+    meta = {**trace.meta, "model": "[/]", "device_name": "[bold]gpu[/bold]"}
+    marked = tmp_path / "[bold]x.kvtrace"
+    write_trace_file(dataclasses.replace(trace, meta=meta), marked)
+    assert cli.main(["summary", str(marked), str(trace_file)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    out = " ".join(captured.out.split())  # the table may wrap a long cell
+    assert "[bold]x.kvtrace" in out and "[/]" in out and "[bold]gpu[/bold]" in out

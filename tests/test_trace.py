@@ -6,12 +6,22 @@ import json
 import pickle
 import threading
 import warnings
+import zlib
 
 import pandas as pd
 import pyarrow as pa
 import pytest
 
-from kvscope.events import COLUMNS, FORMAT_VERSION, KIND_NAMES, META_KEY, VERSION_KEY, Kind, arrow_schema
+from kvscope.events import (
+    COLUMNS,
+    FORMAT_VERSION,
+    KIND_NAMES,
+    META_CRC_KEY,
+    META_KEY,
+    VERSION_KEY,
+    Kind,
+    arrow_schema,
+)
 from kvscope.recorder import Recorder
 from kvscope.trace import TraceError, TruncatedTraceWarning, load_trace, trace_from_recorder
 
@@ -118,7 +128,7 @@ def write_stream(path, schema, batches=()):
 )
 def test_bad_files_get_one_line_naming_file_and_problem(tmp_path, case, expected):
     path = tmp_path / f"{case}.kvtrace"
-    good = {META_KEY: b"{}", VERSION_KEY: str(FORMAT_VERSION).encode()}
+    good = {META_KEY: b"{}", VERSION_KEY: str(FORMAT_VERSION).encode(), META_CRC_KEY: str(zlib.crc32(b"{}")).encode()}
     if case == "empty":
         path.write_bytes(b"")
     elif case == "directory":
@@ -186,3 +196,169 @@ def test_load_trace_returns_a_plain_dataframe_no_warning_for_complete_runs(tmp_p
         warnings.simplefilter("error")
         trace = load_trace(path)
     assert isinstance(trace.events, pd.DataFrame)
+
+
+# ---- integrity (format version 2) ------------------------------------------------------------------------------
+def test_every_batch_carries_a_checksum_plain_pyarrow_can_recompute(tmp_path):
+    """The checksum's definition, re-implemented from its docstring: readers without kvscope can verify it."""
+    path = tmp_path / "run.kvtrace"
+    record(path, 250, flush_events=100)
+    with pa.OSFile(str(path), "rb") as f:
+        reader = pa.ipc.open_stream(f)
+        md = reader.schema.metadata
+        assert int(md[META_CRC_KEY]) == zlib.crc32(md[META_KEY])
+        assert int(md[VERSION_KEY]) == FORMAT_VERSION == 2
+        seen = 0
+        for batch, custom in reader.iter_batches_with_custom_metadata():
+            crc = 0
+            for column in batch.columns:
+                if pa.types.is_dictionary(column.type):
+                    crc = zlib.crc32(column.indices.to_numpy().tobytes(), crc)
+                    crc = zlib.crc32(b"".join(s.encode() + b"\0" for s in column.dictionary.to_pylist()), crc)
+                else:
+                    crc = zlib.crc32(column.to_numpy().tobytes(), crc)
+            assert int(custom[b"kvscope.crc32"]) == crc
+            seen += batch.num_rows
+    assert seen == 251
+
+
+def value_flipped(tmp_path, batch_index: int = 2):
+    """An uncompressed trace of 5 batches with one value byte of batch `batch_index` flipped: the batch still
+    decodes and validates, only its checksum tells."""
+    path = tmp_path / "run.kvtrace"
+    rec = Recorder(path, {"allocator": "paged"}, flush_events=100, compression=None)
+    for i in range(450):
+        rec.emit(Kind.APPEND, seq=1, n=1, aux=1000 + i)
+    rec.close()
+    data = bytearray(path.read_bytes())
+    needle = (1000 + 100 * batch_index + 7).to_bytes(8, "little")  # aux of one event in that batch
+    at = data.index(needle)
+    data[at] ^= 0x01
+    bad = tmp_path / "damaged.kvtrace"
+    bad.write_bytes(bytes(data))
+    return bad
+
+
+def test_a_damaged_batch_is_an_error_naming_file_and_batch(tmp_path):
+    bad = value_flipped(tmp_path)
+    with pytest.raises(TraceError) as err:
+        load_trace(bad)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{bad}: ")
+    assert "batch 2 is damaged (checksum mismatch)" in message and "salvage" in message
+
+
+def test_salvage_loads_the_verified_batches_before_the_damage(tmp_path):
+    from kvscope.trace import DamagedTraceWarning
+
+    bad = value_flipped(tmp_path)
+    with pytest.warns(DamagedTraceWarning, match="batch 2 is damaged"):
+        trace = load_trace(bad, salvage=True)
+    assert trace.truncated
+    assert trace.events["aux"].tolist() == list(range(1000, 1200))
+
+
+def test_summary_cli_exits_2_on_damage_and_salvages_with_the_flag(tmp_path, capsys):
+    from kvscope import cli
+
+    bad = value_flipped(tmp_path)
+    assert cli.main(["summary", "--json", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and "batch 2" in captured.err
+    assert cli.main(["summary", "--json", "--salvage", str(bad)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["events"] == 200
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "warning" in lines[0] and "batch 2 is damaged" in lines[0]
+    assert cli.build_parser().parse_args(["report", str(bad), "--salvage"]).salvage
+
+
+def test_a_flip_in_the_metadata_is_caught_by_its_checksum(tmp_path):
+    path = tmp_path / "run.kvtrace"
+    record(path, 10)
+    data = bytearray(path.read_bytes())
+    at = data.index(b'"allocator": "paged"') + len('"allocator": "p')
+    data[at] ^= 0x04  # "paged" -> "peged": still valid JSON
+    path.write_bytes(bytes(data))
+    with pytest.raises(TraceError, match="metadata is damaged"):
+        load_trace(path)
+
+
+def test_data_after_the_end_of_stream_marker_is_damage(tmp_path):
+    path = tmp_path / "run.kvtrace"
+    record(path, 10)
+    path.write_bytes(path.read_bytes() + b"\0" * 64)
+    with pytest.raises(TraceError, match="batch 1 is damaged .*before the file does"):
+        load_trace(path)
+
+
+def meta_bytes(meta: dict) -> dict[bytes, bytes]:
+    text = json.dumps(meta).encode()
+    return {META_KEY: text, VERSION_KEY: str(FORMAT_VERSION).encode(), META_CRC_KEY: str(zlib.crc32(text)).encode()}
+
+
+def kind_batch(schema: pa.Schema, codes: list[int], names=KIND_NAMES) -> pa.RecordBatch:
+    import numpy as np
+
+    n = len(codes)
+    arrays = []
+    for name in COLUMNS:
+        if name == "kind":
+            indices = pa.array(np.array(codes, dtype=np.int16))
+            arrays.append(pa.DictionaryArray.from_arrays(indices, pa.array(names), safe=False))
+        else:
+            arrays.append(pa.array(np.zeros(n), schema.field(name).type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def test_out_of_range_kind_indexes_are_damage_even_with_a_good_checksum(tmp_path):
+    from kvscope.events import batch_crc32
+
+    schema = arrow_schema(meta_bytes({}))
+    batch = kind_batch(schema, [7, 200])
+    path = tmp_path / "bad_kind.kvtrace"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_batch(batch, custom_metadata={b"kvscope.crc32": str(batch_crc32(batch)).encode()})
+    with pytest.raises(TraceError, match="batch 0 is damaged .*out of bounds"):
+        load_trace(path)
+
+
+def test_version_1_traces_still_load_validated_but_without_checksums(tmp_path):
+    schema = arrow_schema({META_KEY: b'{"allocator": "paged"}', VERSION_KEY: b"1"})
+    good = tmp_path / "v1.kvtrace"
+    write_stream(good, schema, [kind_batch(schema, [7, 7, 80])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trace = load_trace(good)
+    assert trace.events["kind"].tolist() == ["append", "append", "run_end"] and trace.meta["allocator"] == "paged"
+    bad = tmp_path / "v1_bad.kvtrace"
+    write_stream(bad, schema, [kind_batch(schema, [7, 7, 80]), kind_batch(schema, [7, 500])])
+    with pytest.raises(TraceError, match="batch 1 is damaged .*out of bounds"):
+        load_trace(bad)
+
+
+@pytest.mark.parametrize(
+    "meta, expected",
+    [
+        ({"spec": {"bytes_per_token": "131072"}}, "spec.bytes_per_token should be an integer >= 0, got str"),
+        ({"spec": {"bytes_per_token": -1}}, "spec.bytes_per_token should be an integer >= 0"),
+        ({"spec": {"bytes_per_token": 10**30}}, "spec.bytes_per_token should be an integer"),
+        ({"spec": ["llama"]}, "metadata spec should be an object, got list"),
+        ({"allocator_config": [16]}, "metadata allocator_config should be an object, got list"),
+        ({"allocator_config": {"block_size": 0}}, "allocator_config.block_size should be an integer >= 1"),
+        ({"allocator_config": {"page_size": True}}, "allocator_config.page_size should be an integer >= 1"),
+        ({"allocator_config": {"megacache": "yes"}}, "allocator_config.megacache should be true or false"),
+        ({"allocator": 3}, "metadata allocator should be a string, got int"),
+        ({"requests": {"seq": [0, "1"]}}, "requests.seq[...] should be an integer >= 0, got str"),
+        ({"requests": {"seq": [0, 1], "arrival": [0.0]}}, "requests columns have different lengths (1, 2)"),
+        ({"requests": {"seq": [0], "arrival": [float("nan")]}}, "requests.arrival[...] should be a finite number"),
+        ({"requests": {"seq": 3}}, "requests.seq should be a list"),
+    ],
+)
+def test_wrong_typed_or_absurd_metadata_is_one_line_at_load(tmp_path, meta, expected):
+    path = tmp_path / "meta.kvtrace"
+    write_stream(path, arrow_schema(meta_bytes(meta)))
+    with pytest.raises(TraceError) as err:
+        load_trace(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: ") and expected in message, message

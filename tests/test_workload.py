@@ -382,3 +382,102 @@ def test_cli_writes_workload_and_prints_distribution(tmp_path, capsys):
 def test_cli_user_mistake_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="unknown workload"):
         _run_cli(["nope", "-o", str(tmp_path / "w.jsonl")])
+
+
+# ------------------------------------------------------------------------------------------------ bounds (issue 7)
+
+
+def _reference_stream_tokens(name: str, start: int, count: int) -> np.ndarray:
+    """The one-pass formula stream_tokens computed before it went in chunks: the ids must not change."""
+    from kvscope.workload import _GAMMA, _MIX1, _MIX2, stream_seed
+
+    z = np.arange(start + 1, start + count + 1, dtype=np.uint64) * _GAMMA + np.uint64(stream_seed(name))
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z ^= z >> np.uint64(31)
+    return (z % np.uint64(VOCAB_SIZE)).astype(np.int32)
+
+
+@pytest.mark.parametrize("count", [0, 1, (1 << 20) - 1, 1 << 20, (1 << 20) + 3, 2 * (1 << 20) + 17])
+def test_chunked_stream_tokens_equal_the_one_pass_formula(count):
+    got = stream_tokens("req:x", 5, count)
+    assert got.dtype == np.int32 and got.shape == (count,)
+    assert np.array_equal(got, _reference_stream_tokens("req:x", 5, count))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompt_len": 10**9}, "field 'prompt_len': must be at most 16,777,216, got 1000000000"),
+        ({"output_len": 1 << 25}, "field 'output_len': must be at most 16,777,216"),
+        ({"prompt_len": 10**400}, "got an integer of about 401 digits"),
+        ({"n": 1 << 17}, "field 'n': must be at most 65,536"),
+        ({"arrival": 1e300}, "field 'arrival': must be a finite number of seconds >= 0 (at most 1e+09), got 1e+300"),
+        ({"arrival": 10**400}, "got an integer of about 401 digits"),
+    ],
+)
+def test_request_bounds_are_checked_before_any_token_id_exists(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Request(**{"id": "r", "arrival": 0.0, "prompt_len": 10, "output_len": 5, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON: nested too deeply"),
+        ('{"id": "a", "arrival": 0, "prompt_len": ' + "9" * 5000 + "}", "not valid JSON: Exceeds the limit"),
+    ],
+)
+def test_json_failures_beyond_decode_errors_name_the_line(tmp_path, text, message):
+    path = tmp_path / "w.jsonl"
+    path.write_text(json.dumps({"id": "ok", "arrival": 0, "prompt_len": 3, "output_len": 1}) + "\n" + text + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: {message}")):
+        load_workload(path)
+
+
+def test_binary_files_and_directories_are_named(tmp_path):
+    png = tmp_path / "w.jsonl"
+    png.write_bytes(b'{"id": "a", "arrival": 0, "prompt_len": 3, "output_len": 1}\n\x89PNG\r\n')
+    with pytest.raises(ValueError, match=re.escape(f"{png}:2: not UTF-8 text")):
+        load_workload(png)
+    with pytest.raises(ValueError, match="is a directory, not a workload file"):
+        load_workload(tmp_path)
+
+
+def test_save_workload_names_the_file_when_the_disk_is_full():
+    reqs = [Request("r", 0.0, 3, 1)]
+    with pytest.raises(OSError) as e:
+        save_workload(reqs, "/dev/full")
+    assert e.value.filename == "/dev/full" and "No space left" in e.value.strerror
+
+
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [
+        ({"n": 1 << 20}, "n: must be at most 65,536"),
+        ({"system_prompt_len": 10**12}, "system_prompt_len: must be in 0.."),
+        ({"think_time": 1e300, "turns": 2}, "think_time: must be a finite number of seconds >= 0 (at most 1e+09)"),
+        ({"rate": 1e-300}, "rate: 1e-300 requests/s puts arrivals at"),
+        ({"rate": 1e-7, "turns": 2, "think_time": 1e9}, "puts arrivals at"),
+    ],
+)
+def test_generator_bounds(opts, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_workload("sharegpt", requests=30, **opts)
+
+
+def test_request_count_is_bounded_before_generating():
+    for requests in (0, 10**12):
+        with pytest.raises(ValueError, match=r"requests: must be an integer in 1\.\.1,000,000"):
+            resolve_workload("sharegpt", requests=requests)
+
+
+def test_cli_refuses_to_rewrite_its_input_and_names_options(tmp_path):
+    path = tmp_path / "w.jsonl"
+    save_workload(generate(GenParams(lengths="alpaca"), 5, seed=0), path)
+    before = path.read_bytes()
+    with pytest.raises(Exception, match="is also an input"):
+        _run_cli([str(path), "-o", str(path)])
+    assert path.read_bytes() == before
+    with pytest.raises(ValueError, match=re.escape("--think-time: must be a finite")):
+        _run_cli(["multiturn", "--think-time", "-1", "-o", str(tmp_path / "m.jsonl")])

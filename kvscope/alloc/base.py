@@ -22,7 +22,7 @@ by the executor each step; allocators never touch tensors.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -163,6 +163,79 @@ class KVAllocator(Protocol):
     def num_tokens(self, seq: int) -> int: ...
     def usage(self) -> Usage: ...
     def check_invariants(self) -> None: ...
+
+
+# ---- capabilities: what the engine, the layouts and the kernels may ask of an allocator beyond the protocol -------
+# Asked with isinstance (the protocols are runtime-checkable), never by the allocator's name, so that a new allocator
+# gets the engine's support for whatever it can do by having the methods.
+
+
+@runtime_checkable
+class BlockAddressed(Protocol):
+    """K/V in a pool of fixed-size blocks found through a per-sequence block table (paged)."""
+
+    block_size: int
+    num_blocks: int
+    block_bytes: int
+
+    def block_table(self, seq: int) -> list[int]: ...
+
+
+@runtime_checkable
+class RowAddressed(Protocol):
+    """A sequence's tokens in consecutive rows of one flat buffer starting at token_base(seq) (static, vmm)."""
+
+    def token_base(self, seq: int) -> int: ...
+
+
+@runtime_checkable
+class ArenaRows(RowAddressed, Protocol):
+    """Row-addressed in an arena of `num_rows` token rows that the executor allocates itself (static)."""
+
+    num_rows: int
+    capacity_bytes: int
+
+
+@runtime_checkable
+class VirtualBuffers(RowAddressed, Protocol):
+    """Row-addressed in virtual buffers the allocator maps itself (vmm): the executor views them in place."""
+
+    backend: Any
+    megacache: bool
+    buffer_bytes: int
+
+    @property
+    def buffer_shape(self) -> tuple[int, ...]: ...
+    def buffer_addresses(self) -> list[int]: ...
+
+
+@runtime_checkable
+class Swappable(Protocol):
+    """Preemption by swapping a sequence's KV to CPU memory and back (paged)."""
+
+    num_cpu_blocks: int
+
+    def can_swap_out(self, seq: int) -> bool: ...
+    def swap_out(self, seq: int) -> None: ...
+    def can_swap_in(self, seq: int) -> bool: ...
+    def swap_in(self, seq: int) -> None: ...
+    def is_swapped(self, seq: int) -> bool: ...
+
+
+@runtime_checkable
+class MapsAhead(Protocol):
+    """Memory for a sequence's next tokens can be mapped ahead of the append, e.g. on a background thread (vmm)."""
+
+    lock: Any
+
+    def ensure_room(self, seq: int, tokens: int) -> int: ...
+
+
+@runtime_checkable
+class Closable(Protocol):
+    """Holds resources (mappings, reservations, handles) to release at the end of a run."""
+
+    def close(self) -> None: ...
 
 
 def emit_usage(recorder: Recorder, usage: Usage) -> None:

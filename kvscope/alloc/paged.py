@@ -46,14 +46,23 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from kvscope.alloc.base import Copy, HighWater, KVOutOfMemory, Usage
+from kvscope.alloc.registry import AllocatorEntry, BuildContext, Option, register
 from kvscope.events import Kind
 from kvscope.recorder import NullRecorder, Recorder
 from kvscope.spec import KVSpec
+from kvscope.units import check_host_memory, check_int, format_bytes
+
+# Host memory one block's bookkeeping takes (its _Block, its place in the free queue), measured with tracemalloc at
+# about 110 bytes, rounded up; a CPU swap block is one int in a list.
+_BLOCK_BOOKKEEPING_BYTES = 128
+_CPU_BLOCK_BOOKKEEPING_BYTES = 48
 
 _ROOT_HASH = b""  # parent of a sequence's first block; real hashes are 32 bytes, so no chain can collide with it
 
@@ -118,10 +127,9 @@ class PagedAllocator:
         cpu_swap_bytes: int = 0,
         hit_prefers_active: bool = False,
     ) -> None:
-        if block_size <= 0:
-            raise ValueError(f"paged allocator: block_size must be positive, got {block_size}")
-        if cpu_swap_bytes < 0:
-            raise ValueError(f"paged allocator: cpu_swap_bytes must be >= 0, got {cpu_swap_bytes}")
+        capacity_bytes = check_int("paged allocator: capacity_bytes", capacity_bytes, 0)
+        block_size = check_int("paged allocator: block_size", block_size, 1)
+        cpu_swap_bytes = check_int("paged allocator: cpu_swap_bytes", cpu_swap_bytes, 0)
         self.spec = spec
         self.recorder = recorder if recorder is not None else NullRecorder()
         self.block_size = block_size
@@ -136,6 +144,13 @@ class PagedAllocator:
                 f"({block_size} tokens x {self.bytes_per_token} bytes = {self.block_bytes} bytes)"
             )
         self.num_cpu_blocks = cpu_swap_bytes // self.block_bytes
+        # Every block is a Python object in lists: refuse a pool whose books alone would not fit in RAM.
+        check_host_memory(
+            self.num_blocks * _BLOCK_BOOKKEEPING_BYTES + self.num_cpu_blocks * _CPU_BLOCK_BOOKKEEPING_BYTES,
+            f"paged allocator: {self.num_blocks:,} blocks of {block_size} tokens ({format_bytes(capacity_bytes)}) and "
+            f"{self.num_cpu_blocks:,} CPU blocks",
+            "use a smaller --kv-memory (or --swap-space) or a larger --block-size",
+        )
         self.pending_copies: list[Copy] = []
 
         self._blocks = [_Block(i) for i in range(self.num_blocks)]
@@ -158,6 +173,8 @@ class PagedAllocator:
     # ---- queries -------------------------------------------------------------------------------------------------
     def config(self) -> dict:
         return {
+            "addressing": "blocks",  # how analysis replays this trace (kvscope.analysis.replay)
+            "label": f"paged b{self.block_size}",
             "block_size": self.block_size,
             "num_blocks": self.num_blocks,
             "prefix_caching": self.prefix_caching,
@@ -587,3 +604,44 @@ class PagedAllocator:
         assert not set(cpu_held) & set(self._cpu_free), "a held CPU block is also free"
         assert len(cpu_held) + len(self._cpu_free) == self.num_cpu_blocks, "CPU blocks lost"
         self.usage().check()
+
+
+# ---- registry entry ----------------------------------------------------------------------------------------------
+DEFAULT_SWAP_SPACE = 4 << 30  # vLLM's default swap_space
+
+
+def swap_bytes(options: Mapping[str, Any], capacity_bytes: int) -> int:
+    """The CPU swap pool: --swap-space, else vLLM's 4 GiB default capped at the KV memory; 0 unless preempting by
+    swap."""
+    if options.get("preemption") != "swap":
+        return 0
+    given = options.get("swap_space")
+    return given if given is not None else min(DEFAULT_SWAP_SPACE, capacity_bytes)
+
+
+def _build(context: BuildContext, options: Mapping[str, Any]) -> PagedAllocator:
+    return PagedAllocator(
+        context.spec,
+        context.capacity_bytes,
+        context.recorder,
+        block_size=16 if options["block_size"] is None else options["block_size"],
+        enable_prefix_caching=options["prefix_caching"],
+        cpu_swap_bytes=swap_bytes(options, context.capacity_bytes),
+    )
+
+
+ENTRY = register(
+    AllocatorEntry(
+        name="paged",
+        description="vLLM's block pool: block tables, sharing, copy-on-write, prefix caching, swap or recompute",
+        build=_build,
+        addressing="blocks",
+        options=(
+            Option("block_size", "--block-size"),
+            Option("prefix_caching", "--prefix-caching", False),
+            Option("preemption", "--preemption swap", "recompute"),
+            Option("swap_space", "--swap-space"),
+        ),
+        legacy_label=lambda config: f"paged b{config['block_size']}",
+    )
+)

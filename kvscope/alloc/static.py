@@ -24,6 +24,7 @@ from kvscope.alloc.base import Copy, HighWater, KVOutOfMemory, Usage
 from kvscope.events import Kind
 from kvscope.recorder import NullRecorder, Recorder
 from kvscope.spec import KVSpec
+from kvscope.units import check_int
 
 VARIANTS = ("max", "pow2", "oracle")
 
@@ -50,8 +51,8 @@ class StaticAllocator:
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"static allocator: unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
-        if max_len <= 0:
-            raise ValueError(f"static allocator: max_len must be positive, got {max_len}")
+        max_len = check_int("static allocator: max_len", max_len, 1)
+        capacity_bytes = check_int("static allocator: capacity_bytes", capacity_bytes, 0)
         self.spec = spec
         self.bytes_per_token = spec.bytes_per_token
         self.num_rows = capacity_bytes // self.bytes_per_token
@@ -76,7 +77,13 @@ class StaticAllocator:
         self.high_water = HighWater()
 
     def config(self) -> dict:
-        return {"variant": self.variant, "max_len": self.max_len, "rows": self.num_rows}
+        return {
+            "addressing": "rows",  # how analysis replays this trace (kvscope.analysis.replay)
+            "label": f"static {self.variant}",
+            "variant": self.variant,
+            "max_len": self.max_len,
+            "rows": self.num_rows,
+        }
 
     # ---- sizing ---------------------------------------------------------------------------------------------
     def rows_for(self, final_len: int) -> int:

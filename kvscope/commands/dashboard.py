@@ -1,15 +1,14 @@
 """`kvscope dashboard [TRACE ...] [--port N]`: the Streamlit dashboard on the given traces (or the sample runs).
 
 It runs `python -m streamlit run <kvscope.app main.py> -- TRACE ...` in a child process, with usage statistics off
-(the dashboard works offline) and uploads capped at 200 MB. Paths are checked here first, so a typo is one line on
-stderr instead of a server that starts and shows nothing.
+(the dashboard works offline) and uploads capped at kvscope.app.sources.MAX_UPLOAD_MB (200 MB, the one limit the
+page enforces too). Paths are checked here first, so a typo is one line on stderr instead of a server that starts and
+shows nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-
-MAX_UPLOAD_MB = 200
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -31,6 +30,7 @@ def streamlit_command(args: argparse.Namespace, python: str) -> list[str]:
     from pathlib import Path
 
     import kvscope.app
+    from kvscope.app.sources import MAX_UPLOAD_MB
 
     main = Path(kvscope.app.__file__).resolve().parent / "main.py"
     cmd = [

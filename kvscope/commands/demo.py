@@ -10,6 +10,10 @@ kvscope.report, the same numbers every other surface shows.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # (trace name, allocator, allocator options) — the configurations the README's comparison table uses.
 RUNS: list[tuple[str, str, dict]] = [
@@ -70,25 +74,30 @@ def selected_runs(spec: str | None) -> list[tuple[str, str, dict]]:
 
 def run(args: argparse.Namespace) -> int:
     import sys
-    from pathlib import Path
 
     from rich.console import Console
 
     from kvscope.analysis.compare import compare_runs
+    from kvscope.commands.outputs import named_os_error
+    from kvscope.commands.run import check_memory, check_options, check_requests
     from kvscope.engine.api import RunConfig, record_run
     from kvscope.report import write_report
-    from kvscope.units import parse_size
     from kvscope.workload import resolve_workload
 
-    if args.requests < 1:
-        raise ValueError(f"--requests: must be a positive integer, got {args.requests}")
+    check_requests(args.requests)
+    check_options(args)
+    if args.kv_memory is not None and not args.kv_memory.strip():
+        raise ValueError("--kv-memory: empty; give a size such as 16GiB")
     device = pick_device(args.device)
     runs = selected_runs(args.runs)
-    kv_memory = parse_size(args.kv_memory or ("64MiB" if device == "cpu" else "16GiB"))
-    out = Path(args.out)
+    kv_memory = _size("--kv-memory", args.kv_memory or ("64MiB" if device == "cpu" else "16GiB"))
+    out = check_outputs(args, runs)
+    check_memory(RunConfig(allocator="static", device=device, kv_memory=kv_memory), args.kv_memory)
     out.mkdir(parents=True, exist_ok=True)
     requests, description = resolve_workload(args.workload, requests=args.requests, seed=args.seed)
-    console = Console(file=sys.stdout)
+    # markup=False: the workload name and the paths are the user's, printed literally ("[bold]" is not a style);
+    # soft_wrap: a long path stays on one line, so it can be copied.
+    console = Console(file=sys.stdout, markup=False, highlight=False, soft_wrap=True)
     console.print(
         f"kvscope demo: {len(requests):,} {description.get('name', args.workload)} requests on {device}, "
         f"KV memory {args.kv_memory or ('64MiB' if device == 'cpu' else '16GiB')}, {len(runs)} allocator setups"
@@ -100,16 +109,48 @@ def run(args: argparse.Namespace) -> int:
         if device == "cpu" and "page_size" in options:
             cfg.page_size = 64 << 10  # the tiny model's rows are small: 2 MiB pages would hold whole requests
         path = out / f"{name}.kvtrace"
-        result = record_run(requests, cfg, path=path, workload=description, progress=not args.quiet,
-                            command=f"kvscope demo ({name})")  # fmt: skip
+        try:
+            result = record_run(requests, cfg, path=path, workload=description, progress=not args.quiet,
+                                command=f"kvscope demo ({name})")  # fmt: skip
+        except OSError as e:  # a full disk mid-run: name the trace
+            raise named_os_error(e, path) from None
         s = result.stats
         console.print(f"  {name:<20} {s.steps:>7,} steps  {s.wall_s:6.1f} s wall  -> {path}")
         traces.append(result.trace())
     console.print(comparison_table(compare_runs(dict(zip([r[0] for r in runs], traces, strict=True)))))
-    report = write_report(traces, out / "report.html", title=f"kvscope demo: {description.get('name')} on {device}")
+    try:
+        report = write_report(traces, out / "report.html", title=f"kvscope demo: {description.get('name')} on {device}")
+    except OSError as e:
+        raise named_os_error(e, out / "report.html") from None
     console.print(f"report: {report}  (open it in a browser; it works offline)")
     console.print(f"dashboard: kvscope dashboard {out}/*.kvtrace")
     return 0
+
+
+def _size(flag: str, text: str) -> int:
+    from kvscope.units import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def check_outputs(args: argparse.Namespace, runs: list[tuple[str, str, dict]]) -> Path:
+    """The --out directory, after checking every file the demo will write there (not over the workload file, not
+    under a regular file) before the first run starts."""
+    from pathlib import Path
+
+    from kvscope.commands.outputs import check_output, input_files
+
+    if not args.out.strip():
+        raise ValueError("--out: empty path; give a directory")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is not a directory (--out)")
+    for name in [f"{r[0]}.kvtrace" for r in runs] + ["report.html"]:
+        check_output(out / name, "--out", input_files(args.workload), make_parents=True)
+    return out
 
 
 # (column in compare_runs, header, format) for the demo's one-row-per-run table.
@@ -127,13 +168,15 @@ TABLE_COLUMNS = [
 def comparison_table(frame):
     """A rich table with one row per run from kvscope.analysis.compare.compare_runs."""
     from rich.table import Table
+    from rich.text import Text
 
     from kvscope.commands.summary import format_value
 
+    # Text cells: labels come from trace metadata and must print literally, not as Rich markup.
     table = Table(title="peak KV memory per allocator (same workload, same budget)")
     table.add_column("run", style="bold")
     for _, header, _ in TABLE_COLUMNS:
         table.add_column(header, justify="right")
     for row in frame.to_dict("records"):
-        table.add_row(row["label"], *(format_value(row, key, how) for key, _, how in TABLE_COLUMNS))
+        table.add_row(Text(str(row["label"])), *(Text(format_value(row, key, how)) for key, _, how in TABLE_COLUMNS))
     return table

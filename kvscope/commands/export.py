@@ -23,18 +23,18 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
+    from kvscope.commands.outputs import check_output, writing
     from kvscope.commands.summary import load_traces
     from kvscope.export_perfetto import export_perfetto
     from kvscope.trace import TRACE_SUFFIX
 
-    trace = load_traces([args.trace])[0]
     src = Path(args.trace)
-    out = Path(args.output) if args.output else src.with_name(src.name.removesuffix(TRACE_SUFFIX) + ".perfetto.json")
-    if out.exists() and out.is_dir():
-        raise ValueError(f"{out}: is a directory; give a file name with -o")
-    if out.resolve() == src.resolve():
-        raise ValueError(f"{out}: refusing to overwrite the trace itself; give another name with -o")
-    result = export_perfetto(trace, out, clock=args.clock)
+    default = src.with_name(src.name.removesuffix(TRACE_SUFFIX) + ".perfetto.json")
+    # Checked before loading: `-o ''` is a mistake, not "the default" (a falsy test used to make it one).
+    out = check_output(args.output if args.output is not None else default, "-o", [args.trace], make_parents=True)
+    trace = load_traces([args.trace])[0]
+    with writing(out):  # a full disk names the export
+        result = export_perfetto(trace, out, clock=args.clock)
     print(f"wrote {out} ({result['events']:,} trace events); open it at https://ui.perfetto.dev")
     for note in result["aggregated"]:
         print(f"  note: {note}", file=sys.stderr)

@@ -9,6 +9,11 @@ Prints where the trace went and one line of results. Bad options end with one li
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the engine is a heavy import; commands import only argparse at top level
+    from kvscope.engine.api import RunConfig
+    from kvscope.workload import Request
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -81,9 +86,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     o.add_argument("--check", action="store_true", help="check allocator invariants after every step (slow)")
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> RunConfig:
     from kvscope.engine.api import RunConfig
     from kvscope.units import parse_size
+
+    check_options(args)
 
     def size(flag: str, value: str | None) -> int | None:
         if value is None:
@@ -124,7 +131,110 @@ def config_from_args(args: argparse.Namespace):
     ):
         if given and cfg.device != "cuda":
             raise ValueError(f"{flag} applies to --device cuda, not {cfg.device}")
+    # 0 must not mean "the default": RunConfig's consumers read a falsy page size as 2 MiB.
+    if cfg.page_size is not None and cfg.page_size < 1:
+        raise ValueError(f"--page-size: must be positive, got {args.page_size}")
+    cfg.spec()  # model and --layers, before any workload is generated
     return cfg
+
+
+def _int_options() -> list[tuple[str, str, int, int]]:
+    """(flag, attribute, smallest, largest) of the integer options. The upper bounds are far beyond real use (16 Mi
+    tokens is longer than any context), so reaching one is a typo; sizes against memory are the allocators' and
+    check_memory's."""
+    from kvscope.spec import MAX_DIMENSION
+    from kvscope.workload import MAX_REQUEST_TOKENS
+
+    int32_max = 2**31 - 1
+    return [
+        ("--max-len", "max_len", 1, MAX_REQUEST_TOKENS),
+        ("--max-batch", "max_batch", 1, int32_max),
+        ("--max-tokens-per-step", "max_tokens_per_step", 1, int32_max),
+        ("--block-size", "block_size", 1, MAX_REQUEST_TOKENS),
+        ("--eager-pages", "eager_pages", 0, int32_max),
+        ("--layers", "layers", 1, MAX_DIMENSION),
+        ("--seed", "seed", 0, 2**63 - 1),
+    ]
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """One line for an impossible option value, instead of it being replaced by a default (`--block-size 0` used to
+    run with 16) or failing deep inside the run."""
+    from kvscope.cli import UserError
+
+    for flag, attr, lo, hi in _int_options():
+        value = getattr(args, attr, None)
+        if value is not None and not lo <= value <= hi:
+            raise UserError(f"{flag}: must be an integer in {lo:,}..{hi:,}, got {shown_int(value)}")
+    if args.model is not None and not args.model.strip():
+        raise UserError("--model: empty; give a preset name (llama-3-8b, tiny, ...)")
+    if not args.workload.strip():
+        raise UserError("--workload: empty; give a named workload or a .jsonl file")
+
+
+def check_requests(requests: int | None) -> None:
+    """--requests (None: the workload's default): at least one, at most kvscope.workload.MAX_REQUESTS."""
+    from kvscope.workload import MAX_REQUESTS
+
+    if requests is not None and not 1 <= requests <= MAX_REQUESTS:
+        raise ValueError(
+            f"--requests: must be a positive integer (at most {MAX_REQUESTS:,}), got {shown_int(requests)}"
+        )
+
+
+def shown_int(value: int) -> str:
+    """An int for an error line: a 400-digit paste is cut to its length."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:8]}...({len(text)} digits)"
+
+
+def check_memory(cfg: RunConfig, kv_memory: str | None) -> None:
+    """--device cpu keeps the KV cache in host RAM and cuda on the GPU (both keep the swap pool in host RAM): refuse
+    sizes that cannot fit before the allocator or torch starts taking them (1TiB on cpu used to fill memory)."""
+    from kvscope.cli import UserError
+    from kvscope.units import check_host_memory, format_bytes
+
+    if cfg.device == "sim":
+        return
+    shown = kv_memory or f"{format_bytes(cfg.kv_bytes)} (the default)"
+    swap = cfg.swap_bytes()
+    if cfg.device == "cpu":
+        what = f"--kv-memory {shown} on --device cpu" + (f" with {format_bytes(swap)} of swap" if swap else "")
+        check_host_memory(cfg.kv_bytes + swap, what, "use a smaller --kv-memory (or --swap-space)")
+    elif cfg.device == "cuda":
+        check_host_memory(swap, f"--swap-space {format_bytes(swap)}", "use a smaller --swap-space")
+        from kvscope.cudainfo import probe
+
+        info = probe()
+        if info.available and info.devices and cfg.kv_bytes > info.device().total_bytes:
+            gpu = info.device()
+            raise UserError(
+                f"--kv-memory {shown}: more than the {format_bytes(gpu.total_bytes)} of memory of {gpu.name}; "
+                "use a smaller --kv-memory"
+            )
+
+
+def check_workload_memory(requests: list[Request], workload: str) -> None:
+    """The scheduler builds every arrived request's prompt token ids (int32), and each sample's output ids when it is
+    admitted, even for requests it then rejects as longer than --max-len: refuse a workload whose ids alone cannot
+    fit (a thousand 16M-token prompts are 64 GiB) before the run starts building them."""
+    from kvscope.units import check_host_memory
+
+    tokens = sum(r.prompt_len + r.n * r.output_len for r in requests)
+    check_host_memory(
+        4 * tokens,
+        f"workload {workload}: the token ids of its {len(requests):,} requests ({tokens:,} tokens)",
+        "use fewer or shorter requests (--requests N keeps the first N)",
+    )
+
+
+def output_path(args: argparse.Namespace, allocator: str) -> str:
+    """-o, or out/<workload>-<allocator>.kvtrace; checked now, so a bad path fails before the run, not after it."""
+    from kvscope.commands.outputs import check_output, input_files
+
+    out = args.output if args.output is not None else default_output(args.workload, allocator)
+    check_output(out, "-o", input_files(args.workload), make_parents=True)
+    return out
 
 
 def default_output(workload: str, allocator: str) -> str:
@@ -136,7 +246,9 @@ def default_output(workload: str, allocator: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import sys
+    from pathlib import Path
 
+    from kvscope.commands.outputs import named_os_error
     from kvscope.engine.api import record_run
     from kvscope.engine.executor import check_device
     from kvscope.units import format_bytes
@@ -145,15 +257,22 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg.validate()
     check_device(cfg.device)  # before generating a large workload
-    if args.requests is not None and args.requests < 1:
-        raise ValueError(f"--requests: must be a positive integer, got {args.requests}")
+    check_memory(cfg, args.kv_memory)
+    check_requests(args.requests)
+    out = output_path(args, cfg.allocator)
     requests, description = resolve_workload(args.workload, requests=args.requests, seed=args.seed)
-    out = args.output or default_output(args.workload, cfg.allocator)
+    check_workload_memory(requests, args.workload)
     try:
         result = record_run(requests, cfg, path=out, workload=description, progress=not args.quiet)
     except KeyboardInterrupt:
-        print(f"kvscope run: interrupted; the trace so far is in {out} (it loads as cut off)", file=sys.stderr)
+        # One line, exit 130 (128 + SIGINT). The engine has already written every event up to the interruption.
+        if Path(out).exists():
+            print(f"kvscope run: interrupted; the trace so far is in {out} (it loads as cut off)", file=sys.stderr)
+        else:
+            print("kvscope run: interrupted before the trace was started", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk mid-run fails in the recorder's writes, which name no file
+        raise named_os_error(e, out) from None
     s = result.stats
     clock = f"{s.clock_s:.2f} s simulated" if cfg.device == "sim" else f"{s.clock_s:.2f} s measured"
     print(f"trace: {out}")

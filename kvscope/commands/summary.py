@@ -12,6 +12,15 @@ import argparse
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("traces", nargs="+", metavar="TRACE", help="trace file(s) (.kvtrace)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_salvage_flag(p)
+
+
+def add_salvage_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--salvage",
+        action="store_true",
+        help="load a damaged trace's verified batches before the damage (warns) instead of failing",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kvscope.analysis.summary import summarize
 
-    summaries = [summarize(trace) for trace in load_traces(args.traces)]
+    summaries = [summarize(trace) for trace in load_traces(args.traces, salvage=args.salvage)]
     if args.json:
         payload = summaries[0] if len(summaries) == 1 else summaries
         print(json.dumps(payload, indent=2, allow_nan=False, default=_json_default))
@@ -33,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_traces(paths: list[str]) -> list:
-    """Load traces, turning the cut-off warning into one line on stderr (a warning, not an error)."""
+def load_traces(paths: list[str], *, salvage: bool = False) -> list:
+    """Load traces, turning the cut-off (or, with salvage, damaged) warning into one line on stderr (a warning,
+    not an error)."""
     import sys
     import warnings
 
@@ -44,7 +54,7 @@ def load_traces(paths: list[str]) -> list:
     for path in paths:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", TruncatedTraceWarning)
-            traces.append(load_trace(path))
+            traces.append(load_trace(path, salvage=salvage))
         for w in caught:
             if issubclass(w.category, TruncatedTraceWarning):
                 print(f"kvscope: warning: {w.message}", file=sys.stderr)
@@ -130,15 +140,18 @@ def format_value(summary: dict, key: str, how: str) -> str:
 
 def summary_table(summaries: list[dict], names: list[str]):
     from rich.table import Table
+    from rich.text import Text
 
+    # Text, not str: Rich reads markup in plain strings, and file names and metadata are the user's ("[/]" in a
+    # name crashed the table, "[bold]" was applied). Text is printed literally.
     table = Table(title="kvscope summary", show_lines=False)
     table.add_column("", style="bold")
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(Text(name), justify="right")
     for row in SUMMARY_ROWS:
         if row is None:
             table.add_section()
             continue
         key, label, how = row
-        table.add_row(label, *(format_value(s, key, how) for s in summaries))
+        table.add_row(Text(label), *(Text(format_value(s, key, how)) for s in summaries))
     return table

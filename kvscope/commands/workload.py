@@ -23,7 +23,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvscope.commands.outputs import check_output, input_files
     from kvscope.workload import resolve_workload, save_workload
+
+    # Before generating: a bad -o, or -o naming the input file being rewritten, must not cost a generation first.
+    check_output(args.output, "-o", input_files(args.name))
 
     opts = {
         "rate": args.rate,
@@ -35,7 +39,10 @@ def run(args: argparse.Namespace) -> int:
         "think_time": args.think_time,
         "max_len": args.max_len,
     }
-    requests, desc = resolve_workload(args.name, requests=args.requests, seed=args.seed, **opts)
+    try:
+        requests, desc = resolve_workload(args.name, requests=args.requests, seed=args.seed, **opts)
+    except ValueError as e:
+        raise ValueError(as_flag(str(e))) from None
     save_workload(requests, args.output)
     print(f"wrote {desc['requests']} requests ({desc['samples']} samples) to {args.output}")
     print(f"{'':6} {'prompt_len':>11} {'output_len':>11}")
@@ -47,3 +54,15 @@ def run(args: argparse.Namespace) -> int:
     if desc["duration_s"]:
         print(f"arrivals span {desc['duration_s']} s")
     return 0
+
+
+def as_flag(message: str) -> str:
+    """The generator names its parameters ('think_time: must be ...'); on the command line they are options."""
+    name, sep, rest = message.partition(": ")
+    if sep and name in _OPTION_NAMES:
+        return f"--{name.replace('_', '-')}: {rest}"
+    return message
+
+
+_OPTION_NAMES = {"requests", "rate", "n", "system_prompt_len", "system_prompt_fraction", "system_prompts", "turns",
+                 "think_time", "max_len"}  # fmt: skip

@@ -11,8 +11,9 @@ at the END of the step on sim, -1 on real devices), STEP_PREFILL, STEP_DECODE, S
 timed the forward pass on a device), device memory samples taken since the last step (MEM_NVML / MEM_TORCH, on
 cuda), the allocator's ACCT_* samples, recorder.end_step().
 
-A KeyboardInterrupt or a crash aborts the recorder: every batch written so far stays readable and the trace loads as
-truncated (no RUN_END).
+A KeyboardInterrupt or a crash aborts the recorder: every event emitted before it is written, those of the
+interrupted step included (the step is kept as far as it got, not dropped), and the trace loads as truncated (no
+RUN_END): every step before the interrupted one is complete.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from kvscope.engine.costmodel import GPUCostModel, ModelCosts, StepCost, step_ti
 from kvscope.engine.executor import Executor
 from kvscope.engine.scheduler import Scheduler, SchedulerConfig
 from kvscope.events import Kind
-from kvscope.recorder import Recorder
+from kvscope.recorder import Recorder, defer_sigint
 from kvscope.spec import KVSpec
 from kvscope.workload import Request
 
@@ -98,9 +99,13 @@ class Engine:
                 if bar is not None:
                     bar.update(self)
         except BaseException:
-            self.stats.interrupted = True
-            self.recorder.abort()
-            self._finish_stats(t0)
+            # Ctrl-C or a crash: abort() writes every event emitted so far, the interrupted step's own included
+            # (it is not dropped), so the trace ends mid-step, the way a cut-off file does, and loads as cut off.
+            # A second Ctrl-C meanwhile waits until the file is complete.
+            with defer_sigint():
+                self.stats.interrupted = True
+                self.recorder.abort()
+                self._finish_stats(t0)
             raise
         finally:
             if bar is not None:
