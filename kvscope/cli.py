@@ -11,6 +11,9 @@ import os
 import sys
 
 from kvscope import __version__
+from kvscope.errors import EXIT_INTERRUPTED, UserError, describe
+
+__all__ = ["COMMANDS", "UserError", "build_parser", "main"]  # UserError lives in kvscope.errors; kept importable here
 
 # name -> module in kvscope.commands. Modules import only argparse at top level; heavy imports happen in run().
 COMMANDS = {
@@ -22,10 +25,6 @@ COMMANDS = {
     "dashboard": "Open the Streamlit dashboard",
     "demo": "Run the main demo: one workload on every allocator, then a report",
 }
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for; printed as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,49 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    from kvscope.trace import TraceError
-
     try:
         return int(args._module.run(args) or 0)
-    except (UserError, TraceError, ValueError) as e:
-        # ValueError covers bad sizes, bad presets and bad workload lines: every one carries its own one-line message.
-        print(f"kvscope {args.command}: error: {one_line(str(e))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"kvscope {args.command}: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # Output piped into `head` or a pager that closed early: not an error. Point stdout at devnull so the
         # interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except OSError as e:
-        # Unwritable, missing or full paths (FileNotFoundError, PermissionError, ENOSPC...): the user's to fix.
-        print(f"kvscope {args.command}: error: {os_error_line(e)}", file=sys.stderr)
-        return 2
-    except MemoryError:
-        # The size checks should refuse first; if something still runs out, one line beats a traceback.
-        print(f"kvscope {args.command}: error: out of memory; use a smaller --kv-memory or workload", file=sys.stderr)
-        return 1
-
-
-def os_error_line(e: OSError) -> str:
-    """'PATH: reason' for an OSError: the path it names first, then its reason, without '[Errno 13]' noise."""
-    reason = e.strerror or one_line(str(e)) or type(e).__name__
-    if e.filename is None:
-        return reason
-    names = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
-    return f"{names}: {reason}"
-
-
-def one_line(text: str) -> str:
-    """Messages from libraries (pyarrow, json) may span lines; stderr gets exactly one."""
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+    except (KeyboardInterrupt, Exception) as e:
+        failure = describe(e)
+        if failure is None:
+            raise  # a bug, not the user's mistake: keep its traceback
+        kind = "" if failure.exit_code == EXIT_INTERRUPTED else "error: "
+        print(f"kvscope {args.command}: {kind}{failure.line}", file=sys.stderr)
+        return failure.exit_code
 
 
 if __name__ == "__main__":
-    # `python -m kvscope.cli`: run the kvscope.cli module's main, not this __main__ copy's, so that the UserError the
-    # commands raise (kvscope.cli.UserError) is the class main catches.
-    from kvscope.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

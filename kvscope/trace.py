@@ -38,6 +38,7 @@ from typing import Any, BinaryIO
 import pandas as pd
 import pyarrow as pa
 
+from kvscope.alloc.registry import label_of
 from kvscope.events import (
     BATCH_CRC_KEY,
     COLUMNS,
@@ -81,19 +82,10 @@ class Trace:
 
     @cached_property
     def label(self) -> str:
-        """Short human name: allocator and its main setting, e.g. 'paged b16' or 'vmm 2 MiB'."""
-        from kvscope.units import format_bytes
-
-        alloc = self.meta.get("allocator", "?")
-        cfg = self.meta.get("allocator_config", {}) or {}
-        if alloc == "paged" and "block_size" in cfg:
-            return f"paged b{cfg['block_size']}"
-        if alloc == "vmm" and "page_size" in cfg:
-            mega = " megacache" if cfg.get("megacache") else ""
-            return f"vmm {format_bytes(cfg['page_size'])}{mega}"
-        if alloc == "static" and "variant" in cfg:
-            return f"static {cfg['variant']}"
-        return str(alloc)
+        """Short human name: the label the allocator wrote into its config, e.g. 'paged b16' or 'vmm 2 MiB'
+        (traces recorded before configs carried one get it from the allocator registry)."""
+        cfg = self.meta.get("allocator_config") or {}
+        return label_of(str(self.meta.get("allocator", "?")), cfg if isinstance(cfg, dict) else {})
 
     @property
     def bytes_per_token(self) -> int:

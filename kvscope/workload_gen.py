@@ -10,12 +10,24 @@ output ~338 tokens, Alpaca ~19 / ~58. Re-run `calibrate` if you change a sigma o
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kvscope.workload import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, MAX_SAMPLES, Request, SharedPrefix, sort_by_arrival
+from kvscope.workload import (
+    MAX_ARRIVAL_S,
+    MAX_REQUEST_TOKENS,
+    MAX_REQUESTS,
+    MAX_SAMPLES,
+    Request,
+    SharedPrefix,
+    describe_lengths,
+    load_workload,
+    sort_by_arrival,
+)
 
 MIN_PROMPT = 4
 MAX_PROMPT = 1024
@@ -267,3 +279,46 @@ class _LengthPool:
             self.prompts, self.outputs, self.i = p.tolist(), o.tolist(), 0
         self.i += 1
         return self.prompts[self.i - 1], self.outputs[self.i - 1]
+
+
+# ---------------------------------------------------------------------------------------------------- named workloads
+
+DEFAULT_REQUESTS = 1000
+
+
+def resolve_workload(
+    name_or_path: str | os.PathLike, requests: int | None = None, seed: int = 0, **opts: Any
+) -> tuple[list[Request], dict[str, Any]]:
+    """A named synthetic workload (see kvscope.NAMED_WORKLOADS) or a .jsonl file -> (requests,
+    description for the trace metadata). Options set to None are ignored, so a CLI can pass all of its flags.
+    For a file, `max_len` drops requests longer than it, `requests` keeps the first N by arrival, and generator
+    options are refused."""
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if requests is not None and not 1 <= requests <= MAX_REQUESTS:
+        raise ValueError(f"requests: must be an integer in 1..{MAX_REQUESTS:,}, got {requests}")
+    name = os.fspath(name_or_path)
+    if name in NAMED_WORKLOADS:
+        count = DEFAULT_REQUESTS if requests is None else requests
+        reqs, params = generate_named(name, count, seed, **opts)
+        desc: dict[str, Any] = {"name": name, "source": "generated", "params": params, "seed": seed}
+    elif name.endswith(".jsonl") or os.path.exists(name):
+        max_len = opts.pop("max_len", None)
+        if opts:
+            raise ValueError(
+                f"workload file {name}: generator options ({', '.join(sorted(opts))}) apply only to named workloads"
+            )
+        reqs = load_workload(name)
+        if max_len is not None:
+            reqs = [r for r in reqs if r.prompt_len + r.output_len <= max_len]
+            if not reqs:
+                raise ValueError(f"max_len: {max_len} drops every request of {name}")
+        if requests is not None:
+            reqs = reqs[:requests]
+        params = {} if max_len is None else {"max_len": max_len}
+        desc = {"name": Path(name).name, "source": "file", "path": str(Path(name).resolve()), "params": params}
+    else:
+        raise ValueError(
+            f"unknown workload {name!r}: use one of {', '.join(NAMED_WORKLOADS)} or a .jsonl file path"
+        )
+    desc.update(describe_lengths(reqs))
+    return reqs, desc

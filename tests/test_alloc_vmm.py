@@ -1,5 +1,6 @@
 """VMM allocator (vAttention) on the sim backend: layout, page mapping events, accounting by hand, megacache
-granularity, eager mapping, deferred reclamation with best fit, OOM atomicity, fault-injection rollback, close()."""
+granularity, eager mapping, deferred reclamation with best fit, OOM atomicity, fault-injection rollback, close().
+(Every driver call failing at every point of a workload, on every backend: test_vmm_faults.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from kvscope.alloc.base import Copy, KVAllocator, KVOutOfMemory
 from kvscope.alloc.vmm import VMMAllocator
-from kvscope.backends.base import BackendOutOfMemory
+from kvscope.backends.base import BackendError, BackendOutOfMemory
 from kvscope.backends.sim import SimMemory
 from kvscope.events import Kind
 from kvscope.recorder import Recorder
@@ -321,6 +322,34 @@ def test_backend_failure_while_mapping_ahead_keeps_the_append():
     assert alloc.num_tokens(1) == 10 and checked(alloc).reservation == 2 * GROUP  # the next append maps ahead
 
 
+def test_a_failed_set_access_is_recorded_as_it_happened():
+    """The map went through, the set access did not, the rollback unmapped: the trace says exactly that."""
+    backend = SimMemory(PAGE)
+    alloc = make(backend=backend)
+    backend.inject_fault("set_access", 3)
+    with pytest.raises(KVOutOfMemory):
+        alloc.admit(1, toks(10), 100)
+    assert [e["n"] for e in events(alloc, Kind.PAGE_MAP)] == [0, 1, 2]  # buffer 2 was mapped...
+    assert [e["n"] for e in events(alloc, Kind.PAGE_ACCESS)] == [0, 1]  # ...but never got access
+    assert [e["n"] for e in events(alloc, Kind.PAGE_UNMAP)] == [2, 1, 0]  # and each real mapping was undone
+    assert backend.live_mappings == 0 and alloc.backend_books() == backend.state()
+
+
+def test_a_non_memory_failure_while_mapping_ahead_is_raised_with_nothing_changed():
+    backend = SimMemory(PAGE)
+    alloc = make(backend=backend, eager_pages=1)
+    alloc.admit(1, toks(10), 100)
+    alloc.append(1, toks(10))  # 2 groups: 1 needed, 1 ahead
+    before, books = checked(alloc), alloc.backend_books()
+    backend.inject_fault("map", 5, oom=False)  # the second group of this grow: mapped ahead, not needed
+    with pytest.raises(BackendError, match="injected") as err:
+        alloc.append(1, toks(55))  # 65 tokens: a third group (mapped), then a fourth ahead (fails)
+    assert not isinstance(err.value, KVOutOfMemory | BackendOutOfMemory)
+    assert checked(alloc) == before and alloc.backend_books() == books and alloc.num_tokens(1) == 10
+    alloc.append(1, toks(55))
+    assert alloc.mapped_groups(0) == 4
+
+
 def test_page_creation_failure_leaks_nothing():
     backend = SimMemory(PAGE)
     backend.inject_fault("create", 5)
@@ -344,7 +373,9 @@ def test_close_unmaps_and_releases_everything():
     assert backend.calls["map"] == backend.calls["unmap"] == 12
     releases = events(alloc, Kind.PAGE_RELEASE)
     assert sorted(e["block"] for e in releases) == list(range(32))
+    assert [(e["seq"], e["addr"]) for e in events(alloc, Kind.SLOT_FREE)] == [(2, 1), (1, 0)]  # close drops seq 1
     assert not alloc.can_admit(1, 10)
+    checked(alloc)
 
 
 def test_ensure_room_maps_ahead_without_appending():

@@ -274,7 +274,7 @@ def test_dashboard_cli_reports_a_missing_trace_in_one_line(tmp_path, capsys):
 
 
 def test_dashboard_refuses_bad_paths_and_ports(tmp_path):
-    from kvscope.cli import UserError
+    from kvscope.errors import UserError
 
     with pytest.raises(ValueError, match="no such file"):
         dashboard_cmd.run(_dashboard_args(str(tmp_path / "missing.kvtrace")))

@@ -3,6 +3,8 @@ refuse every misuse, so allocator bugs surface as errors."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
 import os
 
@@ -211,3 +213,120 @@ def test_vmm_on_host_memory_that_cannot_hold_the_pool_fails_cleanly():
     assert isinstance(err.value.__cause__, BackendOutOfMemory)
     assert (backend.live_handles, backend.live_mappings, backend.live_reservations) == (0, 0, 0)
     backend.close()
+
+
+FAULTS = {  # op -> the error an injected failure raises by default
+    "reserve": BackendOutOfMemory,
+    "create": BackendOutOfMemory,
+    "map": BackendOutOfMemory,
+    "set_access": BackendOutOfMemory,
+    "unmap": BackendError,  # tearing down does not fail for lack of memory
+    "release": BackendError,
+    "free_reservation": BackendError,
+}
+
+
+@pytest.mark.parametrize("op", list(FAULTS))
+def test_an_injected_fault_fails_the_call_and_changes_nothing(backend, op):
+    """Each of the seven driver calls fails with the backend's own error, before the OS sees it; once."""
+    g = backend.granularity
+    va = backend.reserve(2 * g)
+    page = backend.create(g)
+    if op in ("set_access", "unmap"):
+        backend.map(va, g, page)
+    call = {
+        "reserve": lambda: backend.reserve(2 * g),
+        "create": lambda: backend.create(g),
+        "map": lambda: backend.map(va, g, page),
+        "set_access": lambda: backend.set_access(va, g),
+        "unmap": lambda: backend.unmap(va, g),
+        "release": lambda: backend.release(page),
+        "free_reservation": lambda: backend.free_reservation(va, 2 * g),
+    }[op]
+    before = backend.state()
+    os_before = backend.os_pages() if isinstance(backend, HostMemory) else None
+    fault = backend.inject_fault(op)
+    with pytest.raises(FAULTS[op], match="injected") as err:
+        call()
+    assert type(err.value) is FAULTS[op]
+    assert backend.state() == before and backend.faults_pending == 0 and backend.faults.fired == [fault]
+    if os_before is not None:
+        assert backend.os_pages() == os_before
+    call()  # the fault fired once: the same call now goes through
+
+
+def test_a_fault_counts_calls_from_when_it_was_armed_and_can_be_either_kind(backend):
+    g = backend.granularity
+    backend.create(g)
+    backend.inject_fault("create", 3, oom=False)
+    backend.inject_fault("reserve", 1, oom=False)
+    pages = [backend.create(g), backend.create(g)]
+    with pytest.raises(BackendError) as err:
+        backend.create(g)
+    assert not isinstance(err.value, BackendOutOfMemory) and backend.live_handles == 3
+    with pytest.raises(BackendError):
+        backend.reserve(g)
+    backend.inject_fault("release", oom=True)
+    with pytest.raises(BackendOutOfMemory):
+        backend.release(pages[0])
+    backend.inject_fault("map", 5)
+    backend.clear_faults()
+    assert backend.faults_pending == 0
+
+
+def test_host_os_view_follows_map_access_and_unmap(host):
+    g = host.granularity
+    va = host.reserve(4 * g)
+    assert host.os_pages() == {} and host.os_missing([(va, 4 * g)]) == []
+    page = host.create(2 * g)
+    host.map(va + g, 2 * g, page)
+    assert host.os_pages() == {va + g: (page.offset, False), va + 2 * g: (page.offset + g, False)}
+    host.set_access(va + g, 2 * g)
+    assert {v for v, (_off, rw) in host.os_pages().items() if rw} == {va + g, va + 2 * g}
+    host.unmap(va + g, 2 * g)
+    assert host.os_pages() == {}
+    assert host.os_missing([(va, 4 * g), (va + 4 * g, 1 << 40)]) == [(va + 4 * g, 1 << 40)]  # only the reservation
+    host.release(page)
+    host.free_reservation(va, 4 * g)
+    assert host.state().empty
+
+
+class _FlakyMunmap:
+    """The backend's libc with munmap failing `fail` times (EINVAL), the rest passed through."""
+
+    def __init__(self, libc, fail: int) -> None:
+        self._libc, self.fail, self.calls = libc, fail, 0
+
+    def munmap(self, va, size):
+        self.calls += 1
+        if self.fail:
+            self.fail -= 1
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+        return self._libc.munmap(va, size)
+
+    def __getattr__(self, name):
+        return getattr(self._libc, name)
+
+
+def test_host_close_after_a_failed_munmap_raises_and_a_retry_frees_only_the_rest():
+    backend = HostMemory()
+    g = backend.granularity
+    backend.reserve(2 * g)
+    b = backend.reserve(2 * g)
+    page = backend.create(g)
+    backend.map(b, g, page)
+    backend.set_access(b, g)
+    fd, inode = backend.fd, os.fstat(backend.fd).st_ino
+    backend._libc = flaky = _FlakyMunmap(backend._libc, fail=1)
+    with pytest.raises(BackendError, match="munmap"):
+        backend.close()
+    assert backend.live_reservations == 1 and os.fstat(fd).st_ino == inode  # one range left; the memfd stays
+    assert backend.leaked == {"reservations": 2, "handles": 1, "mappings": 1}
+    backend.close()
+    assert flaky.calls == 3  # the failed one twice, the other once
+    assert backend.state().empty and backend.os_pages() == {}
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    backend.close()  # done: a no-op
+    assert flaky.calls == 3

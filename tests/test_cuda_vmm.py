@@ -103,8 +103,10 @@ class FakeDriver:
         va = int(ptr)
         if self.reservations.get(va) != size or any(va <= m < va + size for m in self.maps):
             return (R.CUDA_ERROR_INVALID_VALUE,)
-        del self.reservations[va]
-        return (self._result("cuMemAddressFree"),)
+        err = self._result("cuMemAddressFree")
+        if err == R.CUDA_SUCCESS:
+            del self.reservations[va]
+        return (err,)
 
     def cuMemCreate(self, size, prop, flags):
         self._on_bound_thread()
@@ -121,8 +123,10 @@ class FakeDriver:
         self._on_bound_thread()
         if int(handle) not in self.handles:
             return (R.CUDA_ERROR_INVALID_VALUE,)
-        del self.handles[int(handle)]
-        return (self._result("cuMemRelease"),)
+        err = self._result("cuMemRelease")
+        if err == R.CUDA_SUCCESS:
+            del self.handles[int(handle)]
+        return (err,)
 
     def cuMemMap(self, ptr, size, offset, handle, flags):
         self._on_bound_thread()
@@ -277,6 +281,48 @@ def test_fault_injection_fails_the_kth_call_and_leaves_books_unchanged():
     assert {h0, h1} == set(drv.handles)
     with pytest.raises(ValueError, match="unknown op"):
         mem.inject_fault("mmap")
+
+
+def test_teardown_faults_are_backend_errors_that_change_nothing():
+    mem, drv = fake_memory()
+    va = mem.reserve(2 * PAGE)
+    handle = map_page(mem, va)
+    for op, call in (
+        ("unmap", lambda: mem.unmap(va, PAGE)),
+        ("release", lambda: mem.release(handle)),
+        ("free_reservation", lambda: mem.free_reservation(va, 2 * PAGE)),
+    ):
+        before, driver_log = mem.state(), len(drv.log)
+        mem.inject_fault(op)
+        with pytest.raises(BackendError, match=f"{op} failed: injected") as err:
+            call()
+        assert not isinstance(err.value, BackendOutOfMemory)  # tearing down does not fail for lack of memory
+        assert mem.state() == before and len(drv.log) == driver_log  # it never reached the driver
+        call()  # the fault fired once: the same call now goes through
+    assert mem.state().empty and drv.maps == drv.handles == drv.reservations == {}
+    assert [f.op for f in mem.faults.fired] == ["unmap", "release", "free_reservation"]
+    with pytest.raises(ValueError, match="unknown op"):
+        mem.inject_fault("cuMemMap")
+
+
+def test_close_after_a_driver_failure_raises_and_a_retry_gives_back_only_the_rest():
+    mem, drv = fake_memory()
+    va = mem.reserve(4 * PAGE)
+    for i in range(2):
+        map_page(mem, va + i * PAGE)
+    mem.create(PAGE)  # created, never mapped
+    drv.results["cuMemRelease"] = R.CUDA_ERROR_INVALID_VALUE  # the first release fails, once
+    with pytest.raises(BackendError, match="cuMemRelease: CUDA_ERROR_INVALID_VALUE"):
+        mem.close()
+    assert mem.live() == {"reservations": 0, "handles": 1, "mappings": 0} and len(drv.handles) == 1
+    assert drv.ctx_refs == 1  # the context stays until everything is back
+    assert mem.leaked == {"reservations": 1, "handles": 3, "mappings": 2}
+    mem.close()
+    assert drv.handles == {} and drv.ctx_refs == 0
+    assert drv.log.count("cuMemRelease") == 4  # three handles, the failed one twice: none released twice
+    calls = len(drv.log)
+    mem.close()  # done: a no-op
+    assert len(drv.log) == calls
 
 
 def test_every_thread_gets_the_primary_context_before_calling_the_driver():

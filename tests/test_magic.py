@@ -207,7 +207,7 @@ def test_cell_records_an_allocator_built_without_a_recorder(shell):
 def test_cell_records_an_engine_run(shell):
     cell = (
         "from kvscope.engine import RunConfig, record_run\n"
-        "from kvscope.workload import resolve_workload\n"
+        "from kvscope.workload_gen import resolve_workload\n"
         "reqs, desc = resolve_workload('alpaca', 10, seed=0)\n"
         "res = record_run(reqs, RunConfig(allocator='static', max_len=512))\n"
     )

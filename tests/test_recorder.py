@@ -181,7 +181,7 @@ def reference_events(out, steps: int):
     from kvscope.cli import build_parser
     from kvscope.commands.run import config_from_args
     from kvscope.engine import record_run
-    from kvscope.workload import resolve_workload
+    from kvscope.workload_gen import resolve_workload
 
     args = build_parser().parse_args(run_argv(out))
     cfg = config_from_args(args)

@@ -20,11 +20,10 @@ from kvscope.workload import (
     declared_reuse,
     describe_lengths,
     load_workload,
-    resolve_workload,
     save_workload,
     stream_tokens,
 )
-from kvscope.workload_gen import LENGTH_MODELS, NAMED_WORKLOADS, GenParams, generate
+from kvscope.workload_gen import LENGTH_MODELS, NAMED_WORKLOADS, GenParams, generate, resolve_workload
 
 # ------------------------------------------------------------------------------------------------ token ids
 

@@ -16,11 +16,14 @@ used = t, reservation = max(F - t, 0) (rows kept for tokens not generated yet), 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from kvscope.alloc.base import Copy, HighWater, KVOutOfMemory, Usage
+from kvscope.alloc.registry import AllocatorEntry, BuildContext, Option, register
 from kvscope.events import Kind
 from kvscope.recorder import NullRecorder, Recorder
 from kvscope.spec import KVSpec
@@ -272,3 +275,23 @@ class StaticAllocator:
         else:
             starts.insert(i, base)
             lens.insert(i, rows)
+
+
+# ---- registry entry ----------------------------------------------------------------------------------------------
+def _build(context: BuildContext, options: Mapping[str, Any]) -> StaticAllocator:
+    variant = "max" if options["static_variant"] is None else options["static_variant"]
+    return StaticAllocator(
+        context.spec, context.capacity_bytes, context.recorder, max_len=context.max_len, variant=variant
+    )
+
+
+ENTRY = register(
+    AllocatorEntry(
+        name="static",
+        description="a contiguous reservation per request: max_len (FasterTransformer), pow2 or oracle (Orca)",
+        build=_build,
+        addressing="rows",
+        options=(Option("static_variant", "--static-variant"),),
+        legacy_label=lambda config: f"static {config['variant']}",
+    )
+)

@@ -10,8 +10,9 @@ threads it touches, so every call first binds it on its own thread (once per thr
 allocator map pages from a background thread while the forward pass runs.
 
 SimMemory's strict checks run before every driver call (no mapping over a mapping, no release of a mapped handle...),
-its books show leaks (`live()`), and `close()` gives back whatever its user forgot, unmapping before releasing
-before freeing address space. `inject_fault` makes the k-th create/map/... fail, to test the allocator's rollback.
+its books show leaks (`live()`, `state()`), and `close()` gives back whatever its user forgot, unmapping before
+releasing before freeing address space. `inject_fault` (SimMemory's, through base.FaultPlan) makes the k-th call of
+any of the seven driver operations fail before it reaches the driver, to test the allocator's rollback.
 """
 
 from __future__ import annotations
@@ -19,27 +20,16 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from kvscope.backends.base import BackendError, BackendOutOfMemory, BackendUnavailable
+from kvscope.backends.base import FAULT_OPS, BackendError, BackendOutOfMemory, BackendUnavailable, Fault
 from kvscope.backends.sim import SimMemory
 from kvscope.cudainfo import import_driver, result_name
 
 # Driver results that mean "no memory left", as opposed to a bad call.
 _OOM_RESULTS = frozenset({"CUDA_ERROR_OUT_OF_MEMORY"})
-FAULT_OPS = ("reserve", "create", "map", "set_access", "unmap", "release")
-
-
-@dataclass
-class Fault:
-    """Make the `nth` call of `op` (counted from when the fault was armed, 1-based) fail before reaching the driver:
-    with BackendOutOfMemory when `oom`, else with BackendError. Used by tests to check the allocator's rollback."""
-
-    op: str
-    nth: int
-    oom: bool = True
-    seen: int = 0
+# Fault and FAULT_OPS live in backends.base now (every backend injects faults); still importable from here.
+__all__ = ["DL_CPU", "DL_CUDA", "FAULT_OPS", "CudaArray", "CudaMemory", "Fault", "dlpack_capsule", "tensor_view"]
 
 
 class CudaMemory(SimMemory):
@@ -88,8 +78,7 @@ class CudaMemory(SimMemory):
         # One lock around every operation: the allocator's background mapper and the engine thread both call in,
         # and SimMemory's books are plain dicts.
         self._lock = threading.RLock()
-        self.faults: list[Fault] = []
-        self.leaked: dict[str, int] = {}  # what close() found still held (all zeros: the user gave everything back)
+        self._ctx_held = True  # the primary context retained above, until close() releases it
 
     # ---- threads ----------------------------------------------------------------------------------------------
     def _bind(self) -> None:
@@ -134,27 +123,23 @@ class CudaMemory(SimMemory):
         with self._lock:
             super().release(handle)
 
-    # ---- faults -----------------------------------------------------------------------------------------------
-    def inject_fault(self, op: str, nth: int = 1, *, oom: bool = True) -> Fault:
-        """Arm a fault: the `nth` next call of `op` raises before reaching the driver (books left unchanged)."""
-        if op not in FAULT_OPS:
-            raise ValueError(f"inject_fault: unknown op {op!r}; choose from {', '.join(FAULT_OPS)}")
-        if nth < 1:
-            raise ValueError(f"inject_fault: nth must be >= 1, got {nth}")
-        fault = Fault(op, nth, oom)
+    def inject_fault(self, op: str, nth: int = 1, *, oom: bool | None = None) -> Fault:
+        """SimMemory.inject_fault, under the lock: the background mapper may be calling in meanwhile."""
         with self._lock:
-            self.faults.append(fault)
-        return fault
+            return super().inject_fault(op, nth, oom=oom)
 
-    def _maybe_fail(self, op: str) -> None:
-        for fault in self.faults:
-            if fault.op != op:
-                continue
-            fault.seen += 1
-            if fault.seen == fault.nth:
-                self.faults.remove(fault)
-                message = f"cuda backend: {op} failed: injected fault (call {fault.nth})"
-                raise BackendOutOfMemory(message) if fault.oom else BackendError(message)
+    def driver_mapping(self, va: int) -> tuple[int, bool] | None:
+        """What the driver itself has mapped at `va`: (handle, read-write for this device), or None where nothing
+        is (cuMemRetainAllocationHandle, whose extra reference is dropped again; cuMemGetAccess). The driver's own
+        view, independent of the books, for tests to hold the books against."""
+        self._bind()
+        d = self._driver
+        err, handle = d.cuMemRetainAllocationHandle(va)
+        if int(err) != 0:
+            return None
+        _checked("cuMemRelease", d.cuMemRelease(handle))
+        flags = _checked("cuMemGetAccess", d.cuMemGetAccess(self._access[0].location, va))
+        return int(handle), int(flags) == int(d.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE)
 
     # ---- driver hooks (called by SimMemory after its checks, under the lock) ----------------------------------
     def _timed(self, what: str, ret_fn: Any, *args: Any) -> Any:
@@ -174,7 +159,6 @@ class CudaMemory(SimMemory):
         return ns
 
     def _os_reserve(self, size: int) -> int:
-        self._maybe_fail("reserve")
         d = self._driver
         return int(self._timed("cuMemAddressReserve", d.cuMemAddressReserve, size, self.granularity, 0, 0))
 
@@ -182,63 +166,62 @@ class CudaMemory(SimMemory):
         self._timed("cuMemAddressFree", self._driver.cuMemAddressFree, va, size)
 
     def _os_create(self, size: int) -> int:
-        self._maybe_fail("create")
         return int(self._timed("cuMemCreate", self._driver.cuMemCreate, size, self._prop, 0))
 
     def _os_map(self, va: int, size: int, handle: Any) -> None:
-        self._maybe_fail("map")
         self._timed("cuMemMap", self._driver.cuMemMap, va, size, 0, handle, 0)
 
     def _os_set_access(self, va: int, size: int) -> None:
-        self._maybe_fail("set_access")
         self._timed("cuMemSetAccess", self._driver.cuMemSetAccess, va, size, self._access, 1)
 
     def _os_unmap(self, va: int, size: int) -> None:
-        self._maybe_fail("unmap")
         self._timed("cuMemUnmap", self._driver.cuMemUnmap, va, size)
 
     def _os_release(self, handle: Any, size: int) -> None:
-        self._maybe_fail("release")
         self._timed("cuMemRelease", self._driver.cuMemRelease, handle)
 
     # ---- teardown -----------------------------------------------------------------------------------------------
-    def live(self) -> dict[str, int]:
-        """What this backend holds right now (counts); all zeros once its user gave everything back."""
-        return {
-            "reservations": self.live_reservations,
-            "handles": self.live_handles,
-            "mappings": self.live_mappings,
-        }
-
     def close(self) -> None:
         """Give back whatever is still held (mappings, then handles, then reservations), then drop the context.
-        `leaked` says what was left behind. Safe to call twice."""
-        if self._closed:
+        The books drop each thing once the driver gave it back, so a failure raises BackendError with the rest still
+        on the books and a second close() retries only that; once everything is back it is a no-op. Injected faults
+        do not apply here (this is the teardown of last resort). `leaked` says what the user left behind."""
+        if self._closed and not self._ctx_held:
             return
         self._bind()
-        d = self._driver
-        errors: list[str] = []
         with self._lock:
-            self.leaked = self.live()
-            self.faults.clear()
-            for va, (size, _handle, _rw) in list(self._maps.items()):
-                errors += _quiet("cuMemUnmap", d.cuMemUnmap(va, size))
-            self._maps.clear()
-            self._handle_maps.clear()
-            self._res_maps.clear()
-            self._cells.clear()
-            for handle in list(self._handles):
-                errors += _quiet("cuMemRelease", d.cuMemRelease(handle))
-            self._handles.clear()
-            self.physical_bytes = 0
-            for va, size in list(self._res_size.items()):
-                errors += _quiet("cuMemAddressFree", d.cuMemAddressFree(va, size))
-            self._res_size.clear()
-            self._res_starts.clear()
-            errors += _quiet("cuDevicePrimaryCtxRelease", d.cuDevicePrimaryCtxRelease(self._dev))
-            super().close()
+            if not self._closed:
+                self.leaked = self.live()
+                self._closed = True
+                self.faults.clear()
+            errors = self._give_back_all()
+            if not errors and self._ctx_held:
+                errors += _quiet("cuDevicePrimaryCtxRelease", self._driver.cuDevicePrimaryCtxRelease(self._dev))
+                self._ctx_held = bool(errors)
         if errors:
             raise BackendError("cuda backend: close: " + "; ".join(errors))
+
+    def _give_back_all(self) -> list[str]:
+        """Unmap, release, free (in that order: the driver refuses the others while something is mapped); what
+        fails stays on the books. Returns the failures."""
+        d = self._driver
+        errors: list[str] = []
+        for va, (size, _handle, _rw) in list(self._maps.items()):
+            failed = _quiet("cuMemUnmap", d.cuMemUnmap(va, size))
+            if not failed:
+                self._forget_mapping(va)
+            errors += failed
+        for handle in [h for h in self._handles if not self._handle_maps[h]]:
+            failed = _quiet("cuMemRelease", d.cuMemRelease(handle))
+            if not failed:
+                self._forget_handle(handle)
+            errors += failed
+        for va, size in [(va, size) for va, size in self._res_size.items() if not self._res_maps[va]]:
+            failed = _quiet("cuMemAddressFree", d.cuMemAddressFree(va, size))
+            if not failed:
+                self._forget_reservation(va)
+            errors += failed
+        return errors
 
     def synchronize(self) -> None:
         """Wait for all work in the primary context (before unmapping memory a kernel may still read)."""

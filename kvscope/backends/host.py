@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import mmap
 import os
 import sys
@@ -52,6 +53,7 @@ class HostPage:
     size: int
 
 
+@functools.cache  # find_library runs ldconfig: once a process is enough
 def _load_libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
@@ -63,6 +65,17 @@ def _load_libc() -> ctypes.CDLL:
     libc.fallocate.restype = ctypes.c_int
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
     return libc
+
+
+def _proc_maps() -> list[tuple[int, int, str, int, int]]:
+    """/proc/self/maps as (start, end, perms, file offset, inode) rows."""
+    rows = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            rows.append((lo, hi, fields[1], int(fields[2], 16), int(fields[4])))
+    return rows
 
 
 def host_view(va: int, size: int) -> memoryview:
@@ -86,6 +99,7 @@ class HostMemory(SimMemory):
         self._file_size = 0
         self._holes: dict[int, list[int]] = {}  # size -> offsets of released regions, reused before growing
         self._serial = 0
+        self._inode = os.fstat(self._fd).st_ino  # names this memfd's mappings in /proc/self/maps
 
     @property
     def fd(self) -> int:
@@ -93,13 +107,57 @@ class HostMemory(SimMemory):
         return self._fd
 
     def close(self) -> None:
-        """Give everything back to the OS, whatever the allocator left behind. Safe to call twice."""
-        if self._closed:
+        """Give everything back to the OS, whatever the allocator left behind: munmap each reservation (the mappings
+        inside it go with it), then close the memfd (its pages go with it). The books drop each thing once the OS
+        gave it back, so a failed munmap raises BackendError with the rest still on the books and a second close()
+        retries only that; once everything is back, close() is a no-op. `leaked` says what the user left."""
+        if self._closed and self._fd < 0:
             return
+        if not self._closed:
+            self.leaked = self.live()
+            self._closed = True
+        errors: list[str] = []
         for va, size in list(self._res_size.items()):
-            self._libc.munmap(va, size)  # drops the mappings inside it as well
+            if self._libc.munmap(va, size) != 0:
+                errors.append(f"munmap({va:#x}, {size}): {os.strerror(ctypes.get_errno())}")
+                continue
+            for mapped in [m for m in self._maps if va <= m < va + size]:
+                self._forget_mapping(mapped)
+            self._forget_reservation(va)
+        if errors:  # pages still mapped into a reservation that stayed: keep the memfd for the retry
+            raise BackendError("cpu: close: " + "; ".join(errors))
         os.close(self._fd)
-        super().close()
+        self._fd = -1
+        self._forget_everything()  # the handles: regions of the memfd, gone with it
+
+    # ---- the kernel's own view (tests) ------------------------------------------------------------------------
+    def os_pages(self, maps: list[tuple[int, int, str, int, int]] | None = None) -> dict[int, tuple[int, bool]]:
+        """What the kernel has mapped from this backend's memfd, read from /proc/self/maps (or `maps`, rows as
+        _proc_maps gives them): OS page address -> (offset in the memfd, writable). Independent of the books, so
+        tests can hold the books against it."""
+        g = self.granularity
+        pages: dict[int, tuple[int, bool]] = {}
+        for lo, hi, perms, offset, inode in _proc_maps() if maps is None else maps:
+            if inode != self._inode or "s" not in perms:
+                continue
+            for va in range(lo, hi, g):
+                pages[va] = (offset + va - lo, "w" in perms)
+        return pages
+
+    def os_missing(
+        self, ranges: list[tuple[int, int]], maps: list[tuple[int, int, str, int, int]] | None = None
+    ) -> list[tuple[int, int]]:
+        """The (va, size) ranges that the process does not have fully mapped (a live reservation always is)."""
+        rows = sorted(_proc_maps() if maps is None else maps)
+        missing = []
+        for va, size in ranges:
+            covered = va
+            for lo, hi, *_rest in rows:
+                if lo <= covered < hi:
+                    covered = hi
+            if covered < va + size:
+                missing.append((va, size))
+        return missing
 
     # ---- OS hooks -------------------------------------------------------------------------------------------
     def _os_reserve(self, size: int) -> int:

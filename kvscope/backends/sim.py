@@ -6,9 +6,11 @@ setting access on a range that is not exactly one mapping, releasing a mapped or
 reservation that still has mappings. A bug in the allocator therefore surfaces as a BackendError at the call that
 made it, not as a wrong number at the end of a run.
 
-Live counts (`live_handles`, `live_mappings`, `live_reservations`) and per-call counts (`calls`) let tests prove
-that nothing leaks. HostMemory (backends/host.py) reuses these checks and adds the real OS calls through the
-`_os_*` hooks.
+Live counts (`live_handles`, `live_mappings`, `live_reservations`, `live()`), the full record (`state()`) and
+per-call counts (`calls`) let tests prove that nothing leaks. `inject_fault` arms a failure of the nth call of any
+driver operation (base.FaultPlan); it fires after the checks and before the `_os_*` hook, so a failed call changes
+nothing. HostMemory (backends/host.py) and CudaMemory (backends/cuda_vmm.py) reuse these checks and books and add
+the real calls through the `_os_*` hooks.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import bisect
 from collections import Counter
 from typing import Any
 
-from kvscope.backends.base import BackendError, BackendOutOfMemory
+from kvscope.backends.base import BackendError, BackendOutOfMemory, BackendState, Fault, FaultPlan
 
 _SIM_BASE = 1 << 44  # fake addresses start high, like a GPU VA range; nothing ever dereferences them
 
@@ -44,37 +46,31 @@ class SimMemory:
         # in each cell it touches (a page-sized mapping touches one or two), so a new range only looks at its cells.
         self._cell_size = 0
         self._cells: dict[int, set[int]] = {}
-        self._faults: dict[str, int] = {}  # op -> calls left until an injected failure
+        self.faults = FaultPlan(self.name)
+        self.leaked: dict[str, int] = {}  # what close() found still held (all zeros: the user gave everything back)
         self._closed = False
 
     # ---- fault injection (tests) ------------------------------------------------------------------------------
-    def inject_fault(self, op: str, nth: int = 1) -> None:
-        """Make the `nth` next call of `op` (create, map or set_access) raise BackendOutOfMemory, as a driver out of
-        memory would: for testing that callers roll back. (CudaMemory has its own, richer inject_fault.)"""
-        if op not in ("create", "map", "set_access"):
-            raise ValueError(f"inject_fault: op must be create, map or set_access, got {op!r}")
-        if nth < 1:
-            raise ValueError(f"inject_fault: nth must be >= 1, got {nth}")
-        self._faults[op] = nth
+    def inject_fault(self, op: str, nth: int = 1, *, oom: bool | None = None) -> Fault:
+        """Make the `nth` next call of `op` (any of base.FAULT_OPS) fail as the driver would, with nothing changed:
+        BackendOutOfMemory (oom) or BackendError; by default OOM for reserve/create/map/set_access, BackendError
+        for unmap/release/free_reservation. For testing that callers roll back."""
+        return self.faults.arm(op, nth, oom=oom)
 
     def clear_faults(self) -> None:
-        self._faults.clear()
+        self.faults.clear()
 
     @property
     def faults_pending(self) -> int:
         """Injected failures armed and not fired yet."""
-        return len(self._faults)
+        return self.faults.pending
 
     def _fault(self, op: str) -> None:
-        left = self._faults.get(op)
-        if left is not None:
-            if left > 1:
-                self._faults[op] = left - 1
-            else:
-                del self._faults[op]
-                raise BackendOutOfMemory(f"{self.name}: injected {op} failure")
+        # The plan is empty in every real run: one truth test on the hot path (map runs millions of times in a sim).
+        if self.faults.armed:
+            self.faults.check(op)
 
-    # ---- counts for tests and leak checks -------------------------------------------------------------------
+    # ---- counts and state for tests and leak checks ---------------------------------------------------------
     @property
     def live_handles(self) -> int:
         return len(self._handles)
@@ -87,17 +83,31 @@ class SimMemory:
     def live_reservations(self) -> int:
         return len(self._res_size)
 
+    def live(self) -> dict[str, int]:
+        """What this backend holds right now (counts); all zeros once its user gave everything back."""
+        return {"reservations": self.live_reservations, "handles": self.live_handles, "mappings": self.live_mappings}
+
+    def state(self) -> BackendState:
+        """Every reservation, handle and mapping this backend holds: after each call it is exactly what the
+        driver holds, since the books change only once the driver call went through."""
+        return BackendState(
+            reservations=frozenset(self._res_size.items()),
+            handles=frozenset(self._handles),
+            mappings=frozenset((va, size, h, rw) for va, (size, h, rw) in self._maps.items()),
+        )
+
     def mapped_handle(self, va: int) -> Any:
         """The handle mapped at exactly `va` (BackendError if none)."""
         if va not in self._maps:
             raise BackendError(f"{self.name}: nothing mapped at {va:#x}")
         return self._maps[va][1]
 
-    # ---- protocol ---------------------------------------------------------------------------------------------
+    # ---- protocol: checks, then the injected fault, then the real call, then the books ---------------------
     def reserve(self, size: int) -> int:
         self._check_open()
         self.calls["reserve"] += 1
         self._check_size("reserve", size)
+        self._fault("reserve")
         va = self._os_reserve(size)
         bisect.insort(self._res_starts, va)
         self._res_size[va] = size
@@ -109,21 +119,19 @@ class SimMemory:
             raise BackendError(f"{self.name}: free_reservation({va:#x}, {size}) does not match a reservation")
         if self._res_maps[va]:
             raise BackendError(f"{self.name}: free_reservation({va:#x}) with {self._res_maps[va]} live mappings")
+        self._fault("free_reservation")
         self._os_free_reservation(va, size)
-        del self._res_size[va]
-        del self._res_maps[va]
-        self._res_starts.pop(bisect.bisect_left(self._res_starts, va))
+        self._forget_reservation(va)
 
     def create(self, size: int) -> Any:
         self._check_open()
         self.calls["create"] += 1
         self._check_size("create", size)
-        if self._faults:
-            self._fault("create")
         if self.max_bytes is not None and self.physical_bytes + size > self.max_bytes:
             raise BackendOutOfMemory(
                 f"{self.name}: create({size}) exceeds max_bytes={self.max_bytes} ({self.physical_bytes} in use)"
             )
+        self._fault("create")
         handle = self._os_create(size)
         self._handles[handle] = size
         self.physical_bytes += size
@@ -132,8 +140,6 @@ class SimMemory:
     def map(self, va: int, size: int, handle: Any) -> None:
         self._check_open()
         self.calls["map"] += 1
-        if self._faults:
-            self._fault("map")
         if handle not in self._handles:
             raise BackendError(f"{self.name}: map of unknown or released handle {handle!r}")
         if size != self._handles[handle]:
@@ -148,6 +154,8 @@ class SimMemory:
             for other in self._cells.get(cell, ()):
                 if other < va + size and va < other + self._maps[other][0]:
                     raise BackendError(f"{self.name}: map of {va:#x}+{size} over the mapping at {other:#x}")
+        if self.faults.armed:
+            self.faults.check("map")
         self._os_map(va, size, handle)
         for cell in cells:
             self._cells.setdefault(cell, set()).add(va)
@@ -157,11 +165,11 @@ class SimMemory:
 
     def set_access(self, va: int, size: int) -> None:
         self.calls["set_access"] += 1
-        if self._faults:
-            self._fault("set_access")
         entry = self._maps.get(va)
         if entry is None or entry[0] != size:
             raise BackendError(f"{self.name}: set_access({va:#x}, {size}) is not exactly one mapping")
+        if self.faults.armed:
+            self.faults.check("set_access")
         self._os_set_access(va, size)
         self._maps[va] = (size, entry[1], True)
 
@@ -170,19 +178,11 @@ class SimMemory:
         entry = self._maps.get(va)
         if entry is None or entry[0] != size:
             raise BackendError(f"{self.name}: unmap({va:#x}, {size}) of a range that is not exactly one mapping")
-        res = self._reservation_of(va, size)
+        self._reservation_of(va, size)
+        if self.faults.armed:
+            self.faults.check("unmap")
         self._os_unmap(va, size)
-        del self._maps[va]
-        for cell in self._cells_of(va, size):
-            owners = self._cells[cell]
-            owners.discard(va)
-            if not owners:
-                del self._cells[cell]
-        handle = entry[1]
-        self._handle_maps[handle] -= 1
-        if not self._handle_maps[handle]:
-            del self._handle_maps[handle]
-        self._res_maps[res] -= 1
+        self._forget_mapping(va)
 
     def release(self, handle: Any) -> None:
         self.calls["release"] += 1
@@ -190,11 +190,47 @@ class SimMemory:
             raise BackendError(f"{self.name}: release of unknown or released handle {handle!r}")
         if self._handle_maps[handle]:
             raise BackendError(f"{self.name}: release of handle {handle!r} still mapped {self._handle_maps[handle]}x")
+        self._fault("release")
         self._os_release(handle, self._handles[handle])
-        self.physical_bytes -= self._handles.pop(handle)
+        self._forget_handle(handle)
 
     def close(self) -> None:
+        """Nothing real to give back: what the user left is recorded in `leaked` and the books are emptied (a closed
+        backend holds nothing). Safe to call twice."""
+        if self._closed:
+            return
+        self.leaked = self.live()
+        self._forget_everything()
         self._closed = True
+
+    # ---- books: each forgets one thing once the driver gave it back (the close paths use them too) ---------
+    def _forget_mapping(self, va: int) -> None:
+        size, handle, _rw = self._maps.pop(va)
+        for cell in self._cells_of(va, size):
+            owners = self._cells[cell]
+            owners.discard(va)
+            if not owners:
+                del self._cells[cell]
+        self._handle_maps[handle] -= 1
+        if not self._handle_maps[handle]:
+            del self._handle_maps[handle]
+        self._res_maps[self._reservation_of(va, size)] -= 1
+
+    def _forget_handle(self, handle: Any) -> None:
+        self.physical_bytes -= self._handles.pop(handle)
+
+    def _forget_reservation(self, va: int) -> None:
+        del self._res_size[va]
+        self._res_maps.pop(va, None)
+        self._res_starts.pop(bisect.bisect_left(self._res_starts, va))
+
+    def _forget_everything(self) -> None:
+        for va in list(self._maps):
+            self._forget_mapping(va)
+        for handle in list(self._handles):
+            self._forget_handle(handle)
+        for va in list(self._res_size):
+            self._forget_reservation(va)
 
     # ---- helpers --------------------------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from kvscope.app.sources import expand_trace_paths, sample_run_paths
-    from kvscope.cli import UserError
+    from kvscope.errors import UserError
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: must be between 1 and 65535")

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from kvscope.commands.run import check_memory, check_options, check_requests
     from kvscope.engine.api import RunConfig, record_run
     from kvscope.report import write_report
-    from kvscope.workload import resolve_workload
+    from kvscope.workload_gen import resolve_workload
 
     check_requests(args.requests)
     check_options(args)

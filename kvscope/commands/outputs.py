@@ -17,7 +17,7 @@ def check_output(
 ) -> Path:
     """The output `path` (of option `flag`) as a Path, or UserError: empty, a directory, under something that is not
     a directory, in a missing directory (unless `make_parents`), or the same file as one of `inputs`."""
-    from kvscope.cli import UserError
+    from kvscope.errors import UserError
 
     if not os.fspath(path):
         raise UserError(f"{flag}: empty path; give a file name")

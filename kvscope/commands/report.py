@@ -21,9 +21,9 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from kvscope.cli import UserError
     from kvscope.commands.outputs import check_output, writing
     from kvscope.commands.summary import load_traces
+    from kvscope.errors import UserError
     from kvscope.report import write_report
     from kvscope.units import format_bytes
 

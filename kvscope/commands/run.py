@@ -160,7 +160,7 @@ def _int_options() -> list[tuple[str, str, int, int]]:
 def check_options(args: argparse.Namespace) -> None:
     """One line for an impossible option value, instead of it being replaced by a default (`--block-size 0` used to
     run with 16) or failing deep inside the run."""
-    from kvscope.cli import UserError
+    from kvscope.errors import UserError
 
     for flag, attr, lo, hi in _int_options():
         value = getattr(args, attr, None)
@@ -191,7 +191,7 @@ def shown_int(value: int) -> str:
 def check_memory(cfg: RunConfig, kv_memory: str | None) -> None:
     """--device cpu keeps the KV cache in host RAM and cuda on the GPU (both keep the swap pool in host RAM): refuse
     sizes that cannot fit before the allocator or torch starts taking them (1TiB on cpu used to fill memory)."""
-    from kvscope.cli import UserError
+    from kvscope.errors import UserError
     from kvscope.units import check_host_memory, format_bytes
 
     if cfg.device == "sim":
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
     from kvscope.engine.api import record_run
     from kvscope.engine.executor import check_device
     from kvscope.units import format_bytes
-    from kvscope.workload import resolve_workload
+    from kvscope.workload_gen import resolve_workload
 
     cfg = config_from_args(args)
     cfg.validate()

@@ -24,7 +24,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvscope.commands.outputs import check_output, input_files
-    from kvscope.workload import resolve_workload, save_workload
+    from kvscope.workload import save_workload
+    from kvscope.workload_gen import resolve_workload
 
     # Before generating: a bad -o, or -o naming the input file being rewritten, must not cost a generation first.
     check_output(args.output, "-o", input_files(args.name))
