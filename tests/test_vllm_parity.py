@@ -40,16 +40,14 @@ Chain = tuple[int, ...]  # a block's content: every token id from the sequence's
 Event = tuple[str, Chain]  # ("stored" | "removed", chain)
 
 
-def _data_dir() -> Path | None:
-    """data/vllm-kv-events/: $KVSCOPE_DATA, else a shared/data beside or above the checkout, else /work/shared/data."""
-    here = Path(__file__).resolve().parent
-    candidates = [Path(os.environ["KVSCOPE_DATA"])] if "KVSCOPE_DATA" in os.environ else []
-    candidates += [p / "shared" / "data" for p in (here.parent, *here.parents)] + [Path("/work/shared/data")]
-    return next((p / "vllm-kv-events" for p in candidates if (p / "vllm-kv-events").is_dir()), None)
+def _data_dir() -> Path:
+    """vllm-kv-events/: $KVSCOPE_DATA's if set, else the copy under tests/data (see its README)."""
+    if "KVSCOPE_DATA" in os.environ:
+        return Path(os.environ["KVSCOPE_DATA"]) / "vllm-kv-events"
+    return Path(__file__).resolve().parent / "data" / "vllm-kv-events"
 
 
 DATA = _data_dir()
-pytestmark = pytest.mark.skipif(DATA is None, reason="data/vllm-kv-events not found (set KVSCOPE_DATA)")
 
 
 # ---- the workload and vLLM's scheduler, as the data README describes them -----------------------------------------
