@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import kvscope
 from kvscope.trace import TRACE_SUFFIX
 
 # The one upload limit, in the megabytes of Streamlit's server.maxUploadSize (which `kvscope dashboard` sets from it).
@@ -48,8 +49,6 @@ def expand_trace_paths(paths: list[str | os.PathLike]) -> list[Path]:
 def sample_runs_dirs() -> list[Path]:
     """Candidate sample_runs/ directories: $KVSCOPE_SAMPLE_RUNS, the repository's (next to the kvscope package in
     a checkout or an editable install), then the working directory's."""
-    import kvscope
-
     if os.environ.get(SAMPLES_ENV):
         return [Path(os.environ[SAMPLES_ENV])]
     repo = Path(kvscope.__file__).resolve().parent.parent

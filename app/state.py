@@ -18,8 +18,12 @@ from typing import Any
 
 import pandas as pd
 import streamlit as st
-from kvscope.app.sources import MAX_UPLOAD_BYTES, TRACE_SUFFIX, startup_trace_paths
+from kvscope.app.sources import MAX_UPLOAD_BYTES, TRACE_SUFFIX, sample_runs_dirs, startup_trace_paths
 
+from kvscope.analysis import memory
+from kvscope.present import tables
+from kvscope.present.rows import meta_rows
+from kvscope.present.views import View, start_step
 from kvscope.trace import Trace, TraceError, TruncatedTraceWarning, load_trace
 
 TRACES_KEY = "kvscope_traces"  # session_state: list[LoadedTrace] for this run of the script
@@ -191,8 +195,6 @@ def focus_trace() -> LoadedTrace | None:
 
 
 def no_traces_message() -> None:
-    from kvscope.app.sources import sample_runs_dirs
-
     where = ", ".join(str(d) for d in sample_runs_dirs())
     st.info(
         "No trace loaded. Record one with `kvscope run --device sim -o run.kvtrace` and open it with "
@@ -207,46 +209,41 @@ def show_figure(fig, key: str) -> None:
     st.plotly_chart(fig, theme=None, key=key, config={"displaylogo": False})
 
 
+def show_view(lt: LoadedTrace, view: View, key: str, step: int | None = None) -> None:
+    """A view of the catalog with its caption (at `step` for stepped views), or, when it does not apply to the
+    trace, the reason."""
+    if not view.applies(lt.trace):
+        st.info(view.absent, icon="ℹ️")
+        return
+    st.caption(view.caption)
+    show_figure(view.figure(lt.trace, step), key=key)
+
+
 def step_bounds(lt: LoadedTrace) -> tuple[int, int]:
     """(first, last) recorded step, from the memory timeline; (0, 0) for a trace without steps."""
-    from kvscope.analysis.memory import step_range
-
-    return step_range(lt.trace)
+    return memory.step_range(lt.trace)
 
 
 def step_slider(lt: LoadedTrace, *, label: str, key: str, default: int | None = None) -> int:
-    """A step picker for one trace (a slider; a fixed step when the trace has only one)."""
+    """A step picker for one trace (a slider; a fixed step when the trace has only one). Starts at `default`, else
+    where every surface's step picker starts (the peak of reserved memory)."""
     first, last = step_bounds(lt)
     if last <= first:
         st.caption(f"{label}: {first} (the trace has a single step)")
         return first
-    value = min(max(first if default is None else default, first), last)
+    value = min(max(start_step(lt.trace) if default is None else default, first), last)
     return int(st.slider(label, min_value=first, max_value=last, value=value, key=f"{key}:{lt.key}"))
 
 
 def summary_frame(traces: list[LoadedTrace]) -> pd.DataFrame:
     """The `kvscope summary` table (same rows, labels and formats): one column per trace."""
-    from kvscope.widgets import summary_frame as frame
-
-    return frame([lt.trace for lt in traces], [lt.name for lt in traces])
+    return tables.summary_frame([lt.trace for lt in traces], [lt.name for lt in traces])
 
 
 def meta_frame(lt: LoadedTrace) -> pd.DataFrame:
-    from kvscope.report import meta_rows
-
-    rows = meta_rows(lt.trace.meta)
-    return pd.DataFrame(rows, columns=["field", "value"]).set_index("field")
+    return pd.DataFrame(meta_rows(lt.trace.meta), columns=["field", "value"]).set_index("field")
 
 
 def memory_at(lt: LoadedTrace, step: int) -> dict[str, Any] | None:
     """The memory timeline's row for `step` (the allocator's books at the end of it), None if not sampled."""
-    from kvscope.analysis.memory import memory_at as row_at
-
-    return row_at(lt.trace, step)
-
-
-def peak_step(lt: LoadedTrace, column: str = "reserved") -> int | None:
-    """The step where a memory timeline column peaks (the snapshot step), None without samples."""
-    from kvscope.analysis.memory import peak_step as peak
-
-    return peak(lt.trace, column)
+    return memory.memory_at(lt.trace, step)

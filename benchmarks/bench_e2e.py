@@ -46,7 +46,7 @@ def use_cuda_executor_on_cpu() -> None:
 
     def factory(spec, allocator, options):
         return CudaExecutor(
-            spec, allocator, replace(options, extra={**options.extra, "kernels": "reference"}), device="cpu"
+            spec, allocator, replace(options, cuda=replace(options.cuda, kernels="reference")), device="cpu"
         )
 
     register_executor("cpu", factory)
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kvscope.cudainfo import probe, versions
     from kvscope.units import parse_size
-    from kvscope.workload import resolve_workload
+    from kvscope.workload_gen import resolve_workload
 
     info = probe()
     if args.device == "cuda" and not info.available:

@@ -304,7 +304,7 @@ def _use_executor(device: str) -> None:
     extra = {"nvml": False} | ({"kernels": "reference"} if device == "cpu" else {})
 
     def factory(spec, allocator, options):
-        return CudaExecutor(spec, allocator, replace(options, extra={**options.extra, **extra}), device=device)
+        return CudaExecutor(spec, allocator, replace(options, cuda=replace(options.cuda, **extra)), device=device)
 
     register_executor(device, factory)
 

@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line too: stock argparse prints the whole usage (several lines for `run`)
     before the error; --help still shows it."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -1,5 +1,10 @@
 """Export a trace as Chrome trace-event JSON, which ui.perfetto.dev (and chrome://tracing) open.
 
+A writer over kvscope.analysis: memory_timeline, throughput_timeline, request_occupancy, request_lifetimes,
+request_timestamps, step_durations, driver_calls, incidents and pool_geometry give every number; this module only
+stamps them on the chosen clock and shapes them into trace events, so the export shows what the report and the
+dashboard show.
+
 Layout (pids and tids are fixed so that two exports line up):
     pid 1  "<label>: KV pool <size> (<blocks/pages/rows>) and engine"  process-level counter tracks:
              KV memory        args used / internal / reservation / mapped_idle / cached_idle / free (bytes; they add
@@ -8,8 +13,8 @@ Layout (pids and tids are fixed so that two exports line up):
              device memory    args nvml / torch (bytes; only when sampled)
              throughput       args tokens_per_s / decode_tokens_per_s
              batch            args sequences / prefill_tokens / decode_tokens
-             requests         args waiting (arrived, never admitted yet) / running (admitted, not finished;
-                              preempted ones included)
+             requests         args waiting / running (/ swapped, when any sequence was swapped out): sequences
+                              in each phase during the step (kvscope.analysis.requests.request_occupancy)
              KV bandwidth     args achieved_tbps (only with kernel timings)
            tid 1 "engine steps": one complete ("X") slice per step
            tid 2 "VMM driver calls": one "X" slice per timed driver / OS call (aggregated past a cap)
@@ -21,11 +26,17 @@ Layout (pids and tids are fixed so that two exports line up):
            phases are not separate slices: the "requests" counter shows how many wait and run.)
 
 Timestamps are microseconds: host time (t_ns / 1000) by default; `clock="sim"` puts every event at its step's
-simulated time instead (simulated runs only). Counters carry one sample per step; a run with more steps than
+simulated time instead (simulated runs only). Counters carry one sample per step: counters of the state at the end of
+a step (KV memory, KV totals, device memory) at the step's end, counters of what a step did (throughput, batch,
+requests, KV bandwidth, per-step driver calls and evictions) at its start, so that each value holds while its step
+runs, next to the step's slice; a run with more steps than
 `max_counter_points` is sampled evenly (the step of the peak reserved bytes always kept). Step slices, driver calls,
 request slices and evictions have caps as well, past which they are aggregated into counters or left out (the
 file's otherData.aggregated says which). The file is written as a stream, never held in memory as one string.
 """
+
+# This module is longer than 400 lines: one writer per track of the file layout in the docstring above; split apart,
+# the layout would no longer be written and described in one place.
 
 from __future__ import annotations
 
@@ -38,7 +49,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kvscope.events import Kind
+from kvscope.analysis.driver import driver_calls
+from kvscope.analysis.memory import memory_timeline
+from kvscope.analysis.pressure import incidents
+from kvscope.analysis.replay import pool_geometry
+from kvscope.analysis.requests import request_lifetimes, request_occupancy, request_timestamps
+from kvscope.analysis.steps import CLOCKS, run_clock, run_end_s, step_durations
+from kvscope.analysis.throughput import throughput_timeline
+from kvscope.units import format_bytes
 
 PID_MAIN, PID_REQUESTS = 1, 2
 TID_COUNTERS, TID_STEPS, TID_DRIVER, TID_EVENTS = 0, 1, 2, 3
@@ -49,13 +67,22 @@ MAX_DRIVER_SLICES = 100_000
 MAX_REQUESTS = 50_000
 MAX_INSTANTS = 50_000
 
-_INSTANT_KINDS = {
-    Kind.PREEMPT: "preempt",
-    Kind.SWAP_OUT: "swap out",
-    Kind.SWAP_IN: "swap in",
-    Kind.OOM: "OOM",
-    Kind.REJECT: "reject",
-    Kind.BLOCK_EVICT: "evict",
+# Instants: the name each incident kind (kvscope.analysis.pressure) gets, and which of its columns become args.
+_INSTANT_NAMES = {
+    "preempt": "preempt",
+    "swap_out": "swap out",
+    "swap_in": "swap in",
+    "oom": "OOM",
+    "reject": "reject",
+    "block_evict": "evict",
+}
+_INSTANT_ARGS = {
+    "preempt": ("tokens", "mode"),
+    "swap_out": ("blocks", "bytes"),
+    "swap_in": ("blocks", "bytes"),
+    "oom": ("tokens", "bytes"),
+    "reject": ("tokens",),
+    "block_evict": ("block",),
 }
 
 
@@ -72,7 +99,13 @@ def export_perfetto(
 ) -> dict[str, Any]:
     """Write `trace` to `path` as trace-event JSON; returns what was written ({'events': n, 'aggregated': [...]})."""
     exporter = _Exporter(
-        trace, clock, max_counter_points, max_step_slices, max_driver_slices, max_requests, max_instants
+        trace,
+        clock=clock,
+        max_counter_points=max_counter_points,
+        max_step_slices=max_step_slices,
+        max_driver_slices=max_driver_slices,
+        max_requests=max_requests,
+        max_instants=max_instants,
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,21 +127,9 @@ def export_perfetto(
 
 
 def trace_events(trace, **options: Any) -> list[dict[str, Any]]:
-    """The trace-event dicts export_perfetto writes (for tests and notebooks; small traces)."""
-    exporter = _Exporter(
-        trace,
-        options.get("clock", "host"),
-        options.get("max_counter_points", MAX_COUNTER_POINTS),
-        options.get("max_step_slices", MAX_STEP_SLICES),
-        options.get("max_driver_slices", MAX_DRIVER_SLICES),
-        options.get("max_requests", MAX_REQUESTS),
-        options.get("max_instants", MAX_INSTANTS),
-    )
-    return list(exporter.events())
-
-
-def _us(ns: float) -> float:
-    return round(float(ns) / 1e3, 3)
+    """The trace-event dicts export_perfetto writes, given its keyword options (for tests and notebooks; small
+    traces)."""
+    return list(_Exporter(trace, **options).events())
 
 
 def _clean(value: Any) -> Any:
@@ -121,21 +142,23 @@ def _clean(value: Any) -> Any:
 
 
 class _Exporter:
+    """A writer over kvscope.analysis: every number it writes comes from an analysis function; it only stamps them on
+    the chosen clock and shapes them into trace events."""
+
     def __init__(
         self,
         trace,
-        clock: str,
-        max_counter_points: int,
-        max_step_slices: int,
-        max_driver_slices: int,
-        max_requests: int,
-        max_instants: int,
+        *,
+        clock: str = "host",
+        max_counter_points: int = MAX_COUNTER_POINTS,
+        max_step_slices: int = MAX_STEP_SLICES,
+        max_driver_slices: int = MAX_DRIVER_SLICES,
+        max_requests: int = MAX_REQUESTS,
+        max_instants: int = MAX_INSTANTS,
     ) -> None:
-        from kvscope.analysis._events import is_simulated_clock
-
-        if clock not in ("host", "sim"):
+        if clock not in CLOCKS:
             raise ValueError(f"perfetto export: clock must be 'host' or 'sim', got {clock!r}")
-        if clock == "sim" and not is_simulated_clock(trace):
+        if clock == "sim" and run_clock(trace) != "sim":
             raise ValueError(
                 f"perfetto export: {trace.name!r} has no simulated clock (not a sim run); use clock='host'"
             )
@@ -157,36 +180,24 @@ class _Exporter:
         self.max_instants = max_instants
         self.aggregated: list[str] = []
         self.label = str(trace.label)
-        self._step_ts = self._step_times()
+        steps = step_durations(trace, clock).set_index("step")
+        self._step_start = (steps["start_s"] * 1e6).round(3)  # µs, by step
+        self._step_end = (steps["end_s"] * 1e6).round(3)
 
     # ---- time --------------------------------------------------------------------------------------------------
-    def _step_times(self) -> pd.Series:
-        """Timestamp (µs) of the end of every recorded step."""
-        from kvscope.analysis._events import column, step_clock, step_cuts
-
-        steps, cut = step_cuts(self.trace)
-        if self.clock == "sim":
-            clk = step_clock(self.trace).set_index("step")["t_s"]
-            return (clk.reindex(steps) * 1e6).round(3).ffill().fillna(0.0)
-        t_ns = column(self.trace, "t_ns")
-        ts = t_ns[np.maximum(cut - 1, 0)] / 1e3 if len(cut) else np.zeros(0)
-        return pd.Series(np.round(ts, 3), index=steps)
-
-    def _ts_rows(self, t_ns: np.ndarray, steps: np.ndarray) -> np.ndarray:
-        """Timestamps (µs) of event rows: their own host time, or their step's simulated time."""
+    def _ts_rows(self, t_s: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """Timestamps (µs) of events: their own host time, or the end of their step on the simulated clock."""
         if self.clock == "host":
-            return np.round(t_ns / 1e3, 3)
-        st = self._step_ts
-        first = float(st.iloc[0]) if len(st) else 0.0
-        return st.reindex(steps).fillna(first).to_numpy()
+            return np.round(np.asarray(t_s, np.float64) * 1e6, 3)
+        end = self._step_end
+        first = float(end.iloc[0]) if len(end) else 0.0
+        return end.reindex(steps).fillna(first).to_numpy()
 
-    def _end_ts(self) -> float:
-        from kvscope.analysis._events import column
+    def _starts(self, steps: Any) -> np.ndarray:
+        return self._step_start.reindex(np.asarray(steps)).to_numpy()
 
-        if self.clock == "sim":
-            return float(self._step_ts.max()) if len(self._step_ts) else 0.0
-        t = column(self.trace, "t_ns")
-        return _us(t.max()) if len(t) else 0.0
+    def _ends(self, steps: Any) -> np.ndarray:
+        return self._step_end.reindex(np.asarray(steps)).to_numpy()
 
     # ---- events ------------------------------------------------------------------------------------------------
     def events(self) -> Iterator[dict[str, Any]]:
@@ -211,22 +222,15 @@ class _Exporter:
         yield meta("thread_name", PID_MAIN, TID_EVENTS, "events (preemptions, OOM, evictions)")
 
     def _pool_name(self) -> str:
-        """'KV pool 16.0 GiB (1024 blocks of 16 tokens)' and the like, from the allocator's config."""
-        from kvscope.analysis._events import acct_last, config_value
-        from kvscope.units import format_bytes
-
-        def cfg(key: str):
-            return config_value(self.trace, key)
-
-        capacity = acct_last(self.trace, Kind.ACCT_CAPACITY)
-        name = f"KV pool {format_bytes(capacity)}" if capacity else "KV pool"
-        alloc = self.trace.meta.get("allocator")
-        if alloc == "paged" and cfg("num_blocks"):
-            name += f" ({cfg('num_blocks')} blocks of {cfg('block_size')} tokens)"
-        elif alloc == "vmm" and cfg("pages"):
-            name += f" ({cfg('pages')} pages of {format_bytes(cfg('page_size'))})"
-        elif alloc == "static" and cfg("rows"):
-            name += f" ({cfg('rows')} token rows)"
+        """'KV pool 16.0 GiB (1024 blocks of 16 tokens)' and the like, from what the trace declares of its pool."""
+        pool = pool_geometry(self.trace)
+        name = f"KV pool {format_bytes(pool.capacity_bytes)}" if pool.capacity_bytes else "KV pool"
+        if pool.units:
+            name += {
+                "blocks": f" ({pool.units} blocks of {pool.block_size} tokens)",
+                "pages": f" ({pool.units} pages of {format_bytes(pool.page_size)})",
+                "rows": f" ({pool.units} token rows)",
+            }.get(pool.addressing or "", "")
         return name
 
     def _sample_rows(self, frame: pd.DataFrame, peak_col: str | None) -> pd.DataFrame:
@@ -238,7 +242,7 @@ class _Exporter:
         self.aggregated.append(f"counters sampled: {len(keep)} of {len(frame)} steps")
         return frame.iloc[keep]
 
-    def _counter(self, name: str, ts: np.ndarray, columns: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    def _counter(self, name: str, ts: np.ndarray, columns: dict[str, Any]) -> Iterator[dict[str, Any]]:
         keys = list(columns)
         values = [np.asarray(columns[k]) for k in keys]
         for i, t in enumerate(ts.tolist()):
@@ -251,12 +255,9 @@ class _Exporter:
                 yield {"name": name, "ph": "C", "ts": t, "pid": PID_MAIN, "tid": TID_COUNTERS, "args": args}
 
     def _counters(self) -> Iterator[dict[str, Any]]:
-        from kvscope.analysis.memory import memory_timeline
-        from kvscope.analysis.throughput import throughput_timeline
-
         mem = self._sample_rows(memory_timeline(self.trace), "reserved")
         if len(mem):
-            ts = self._step_ts.reindex(mem["step"].to_numpy()).to_numpy()
+            ts = self._ends(mem["step"])
             bands = ["used", "internal", "reservation", "mapped_idle", "cached_idle", "free"]
             yield from self._counter("KV memory", ts, {b: mem[b].to_numpy() for b in bands})
             yield from self._counter(
@@ -268,7 +269,7 @@ class _Exporter:
                 )
         thr = self._sample_rows(throughput_timeline(self.trace), None)
         if len(thr):
-            ts = self._step_ts.reindex(thr["step"].to_numpy()).to_numpy()
+            ts = self._starts(thr["step"])
             yield from self._counter(
                 "throughput",
                 ts,
@@ -285,60 +286,27 @@ class _Exporter:
             )
             if thr["achieved_tbps"].notna().any():
                 yield from self._counter("KV bandwidth", ts, {"achieved_tbps": thr["achieved_tbps"].to_numpy()})
-        occ = self._sample_rows(self._occupancy(), None)
+        occ = request_occupancy(self.trace)
+        columns = ["waiting", "running", "swapped"] if (occ["swapped"] > 0).any() else ["waiting", "running"]
+        occ = self._sample_rows(occ, None)
         if len(occ):
-            ts = self._step_ts.reindex(occ["step"].to_numpy()).to_numpy()
-            yield from self._counter("requests", ts, {"waiting": occ["waiting"], "running": occ["running"]})
-
-    def _occupancy(self) -> pd.DataFrame:
-        """Sequences waiting (arrived, not admitted) and running (admitted, not finished) at the end of each step."""
-        from kvscope.analysis.requests import request_lifetimes
-
-        steps = self._step_ts.index.to_numpy()
-        steps = steps[steps >= 0]
-        lt = request_lifetimes(self.trace)
-        if not len(steps) or lt.empty:
-            return pd.DataFrame({"step": [], "waiting": [], "running": []})
-
-        def count_by(step_col: np.ndarray) -> np.ndarray:
-            s = step_col[step_col >= 0]
-            return np.searchsorted(np.sort(s), steps, side="right")
-
-        arrived = count_by(lt["arrive_step"].to_numpy())
-        admitted = count_by(lt["admit_step"].to_numpy())
-        ended = lt["finish_step"].to_numpy()
-        done = count_by(ended)
-        forks = lt["parent"].to_numpy() >= 0
-        forked = count_by(np.where(forks, lt["admit_step"].to_numpy(), -1))
-        return pd.DataFrame(
-            {"step": steps, "waiting": np.maximum(arrived + forked - admitted, 0), "running": admitted - done}
-        )
+            yield from self._counter("requests", self._starts(occ["step"]), {c: occ[c].to_numpy() for c in columns})
 
     def _step_slices(self) -> Iterator[dict[str, Any]]:
-        from kvscope.analysis.throughput import throughput_timeline
-
         thr = throughput_timeline(self.trace)
         if thr.empty:
             return
         if len(thr) > self.max_step_slices:
             self.aggregated.append(f"step slices left out: {len(thr)} steps > {self.max_step_slices}")
             return
-        end = self._step_ts.reindex(thr["step"].to_numpy()).to_numpy()
-        if self.clock == "sim":
-            dur = thr["dur_s"].to_numpy() * 1e6
-        else:
-            from kvscope.analysis._events import select
-
-            st = select(self.trace, Kind.STEP).drop_duplicates("step", keep="last").set_index("step")
-            dur = st["dur_ns"].reindex(thr["step"].to_numpy()).fillna(0).to_numpy() / 1e3
+        start, end = self._starts(thr["step"]), self._ends(thr["step"])
         for i, row in enumerate(thr.itertuples(index=False)):
-            d = max(float(dur[i]), 0.0)
             yield {
                 "name": f"step {row.step}",
                 "cat": "step",
                 "ph": "X",
-                "ts": round(max(float(end[i]) - d, 0.0), 3),  # a clock skew must not put a slice before 0
-                "dur": round(d, 3),
+                "ts": float(start[i]),
+                "dur": round(max(float(end[i]) - float(start[i]), 0.0), 3),
                 "pid": PID_MAIN,
                 "tid": TID_STEPS,
                 "args": {
@@ -351,18 +319,16 @@ class _Exporter:
             }
 
     def _driver_slices(self) -> Iterator[dict[str, Any]]:
-        from kvscope.analysis.driver import driver_calls
-
         calls = driver_calls(self.trace)
         if calls.empty:
             return
         if len(calls) > self.max_driver_slices:
             self.aggregated.append(f"driver calls as per-step counters: {len(calls)} calls > {self.max_driver_slices}")
             per = calls[calls["step"] >= 0].groupby("step").agg(ms=("dur_us", "sum"), calls=("dur_us", "size"))
-            ts = self._step_ts.reindex(per.index.to_numpy()).to_numpy()
+            ts = self._starts(per.index)
             yield from self._counter("VMM driver", ts, {"ms": per["ms"].to_numpy() / 1e3, "calls": per["calls"]})
             return
-        ts_end = self._ts_rows(calls["t_s"].to_numpy() * 1e9, calls["step"].to_numpy())
+        ts_end = self._ts_rows(calls["t_s"].to_numpy(), calls["step"].to_numpy())
         for i, row in enumerate(calls.itertuples(index=False)):
             d = float(row.dur_us)
             yield {
@@ -377,42 +343,28 @@ class _Exporter:
             }
 
     def _instants(self) -> Iterator[dict[str, Any]]:
-        from kvscope.analysis._events import select
-
-        rows = select(self.trace, *_INSTANT_KINDS)
+        rows = incidents(self.trace)
         if rows.empty:
             return
-        evict = rows["code"] == int(Kind.BLOCK_EVICT)
+        evict = rows["kind"] == "block_evict"
         if int(evict.sum()) > self.max_instants // 2:
             self.aggregated.append(f"evictions as a per-step counter: {int(evict.sum())} evictions")
             per = rows[evict & (rows["step"] >= 0)].groupby("step").size()
-            ts = self._step_ts.reindex(per.index.to_numpy()).to_numpy()
-            yield from self._counter("prefix-cache evictions", ts, {"blocks": per.to_numpy()})
+            yield from self._counter("prefix-cache evictions", self._starts(per.index), {"blocks": per.to_numpy()})
             rows = rows[~evict]
         if len(rows) > self.max_instants:
             self.aggregated.append(f"instants left out: {len(rows) - self.max_instants} past {self.max_instants}")
             rows = rows.iloc[: self.max_instants]
-        ts = self._ts_rows(rows["t_ns"].to_numpy(), rows["step"].to_numpy())
+        ts = self._ts_rows(rows["t_s"].to_numpy(), rows["step"].to_numpy())
         for i, row in enumerate(rows.itertuples(index=False)):
-            kind = Kind(int(row.code))
+            kind = str(row.kind)
             args: dict[str, Any] = {"step": int(row.step)}
             if row.seq >= 0:
                 args["seq"] = int(row.seq)
-            if kind == Kind.PREEMPT:
-                args["tokens"] = int(row.n)
-                args["mode"] = "swap" if row.aux == 1 else "recompute"
-            elif kind in (Kind.SWAP_OUT, Kind.SWAP_IN):
-                args["blocks"] = int(row.n)
-                args["bytes"] = int(row.bytes)
-            elif kind in (Kind.OOM, Kind.REJECT):
-                args["tokens"] = int(row.n)
-                if kind == Kind.OOM:
-                    args["bytes"] = int(row.bytes)
-            elif kind == Kind.BLOCK_EVICT:
-                args["block"] = int(row.block)
+            args.update({k: _clean(getattr(row, k)) for k in _INSTANT_ARGS[kind]})
             yield {
-                "name": _INSTANT_KINDS[kind],
-                "cat": kind.name.lower(),
+                "name": _INSTANT_NAMES[kind],
+                "cat": kind,
                 "ph": "i",
                 "s": "p",
                 "ts": float(ts[i]),
@@ -422,9 +374,6 @@ class _Exporter:
             }
 
     def _requests(self) -> Iterator[dict[str, Any]]:
-        from kvscope.analysis._events import select
-        from kvscope.analysis.requests import request_lifetimes
-
         lt = request_lifetimes(self.trace)
         lt = lt[(lt["arrive_step"] >= 0) | (lt["admit_step"] >= 0)]
         if lt.empty:
@@ -432,37 +381,10 @@ class _Exporter:
         if len(lt) > self.max_requests:
             self.aggregated.append(f"request slices: first {self.max_requests} of {len(lt)} sequences")
             lt = lt.sort_values("seq").iloc[: self.max_requests]
-        end_ts = self._end_ts()
-        if self.clock == "host":
-            life = select(self.trace, Kind.ARRIVE, Kind.ADMIT, Kind.FORK, Kind.FINISH, Kind.REJECT)
-            first = life.drop_duplicates(["code", "seq"], keep="first").set_index(["code", "seq"])["t_ns"] / 1e3
-
-            def when(kind: Kind, seqs: np.ndarray) -> np.ndarray:
-                idx = pd.MultiIndex.from_arrays([np.full(len(seqs), int(kind)), seqs])
-                return first.reindex(idx).round(3).to_numpy()
-        else:
-            step_ts = self._step_ts
-
-            def when(kind: Kind, seqs: np.ndarray) -> np.ndarray:
-                col = {
-                    Kind.ARRIVE: "arrive_step",
-                    Kind.ADMIT: "admit_step",
-                    Kind.FORK: "admit_step",
-                    Kind.FINISH: "finish_step",
-                    Kind.REJECT: "finish_step",
-                }[kind]
-                steps = lt[col].to_numpy()
-                return np.where(steps >= 0, step_ts.reindex(steps).to_numpy(), np.nan)
-
-        seqs = lt["seq"].to_numpy()
-        arrive = when(Kind.ARRIVE, seqs)
-        admit = when(Kind.ADMIT, seqs)
-        fork = when(Kind.FORK, seqs)
-        admit = np.where(np.isnan(admit), fork, admit)
+        end_ts = round(run_end_s(self.trace, self.clock) * 1e6, 3)
+        times = request_timestamps(self.trace, self.clock).set_index("seq").reindex(lt["seq"])
+        arrive, admit, end = ((times[c].to_numpy(np.float64) * 1e6).round(3) for c in ("arrive_s", "admit_s", "end_s"))
         start = np.where(np.isnan(arrive), admit, arrive)
-        finish = when(Kind.FINISH, seqs)
-        reject = when(Kind.REJECT, seqs)
-        end = np.where(np.isnan(finish), reject, finish)
         status = lt["status"].to_numpy()
         for i, row in enumerate(lt.itertuples(index=False)):
             s = float(start[i]) if np.isfinite(start[i]) else end_ts

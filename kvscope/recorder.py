@@ -294,6 +294,7 @@ class Recorder:
         if self._closed:
             raise RuntimeError(f"recorder for {self.path} is closed")
         crc = {BATCH_CRC_KEY: str(batch_crc32(batch)).encode()}
+        assert self._writer is not None and self._sink is not None  # only called once open() made them
         self._writer.write_batch(batch, custom_metadata=crc)
         self._sink.flush()
 
@@ -316,7 +317,7 @@ class Recorder:
             self.flush()
             with self._write_lock:
                 self._closed = True
-                if self._writer is not None:
+                if self._writer is not None and self._sink is not None:
                     self._writer.close()
                     self._sink.close()
 

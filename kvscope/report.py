@@ -1,10 +1,12 @@
 """Self-contained HTML report: one file that works offline, for one trace or several (then with a comparison).
 
-The page embeds plotly.js exactly once, inline, and every figure as JSON produced by the figure builders
-(kvscope.viz) from the analysis layer's DataFrames (kvscope.analysis): the report computes no numbers of its own.
-Figures enter the page through Jinja's `tojson` filter (memray's approach), which escapes `<`, `>`, `&` and `'`, so
-no string from a trace can close the script element; everything else is autoescaped HTML. Trace strings that go
-into figures (request ids, run labels) are escaped again for plotly, which renders a subset of HTML.
+What a run shows comes from the presentation layer (kvscope.present): the summary and metadata rows, and every view
+of the catalog that applies to the trace (the ones left out are listed with the reason), each drawn by its builder
+from the analysis layer: the report computes no numbers and writes no caption of its own. The page embeds plotly.js
+exactly once, inline, and every figure as JSON. Figures enter the page through Jinja's `tojson` filter (memray's
+approach), which escapes `<`, `>`, `&` and `'`, so no string from a trace can close the script element; everything
+else is autoescaped HTML. Trace strings that go into figures (request ids, run labels) are escaped again for
+plotly, which renders a subset of HTML.
 
 Size: plotly.js is ~4.8 MB; each figure is bounded by the builders' caps (time bins, unit ranges, request groups),
 so a report stays a few MB above that however long the run was. Measured: a paged run with prefix caching of
@@ -18,49 +20,32 @@ import datetime as _dt
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import plotly.graph_objects as go
+from markupsafe import Markup
+from plotly.offline import get_plotlyjs
 
 from kvscope import __version__
-from kvscope.trace import Trace
-
-# The fragmentation map's resolution: units x steps cells (the analysis layer bins to this).
-MAP_MAX_UNITS = 128
-MAP_MAX_STEPS = 300
-
-# Metadata keys shown first, in this order, with a human name; the rest follow under their own names.
-META_FIELDS: list[tuple[str, str]] = [
-    ("device_name", "device"),
-    ("device", "backend"),
-    ("allocator", "allocator"),
-    ("allocator_config", "allocator settings"),
-    ("model", "model"),
-    ("spec", "KV spec"),
-    ("engine_config", "engine"),
-    ("workload", "workload"),
-    ("seed", "seed"),
-    ("versions", "versions"),
-    ("kvscope_version", "kvscope"),
-    ("format_version", "trace format"),
-    ("start_time", "started"),
-    ("command", "command"),
-]
+from kvscope.analysis.summary import summarize
+from kvscope.present.rows import CUT_OFF_NOTE, meta_rows, summary_columns, summary_rows
+from kvscope.present.views import COMPARISON, split
+from kvscope.trace import Trace, load_trace
+from kvscope.viz.palette import MEMORY_BANDS, STATE_COLORS, state_label
 
 
 @dataclass
-class View:
-    """One figure of a run, with a line saying how to read it; `note` replaces the figure when there is nothing
-    to draw (e.g. no sharing in a static run)."""
+class Panel:
+    """One figure of the page with its heading and the line saying how to read it; `div` is its element's id."""
 
     key: str
     title: str
     caption: str
-    figure: go.Figure | None = None
-    note: str = ""
+    figure: go.Figure
     div: str = ""
 
 
@@ -71,139 +56,17 @@ class RunSection:
     name: str
     summary_rows: list[tuple[str, str] | None]
     meta_rows: list[tuple[str, str]]
-    views: list[View]
+    panels: list[Panel]
+    absent: list[tuple[str, str]] = field(default_factory=list)  # (view label, why it is left out)
     warnings: list[str] = field(default_factory=list)
 
 
-def _fmt_meta(value: Any) -> str:
-    """A metadata value as one line of text (the template escapes it)."""
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_fmt_meta(v)}" for k, v in value.items()) or "-"
-    if isinstance(value, (list, tuple)):
-        return json.dumps(value, default=str)
-    return str(value)
-
-
-def meta_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
-    rows = [(label, _fmt_meta(meta[key])) for key, label in META_FIELDS if key in meta and meta[key] not in (None, "")]
-    known = {k for k, _ in META_FIELDS} | {"requests"}
-    rows += [(str(k), _fmt_meta(v)) for k, v in meta.items() if k not in known]
-    requests = meta.get("requests")
-    if isinstance(requests, dict) and isinstance(requests.get("seq"), list):
-        rows.append(("requests recorded", f"{len(requests['seq']):,}"))
-    return rows
-
-
-def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str] | None]:
-    """The same rows, labels and formats as `kvscope summary` (None separates groups)."""
-    from kvscope.commands.summary import SUMMARY_ROWS, format_value
-
-    return [None if row is None else (row[1], format_value(summary, row[0], row[2])) for row in SUMMARY_ROWS]
-
-
-def _view(key: str, title: str, caption: str, build: Callable[[], go.Figure | str]) -> View:
-    result = build()
-    if isinstance(result, str):
-        return View(key, title, caption, note=result)
-    return View(key, title, caption, figure=result)
-
-
-def run_views(trace: Trace) -> list[View]:
-    """Every view of one trace, in report order."""
-    from kvscope import viz
-    from kvscope.analysis import driver, fragmentation, memory, requests, sharing, summary, throughput
-
-    timeline = memory.memory_timeline(trace)
-    alloc = str(trace.meta.get("allocator", ""))
-    block_size = (trace.meta.get("allocator_config") or {}).get("block_size")
-    last_step = summary.last_step(trace)
-    # Steps worth a snapshot: the most tokens held (the pool under most pressure), and the peak of sharing savings.
-    peak_step = memory.peak_step(trace, "used") or memory.step_range(trace)[0]
-    share_step = memory.peak_step(trace, "sharing_saved")
-
-    def sharing_graph() -> go.Figure | str:
-        if share_step is None:
-            return "No sequences shared KV memory in this run."
-        return viz.sharing_graph_figure(sharing.sharing_edges(trace, share_step), step=share_step)
-
-    def prefix_tree() -> go.Figure | str:
-        tree = sharing.prefix_tree(trace)
-        if tree.empty:
-            return "No prefix-cache blocks in this run (prefix caching off, or not a paged allocator)."
-        return viz.prefix_tree_figure(tree, block_size=block_size)
-
-    def driver_calls() -> go.Figure | str:
-        calls = driver.driver_calls(trace)
-        if calls.empty:
-            return "No timed driver calls in this run (only VMM allocators on the cuda or cpu backend make them)."
-        return viz.driver_latency_figure(calls)
-
-    views = [
-        _view(
-            "memory",
-            "Memory over time",
-            "Where every byte of the KV pool is after each step; the bands add up to the capacity. The solid black "
-            "line is what vLLM's kv_cache_usage reports (blocks taken / capacity); the dashed black line is the "
-            "share of token slots actually holding tokens. The gap between them is waste.",
-            lambda: viz.memory_stack_figure(timeline),
-        ),
-        _view(
-            "fragmentation",
-            "Fragmentation map",
-            "Every block, page or arena row (vertical) at every step (horizontal), coloured by its state; large "
-            "pools and long runs are binned, each cell showing the state most of it was in (hover for the mix).",
-            lambda: viz.fragmentation_map_figure(fragmentation.state_matrix(trace, MAP_MAX_UNITS, MAP_MAX_STEPS)),
-        ),
-        _view(
-            "blocks",
-            f"Blocks when the most tokens were held (step {peak_step})",
-            "One cell per block or page (a strip of segments for static arenas); hover for its holders, fill "
-            "and ref count.",
-            lambda: viz.block_grid_figure(fragmentation.block_states(trace, peak_step), step=peak_step),
-        ),
-        _view(
-            "throughput",
-            "Throughput",
-            "Generated tokens per second, the tokens each step computed (prefill and decode) with the batch size, "
-            "step time, and achieved KV read bandwidth on real devices; crosses mark preemptions.",
-            lambda: viz.throughput_figure(throughput.throughput_timeline(trace)),
-        ),
-        _view(
-            "requests",
-            "Request lifetimes",
-            "When each request waited and when it held KV memory; hatched bars were preempted at least once.",
-            lambda: viz.request_lifetimes_figure(requests.request_lifetimes(trace), last_step=last_step),
-        ),
-    ]
-    if alloc == "paged" or share_step is not None:
-        views.append(
-            _view(
-                "sharing",
-                "Block sharing" + (f" at its peak (step {share_step})" if share_step is not None else ""),
-                "Sequences and the blocks they share (forks for parallel sampling or beam search, prefix-cache "
-                "hits); thicker edges and bigger squares mean more holders.",
-                sharing_graph,
-            )
-        )
-    if alloc == "paged":
-        views.append(
-            _view(
-                "prefix",
-                "Prefix-cache tree",
-                "Chains of cached blocks: a path from the left is a shared prompt prefix; colour counts the hits.",
-                prefix_tree,
-            )
-        )
-    if alloc == "vmm":
-        views.append(
-            _view(
-                "driver",
-                "Driver-call latency",
-                "How long each kind of VMM call took (log scale): the price of growing and shrinking by pages.",
-                driver_calls,
-            )
-        )
-    return views
+def run_panels(trace: Trace) -> tuple[list[Panel], list[tuple[str, str]]]:
+    """Every view of the catalog that applies to the trace, drawn, in catalog order; and (label, reason) of the
+    views left out."""
+    shown, absent = split(trace)
+    panels = [Panel(v.key, v.heading(trace), v.caption, v.figure(trace)) for v in shown]
+    return panels, [(v.label, v.absent) for v in absent]
 
 
 def _anchor(i: int, label: str) -> str:
@@ -211,49 +74,27 @@ def _anchor(i: int, label: str) -> str:
 
 
 def run_section(i: int, trace: Trace) -> RunSection:
-    from kvscope.analysis.summary import summarize
-
     anchor = _anchor(i, trace.label)
-    views = run_views(trace)
-    for view in views:
-        view.div = f"{anchor}-{view.key}"
-    warnings = []
-    if trace.truncated:
-        warnings.append(
-            "This trace is cut off (a killed run or a partial copy): it shows the run up to its last "
-            "complete batch of events."
-        )
+    panels, absent = run_panels(trace)
+    for panel in panels:
+        panel.div = f"{anchor}-{panel.key}"
     return RunSection(
         anchor=anchor,
         label=trace.label,
         name=trace.name,
         summary_rows=summary_rows(summarize(trace)),
         meta_rows=meta_rows(trace.meta),
-        views=views,
-        warnings=warnings,
+        panels=panels,
+        absent=absent,
+        warnings=[CUT_OFF_NOTE] if trace.truncated else [],
     )
 
 
-def comparison(traces: Sequence[Trace]) -> tuple[View, list[str], list[tuple[str, list[str]] | None]]:
-    """The comparison view and a side-by-side summary table (header, rows)."""
-    from kvscope import viz
-    from kvscope.analysis.compare import compare_runs
-    from kvscope.analysis.summary import summarize
-    from kvscope.commands.summary import SUMMARY_ROWS, format_value
-
-    view = View(
-        "compare",
-        "Runs compared",
-        "The headline figures of every run side by side; each run keeps its colour in every panel.",
-        figure=viz.comparison_figure(compare_runs(list(traces))),
-        div="compare-bars",
-    )
-    summaries = [summarize(t) for t in traces]
+def comparison(traces: Sequence[Trace]) -> tuple[Panel, list[str], list[tuple[str, list[str]] | None]]:
+    """The comparison panel and a side-by-side summary table (header, rows)."""
+    panel = Panel(COMPARISON.key, COMPARISON.title, COMPARISON.caption, COMPARISON.figure(traces), div="compare-bars")
     header = [f"{t.label} ({t.name})" for t in traces]
-    rows: list[tuple[str, list[str]] | None] = [
-        None if row is None else (row[1], [format_value(s, row[0], row[2]) for s in summaries]) for row in SUMMARY_ROWS
-    ]
-    return view, header, rows
+    return panel, header, summary_columns([summarize(t) for t in traces])
 
 
 def _json_dumps(obj: Any, **kwargs: Any) -> str:
@@ -264,9 +105,7 @@ def _json_dumps(obj: Any, **kwargs: Any) -> str:
     return json.dumps(obj, **kwargs)
 
 
-def _environment():
-    import jinja2
-
+def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("kvscope", "templates"),
         autoescape=True,
@@ -280,23 +119,16 @@ def _environment():
 
 def build_report(traces: Sequence[Trace], *, title: str = "kvscope report") -> str:
     """The report as one HTML string (plotly.js inline, no network access needed to view it)."""
-    from markupsafe import Markup
-    from plotly.offline import get_plotlyjs
-
-    from kvscope.viz.palette import MEMORY_BANDS, STATE_COLORS, state_label
-
     traces = list(traces)
     if not traces:
         raise ValueError("report: no traces given")
     runs = [run_section(i, t) for i, t in enumerate(traces)]
-    compare_view, compare_header, compare_rows = comparison(traces) if len(traces) > 1 else (None, [], [])
-    figures = [(v.div, v.figure) for run in runs for v in run.views if v.figure is not None]
-    if compare_view is not None:
-        figures.insert(0, (compare_view.div, compare_view.figure))
-    legend = [(state_label(s), STATE_COLORS[s]) for s in MEMORY_BANDS] + [
-        (state_label(s), STATE_COLORS[s]) for s in ("shared", "pool")
-    ]
-    html = (
+    compare_panel, compare_header, compare_rows = comparison(traces) if len(traces) > 1 else (None, [], [])
+    figures = [(p.div, p.figure) for run in runs for p in run.panels]
+    if compare_panel is not None:
+        figures.insert(0, (compare_panel.div, compare_panel.figure))
+    legend = [(state_label(s), STATE_COLORS[s]) for s in (*MEMORY_BANDS, "shared", "pool")]
+    return (
         _environment()
         .get_template("report.html.j2")
         .render(
@@ -304,7 +136,7 @@ def build_report(traces: Sequence[Trace], *, title: str = "kvscope report") -> s
             generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             version=__version__,
             runs=runs,
-            compare=compare_view,
+            compare=compare_panel,
             compare_header=compare_header,
             compare_rows=compare_rows,
             legend=legend,
@@ -313,15 +145,12 @@ def build_report(traces: Sequence[Trace], *, title: str = "kvscope report") -> s
             plotly_js=Markup(get_plotlyjs()),
         )
     )
-    return html
 
 
 def write_report(
     paths: Sequence[str | os.PathLike | Trace], out: str | os.PathLike, *, title: str | None = None
 ) -> Path:
     """Load the traces (paths or already loaded Traces), build the report, write it to `out` (UTF-8)."""
-    from kvscope.trace import load_trace
-
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"{out}: is a directory; give the report's file name (e.g. {out / 'report.html'})")

@@ -85,7 +85,9 @@ MAX_DIMENSION = 1 << 20
 
 def _is_count(value: object, minimum: int) -> bool:
     """An integer (not a bool, which is an int subclass) in minimum..MAX_DIMENSION."""
-    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and minimum <= value <= MAX_DIMENSION
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return False
+    return minimum <= int(value) <= MAX_DIMENSION
 
 
 def _check_count(name: str, field: str, value: object, minimum: int) -> None:

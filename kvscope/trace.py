@@ -22,6 +22,9 @@ A damaged length field can make a message near the end look as if it ran past th
 cut off, which is still safe, since every batch returned was verified.
 """
 
+# This module is longer than 400 lines: reading must tell a cut-off stream from a damaged one, which needs the
+# Arrow IPC framing read by hand next to the checksum and metadata checks; splitting them would split one decision.
+
 from __future__ import annotations
 
 import json
@@ -308,6 +311,8 @@ def _field(data: bytes, table: int, index: int) -> int | None:
 
 
 def _deref(data: bytes, at: int | None) -> int:
+    if at is None:  # an absent field where the format requires one: the caller's struct.error path reports it
+        raise struct.error("required flatbuffer field is absent")
     return _unpack("<I", data, at) + at
 
 
@@ -412,7 +417,7 @@ def _read_batches(
             if f.tell() >= size:
                 return batches, None, False
             # an end-of-stream marker before the end of the file: a damaged length, unless a cut explains it
-            problem = f"the stream ends {size - f.tell()} bytes before the file does"
+            problem: str | None = f"the stream ends {size - f.tell()} bytes before the file does"
         except _READ_ERRORS as e:
             problem = f"unreadable: {_first_line(e)}"
         else:

@@ -150,6 +150,7 @@ def check_int(what: str, value: object, minimum: int, maximum: int = MAX_SIZE) -
     and bools are refused: 16.0 blocks or True bytes are mistakes that would fail later and less clearly."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{what} must be an integer, got {value!r}")
+    value = int(value)
     if value < minimum:
         need = {0: "must not be negative", 1: "must be positive"}.get(minimum, f"must be >= {minimum:,}")
         raise ValueError(f"{what} {need}, got {value}")

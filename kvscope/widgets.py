@@ -5,74 +5,58 @@ graph, with a view selector.
     explore("out/paged.kvtrace")          # or a loaded Trace; in a notebook the last expression displays it
 
 Figures go into an ipywidgets Output (plotly's FigureWidget would need anywidget, an extra dependency); each step
-change redraws the selected view from kvscope.analysis + kvscope.viz, exactly like the report and the dashboard.
-`summary_frame` (the `kvscope summary` table as a DataFrame) is shared with the %kvscope magic and the dashboard.
+change redraws the selected view through the catalog of kvscope.present.views, the builders the report and the
+dashboard draw with.
 """
 
 from __future__ import annotations
 
+import html
 import os
 from typing import Any
 
-import pandas as pd
+import ipywidgets as w
+import plotly.graph_objects as go
+from IPython.display import clear_output, display
 
-from kvscope.trace import Trace
+from kvscope.analysis.memory import memory_at, step_range
+from kvscope.present.rows import format_value
+from kvscope.present.views import VIEWS as CATALOG
+from kvscope.present.views import View, start_step
+from kvscope.trace import Trace, load_trace
+from kvscope.units import format_bytes
 
-VIEWS: dict[str, str] = {
-    "blocks": "Blocks at the step",
-    "map": "Fragmentation map (whole run)",
-    "sharing": "Sharing graph at the step",
-}
-MAP_MAX_UNITS = 128  # the report's fragmentation-map resolution
-MAP_MAX_STEPS = 300
+# The explorer's views (its own keys, kept from before the catalog) -> the catalog's; stepped views redraw at the
+# slider's step, whole-run views are drawn once and get a marker at it.
+EXPLORED: dict[str, str] = {"blocks": "blocks", "map": "fragmentation", "sharing": "sharing"}
 
 
-def summary_frame(traces: list[Trace], names: list[str] | None = None) -> pd.DataFrame:
-    """The `kvscope summary` table (same rows, labels and formatting as the CLI and the report): one row per
-    figure, one column per trace."""
-    from kvscope.analysis.summary import summarize
-    from kvscope.report import summary_rows
+def view_label(view: View) -> str:
+    return f"{view.label} at the step" if view.stepped else f"{view.label} (whole run)"
 
-    names = list(names) if names is not None else [t.name for t in traces]
-    if len(names) != len(traces):
-        raise ValueError(f"summary_frame: {len(traces)} traces but {len(names)} names")
-    columns: dict[str, list[str]] = {}
-    labels: list[str] = []
-    for i, (trace, name) in enumerate(zip(traces, names, strict=True)):
-        rows = [r for r in summary_rows(summarize(trace)) if r is not None]
-        if i == 0:
-            labels = [label for label, _ in rows]
-        key = name if name not in columns else f"{name} ({i + 1})"
-        columns[key] = [value for _, value in rows]
-    return pd.DataFrame(columns, index=pd.Index(labels, name="figure"))
+
+VIEWS: dict[str, str] = {key: view_label(CATALOG[name]) for key, name in EXPLORED.items()}
 
 
 def as_trace(trace_or_path: Trace | str | os.PathLike) -> Trace:
-    if isinstance(trace_or_path, Trace):
-        return trace_or_path
-    from kvscope.trace import load_trace
-
-    return load_trace(trace_or_path)
+    return trace_or_path if isinstance(trace_or_path, Trace) else load_trace(trace_or_path)
 
 
 class TraceExplorer:
-    """The widget tree and its state. `widget` is what a notebook shows; `figure` the figure now drawn."""
+    """The widget tree and its state. `widget` is what a notebook shows; `figure` the figure now drawn. The view
+    selector offers the views that apply to the trace (no sharing graph for a run that shared nothing)."""
 
     def __init__(self, trace: Trace, *, view: str = "blocks", step: int | None = None) -> None:
-        import ipywidgets as w
-
-        from kvscope.analysis.memory import peak_step, step_range
-
         if view not in VIEWS:
             raise ValueError(f"view: {view!r} is not one of {', '.join(VIEWS)}")
+        offered = [key for key in VIEWS if CATALOG[EXPLORED[key]].applies(trace)]
+        if view not in offered:
+            raise ValueError(f"view: {view!r} does not apply to {trace.name}: {CATALOG[EXPLORED[view]].absent}")
         self.trace = trace
         first, last = step_range(trace)
-        if step is None:
-            # Start where the pool was fullest (most reserved), like the dashboard's fragmentation page.
-            step = peak_step(trace, "reserved")
-            step = first if step is None else step
-        self._map_figure = None
-        self.figure = None
+        step = start_step(trace) if step is None else step  # like the dashboard's fragmentation page
+        self._whole_run: dict[str, go.Figure] = {}
+        self.figure: go.Figure | None = None
 
         self.slider = w.IntSlider(
             value=min(max(int(step), first), last),
@@ -84,7 +68,7 @@ class TraceExplorer:
         )
         self.play = w.Play(min=first, max=last, step=max(1, (last - first) // 100), interval=400)
         w.jslink((self.play, "value"), (self.slider, "value"))
-        self.view = w.ToggleButtons(options=[(label, key) for key, label in VIEWS.items()], value=view)
+        self.view = w.ToggleButtons(options=[(VIEWS[key], key) for key in offered], value=view)
         self.info = w.HTML()
         self.output = w.Output()
         self.widget = w.VBox(
@@ -101,30 +85,22 @@ class TraceExplorer:
         self.refresh()
 
     # ---- figures -------------------------------------------------------------------------------------------
-    def figure_for(self, view: str, step: int):
-        from kvscope import viz
-        from kvscope.analysis import fragmentation, sharing
-
-        if view == "blocks":
-            return viz.block_grid_figure(fragmentation.block_states(self.trace, step), step=step)
-        if view == "sharing":
-            return viz.sharing_graph_figure(sharing.sharing_edges(self.trace, step), step=step)
-        if view == "map":
-            import plotly.graph_objects as go
-
-            if self._map_figure is None:
-                matrix = fragmentation.state_matrix(self.trace, MAP_MAX_UNITS, MAP_MAX_STEPS)
-                self._map_figure = viz.fragmentation_map_figure(matrix)
-            fig = go.Figure(self._map_figure)  # a copy: the step marker moves, the map stays
-            fig.add_vline(x=step, line=dict(color="black", width=1.5, dash="dot"))
-            fig.add_annotation(x=step, y=1.02, yref="paper", text=f"step {step}", showarrow=False)
-            return fig
-        raise ValueError(f"view: {view!r} is not one of {', '.join(VIEWS)}")
+    def figure_for(self, view: str, step: int) -> go.Figure:
+        """The explorer's `view` at `step`: a stepped view drawn at it, or a whole-run view with a marker there."""
+        if view not in VIEWS:
+            raise ValueError(f"view: {view!r} is not one of {', '.join(VIEWS)}")
+        entry = CATALOG[EXPLORED[view]]
+        if entry.stepped:
+            return entry.figure(self.trace, step)
+        if view not in self._whole_run:
+            self._whole_run[view] = entry.figure(self.trace)
+        fig = go.Figure(self._whole_run[view])  # a copy: the step marker moves, the figure stays
+        fig.add_vline(x=step, line=dict(color="black", width=1.5, dash="dot"))
+        fig.add_annotation(x=step, y=1.02, yref="paper", text=f"step {step}", showarrow=False)
+        return fig
 
     def refresh(self) -> None:
         """Redraw the selected view at the slider's step."""
-        from IPython.display import clear_output, display
-
         step = int(self.slider.value)
         self.figure = self.figure_for(self.view.value, step)
         self.info.value = self._info_html(step)
@@ -136,16 +112,13 @@ class TraceExplorer:
         self.refresh()
 
     def _info_html(self, step: int) -> str:
-        from kvscope.analysis.memory import memory_at
-        from kvscope.units import format_bytes
-
         r = memory_at(self.trace, step)
         if r is None:
             return f"step {step}: no memory sample"
         parts = [
             f"reserved {format_bytes(int(r['reserved']))}",
             f"used {format_bytes(int(r['used']))}",
-            f"waste {format_bytes(int(r['waste']))} ({100 * float(r['waste_frac']):.1f}% of reserved)",
+            f"waste {format_bytes(int(r['waste']))} ({format_value(r, 'waste_frac', 'pct')} of reserved)",
             f"cached-idle {format_bytes(int(r['cached_idle']))}",
             f"free {format_bytes(int(r['free']))}",
         ]
@@ -155,8 +128,6 @@ class TraceExplorer:
 
     # ---- display -------------------------------------------------------------------------------------------
     def _ipython_display_(self) -> None:
-        from IPython.display import display
-
         display(self.widget)
 
 
@@ -168,6 +139,4 @@ def explore(
 
 
 def _escape(text: str) -> str:
-    import html
-
     return html.escape(str(text), quote=False)

@@ -24,6 +24,9 @@ k's prompt and sample-0 answer token for token, and a prefix cache holding turn 
 may also use a shared system prompt (its turns all name the same `shared_prefix`).
 """
 
+# This module is longer than 400 lines: the request record, the JSONL format and its field-by-field checks, token
+# streams and the produced-distribution description are one contract (the workload file format) kept in one place.
+
 from __future__ import annotations
 
 import hashlib
@@ -40,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+# What a JSON or Python caller may give as an integer (bools are refused apart): plain and numpy ints.
+_INTEGERS = (int, np.integer)
 VOCAB_SIZE = 32000
 _MAX_TOKEN_ID = 2**31 - 1  # token ids travel as int32
 
@@ -139,11 +144,12 @@ class Request:
         """The prompt's token ids (int32, length prompt_len): explicit if given, else from the streams."""
         if self.prompt is not None:
             return np.asarray(self.prompt, dtype=np.int32)
-        shared = self.shared_prefix.len if self.shared_prefix is not None else 0
+        prefix = self.shared_prefix
+        shared = prefix.len if prefix is not None else 0
         tail = stream_tokens(self._tail_stream, shared, self.prompt_len - shared)
-        if not shared:
+        if prefix is None or not shared:
             return tail
-        return np.concatenate([stream_tokens(f"prefix:{self.shared_prefix.id}", 0, shared), tail])
+        return np.concatenate([stream_tokens(f"prefix:{prefix.id}", 0, shared), tail])
 
     def output_tokens(self, sample: int, start: int, count: int) -> np.ndarray:
         """Generated token ids of sample `sample` at output positions start..start+count-1 (int32)."""
@@ -203,7 +209,7 @@ class Request:
         return cls(
             id=d["id"],
             arrival=d["arrival"],
-            prompt_len=prompt_len,
+            prompt_len=prompt_len,  # type: ignore[arg-type]  # None only when absent, refused above
             output_len=d["output_len"],
             n=d.get("n", 1),
             prompt=prompt,
@@ -221,7 +227,7 @@ def _check_str(name: str, value: Any) -> None:
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, _INTEGERS) or value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"field {name!r}: must be {what}, got {_short(value)}")
     if value > maximum:
@@ -232,8 +238,8 @@ def _check_int(name: str, value: Any, minimum: int, maximum: int) -> int:
 def _check_arrival(value: Any) -> float:
     # Huge ints (400 digits) must not reach float(): it raises OverflowError, not the ValueError the loader names.
     ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
-    if ok and isinstance(value, numbers.Integral):
-        ok = 0 <= value <= MAX_ARRIVAL_S
+    if ok and isinstance(value, _INTEGERS):
+        ok = 0 <= int(value) <= MAX_ARRIVAL_S
     elif ok:
         ok = math.isfinite(value) and 0 <= value <= MAX_ARRIVAL_S
     if not ok:
@@ -246,7 +252,7 @@ def _check_arrival(value: Any) -> float:
 
 def _short(value: Any) -> str:
     """repr(value), cut to one readable piece: a 400-digit number or a long list must not flood the error line."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(value) >= 10**30:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
         # bit_length, not str(): str() of an int past 4300 digits raises ValueError itself
         return f"an integer of about {int(abs(value).bit_length() * math.log10(2)) + 1:,} digits"
     text = repr(value)
@@ -269,7 +275,7 @@ def _check_prompt(prompt: Any) -> tuple[int, ...]:
     if len(values) > MAX_REQUEST_TOKENS:
         raise ValueError(f"field 'prompt': {len(values):,} tokens, more than the {MAX_REQUEST_TOKENS:,} allowed")
     for i, t in enumerate(values):
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= _MAX_TOKEN_ID:
+        if isinstance(t, bool) or not isinstance(t, _INTEGERS) or not 0 <= t <= _MAX_TOKEN_ID:
             raise ValueError(f"field 'prompt': token {i} must be an integer id in 0..{_MAX_TOKEN_ID}, got {_short(t)}")
     return tuple(int(t) for t in values)
 
@@ -343,6 +349,7 @@ def _check_explicit_prefixes(requests: list[Request], path: Path, line_of: dict[
         ref = group[0]
         ref_tokens = ref.prompt_tokens()
         for r in group[1:]:
+            assert ref.shared_prefix is not None and r.shared_prefix is not None  # grouped by it above
             m = min(ref.shared_prefix.len, r.shared_prefix.len)
             if not np.array_equal(r.prompt_tokens()[:m], ref_tokens[:m]):
                 raise ValueError(

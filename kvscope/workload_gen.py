@@ -317,8 +317,6 @@ def resolve_workload(
         params = {} if max_len is None else {"max_len": max_len}
         desc = {"name": Path(name).name, "source": "file", "path": str(Path(name).resolve()), "params": params}
     else:
-        raise ValueError(
-            f"unknown workload {name!r}: use one of {', '.join(NAMED_WORKLOADS)} or a .jsonl file path"
-        )
+        raise ValueError(f"unknown workload {name!r}: use one of {', '.join(NAMED_WORKLOADS)} or a .jsonl file path")
     desc.update(describe_lengths(reqs))
     return reqs, desc

@@ -1,7 +1,7 @@
 """Property tests: random admit / append / fork / free (and, for VMM, ensure_room and injected driver failures:
 map, set access and unmap, the last tearing page-groups apart) against a model of the token counts. After every
 step: the allocator's own invariants, Usage.check(), live rows never overlap, the books equal what the backend holds
-(backend_books() == backend.state()) and what the trace replays to (analysis VMMReplay); at the end everything is
+(backend_books() == backend.state()) and what the trace replays to (analysis PageReplay); at the end everything is
 released (VMM: after close(), no page, mapping or reservation left in the backend)."""
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ class VMMMachine(_Machine):
 
     @invariant()
     def trace_agrees(self):
-        """The trace replays (analysis VMMReplay) to the pages, places and slot owners the books have."""
+        """The trace replays (analysis PageReplay) to the pages, places and slot owners the books have."""
         self.replay.check()
 
     def teardown(self):

@@ -18,9 +18,10 @@ from test_analysis_tracegen import (
     scenario_prefix,
 )
 
-from kvscope.analysis import _replay
+from kvscope.analysis import replay as _replay
 from kvscope.analysis.fragmentation import MATRIX_COLUMNS, block_states, state_matrix, unit_states
 from kvscope.analysis.memory import memory_timeline
+from kvscope.analysis.replay import base as replay_base
 
 STATE_COLUMNS = ["unit", "state", "fill", "capacity_tokens", "ref_count", "seqs", "slot"]
 
@@ -111,7 +112,7 @@ def test_replay_equals_books_property(kind, seed, capacity_kib, n_max):
 
 
 def test_checkpoints_change_nothing(monkeypatch):
-    monkeypatch.setattr(_replay, "MIN_INTERVAL", 64)
+    monkeypatch.setattr(replay_base, "MIN_INTERVAL", 64)
     trace = record(
         "paged", make_requests(30, seed=2, n_max=2, shared_prefix=12), prefix_caching=True, kv_memory=20 * 1024
     )
@@ -124,24 +125,24 @@ def test_checkpoints_change_nothing(monkeypatch):
     assert len(tl.checkpoints) > 5
 
     for s in steps[:: max(1, len(steps) // 25)]:
-        replay = _replay.PagedReplay(trace)
+        replay = _replay.BlockReplay(trace)
         replay.apply(tl.events, 0, tl.index_of_step(s))
         assert replay.frame().equals(got[s]), f"step {s}"
 
 
 def test_a_late_step_after_the_first_pass_replays_at_most_one_interval(monkeypatch):
-    monkeypatch.setattr(_replay, "MIN_INTERVAL", 32)
+    monkeypatch.setattr(replay_base, "MIN_INTERVAL", 32)
     trace = record("paged", make_requests(30, seed=3), kv_memory=20 * 1024)
     steps = memory_timeline(trace)["step"].tolist()
     block_states(trace, steps[-1])  # the first pass
     applied = []
-    original = _replay.PagedReplay.apply
+    original = _replay.BlockReplay.apply
 
     def counting(self, ev, lo, hi):
         applied.append(hi - lo)
         return original(self, ev, lo, hi)
 
-    monkeypatch.setattr(_replay.PagedReplay, "apply", counting)
+    monkeypatch.setattr(_replay.BlockReplay, "apply", counting)
     for s in steps[:: max(1, len(steps) // 10)]:
         block_states(trace, s)
     assert applied and max(applied) < 32

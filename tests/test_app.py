@@ -125,6 +125,28 @@ def test_sharing_page_draws_shared_blocks(app):
     assert len(at.dataframe) == 1  # the fork table
 
 
+def test_views_come_from_the_catalog_and_absent_ones_say_why(app):
+    from kvscope.present.views import VIEWS
+
+    at = app.run()
+    at.switch_page("views/fragmentation.py").run()
+    captions = [c.value for c in at.caption]
+    assert VIEWS["blocks"].caption in captions and VIEWS["fragmentation"].caption in captions
+    at.sidebar.selectbox[0].select_index(1).run()  # vmm: timed driver calls, no sharing
+    at.switch_page("views/timelines.py").run()
+    assert not at.exception
+    assert [t.label for t in at.tabs] == [VIEWS[k].label for k in ("memory", "throughput", "requests", "driver")]
+    assert chart_spec(at, "tl_driver")["data"]
+    at.sidebar.selectbox[0].select_index(2).run()  # static: no sharing, no prefix cache, no driver calls
+    at.switch_page("views/sharing.py").run()
+    assert not at.exception and not charts(at)
+    infos = [i.value for i in at.info]
+    assert VIEWS["sharing"].absent in infos and VIEWS["prefix"].absent in infos
+    at.switch_page("views/timelines.py").run()
+    assert VIEWS["driver"].absent in [i.value for i in at.info]
+    assert len(charts(at)) == 3
+
+
 def test_focus_selector_switches_the_trace(app, traces):
     at = app.run()
     box = at.sidebar.selectbox[0]

@@ -101,7 +101,9 @@ def test_the_import_graph_has_no_cycle():
 
 def test_nothing_below_the_cli_imports_it():
     graph = import_graph()
-    cli = {"kvscope.cli"} | {m for m in graph if m.startswith("kvscope.commands")}
+    # The CLI and its commands, and the notebook magic: `%kvscope run/report` are the CLI's own commands with its own
+    # parsers (a surface beside the CLI, not below it).
+    cli = {"kvscope.cli", "kvscope.magic"} | {m for m in graph if m.startswith("kvscope.commands")}
     wrong = [
         f"{src} imports {dst} (line {graph.edges[src, dst]['line']})"
         for src, dst in graph.edges

@@ -22,8 +22,9 @@ def run(requests, **options):
     options.setdefault("model", "tiny")
     options.setdefault("kv_memory", 1 << 20)
     options.setdefault("max_len", 64)
+    setup = options.pop("setup", None)
     cfg = RunConfig(check_invariants=True, **options)
-    result = record_run(requests, cfg)
+    result = record_run(requests, cfg, setup=setup)
     trace = result.trace()
     return trace.events, result.stats, trace
 
@@ -212,6 +213,22 @@ def test_requests_longer_than_max_len_or_the_pool_are_rejected():
     assert rejects["n"].tolist() == [70, 60]
     assert stats.rejected_requests == 2 and stats.finished_requests == 1
     assert kind(ev, Kind.FINISH)["seq"].tolist() == [2]
+
+
+def test_a_request_longer_than_max_len_is_rejected_before_its_token_ids_are_built(monkeypatch):
+    built = []
+    real = Request.prompt_tokens
+
+    def counting(self):
+        built.append(self.id)
+        return real(self)
+
+    monkeypatch.setattr(Request, "prompt_tokens", counting)
+    seen = {}
+    _, stats, _ = run(reqs((60, 11), (4, 2)), allocator="paged", setup=lambda e: seen.setdefault("engine", e))
+    assert stats.rejected_requests == 1 and built == ["r1"]
+    rejected = seen["engine"].scheduler.sequences[0]
+    assert rejected.status == "rejected" and len(rejected.prompt) == 0 and len(rejected.output) == 0
 
 
 # ---- preemption ------------------------------------------------------------------------------------------------------

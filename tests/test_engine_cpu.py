@@ -225,3 +225,53 @@ def test_executor_restores_the_thread_count(build):
     b = build([Request("a", 0.0, 4, 2)], cpu_config("static"))
     b.close()
     assert torch.get_num_threads() == before
+
+
+# ---- the engine asks allocators what they can do, never their name ----------------------------------------------
+
+
+def test_an_allocator_the_engine_does_not_know_runs_by_its_capabilities(monkeypatch):
+    """A user's allocator registered under its own name (64-token blocks, through the registry only) gets the block
+    layout, shadow-checked attention and the sdpa refusal from what it is (block-addressed), not from a name."""
+    from kvscope.alloc import registry
+    from kvscope.alloc.paged import PagedAllocator
+
+    class Chunky(PagedAllocator):
+        name = "chunky"
+
+    def build(context, options):
+        return Chunky(context.spec, context.capacity_bytes, context.recorder, block_size=64)
+
+    entry = registry.AllocatorEntry(name="chunky", description="64-token blocks", build=build, addressing="blocks")
+    monkeypatch.setitem(registry._REGISTRY, "chunky", entry)
+    seen = {}
+    result = record_run(WORKLOAD, cpu_config("chunky"), setup=lambda e: seen.setdefault("engine", e))
+    executor = seen["engine"].executor
+    assert result.stats.finished_sequences == 6
+    assert executor.shadow_checks > 0 and executor.max_shadow_error <= 1e-4
+    assert result.meta["allocator"] == "chunky" and result.meta["allocator_config"]["block_size"] == 64
+    with pytest.raises(ValueError, match="--attention sdpa applies to --allocator static or vmm .*, not chunky"):
+        RunConfig(allocator="chunky", attention="sdpa").validate()
+    with pytest.raises(ValueError, match="--block-size applies to --allocator paged, not chunky"):
+        RunConfig(allocator="chunky", block_size=8).validate()
+
+
+def test_an_allocator_with_no_known_layout_is_one_line():
+    from types import SimpleNamespace
+
+    from kvscope.engine.layout import make_layout
+
+    with pytest.raises(ValueError, match="^no K/V layout for the bare allocator: it has neither"):
+        make_layout(SPEC, SimpleNamespace(name="bare"), torch.device("cpu"))
+
+
+def test_kv_tensors_that_cannot_be_allocated_name_the_kv_memory(monkeypatch):
+    from kvscope.engine import torch_executor
+    from kvscope.errors import UserError
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1048576 bytes")
+
+    monkeypatch.setattr(torch_executor, "make_layout", refuse)
+    with pytest.raises(UserError, match=r"^--kv-memory 1 MiB: could not allocate the KV tensors on cpu \(Default"):
+        record_run(WORKLOAD, cpu_config("paged"))

@@ -140,6 +140,26 @@ def test_show_displays_summary_and_report_views(shell, traces):
     assert len(figures(cap)) == 1
 
 
+def markdown(cap) -> str:
+    return "\n".join(o.data["text/markdown"] for o in cap.outputs if "text/markdown" in o.data)
+
+
+def test_show_names_the_views_a_run_lacks_and_refuses_unknown_ones(shell, traces):
+    from kvscope.present.views import VIEWS
+
+    with capture_output() as cap:
+        shell.run_line_magic("kvscope", f"show {traces['paged']} --views prefix,memory")
+    assert titles(cap) == ["KV memory by state over time"]  # no prefix caching in this run: no tree
+    assert "Not shown for this run" in markdown(cap) and VIEWS["prefix"].absent in markdown(cap)
+    with capture_output() as cap:
+        assert shell.run_line_magic("kvscope", f"show {traces['paged']} --views memory,nope") is None
+    assert "%kvscope show: error: views: 'nope' not among memory, fragmentation" in cap.stderr
+    assert not cap.outputs and "Traceback" not in cap.stderr  # refused before anything is shown
+    with capture_output() as cap:
+        assert shell.run_line_magic("kvscope", f"explore {traces['static']} --view sharing") is None
+    assert VIEWS["sharing"].absent in cap.stderr
+
+
 def test_compare_two_traces(shell, traces):
     with capture_output() as cap:
         result = shell.run_line_magic("kvscope", f"compare {traces['paged']} {traces['static']}")

@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
+import numpy as np
 import pytest
-from test_analysis_tracegen import make_requests, record, scenario_prefix, write_trace_file
+from test_analysis_tracegen import CAP, PAGED4, Script, make_requests, record, scenario_prefix, write_trace_file
 
 from kvscope import cli
 from kvscope.analysis.driver import driver_calls
 from kvscope.analysis.memory import memory_timeline
+from kvscope.analysis.requests import request_lifetimes, request_occupancy, request_phases
 from kvscope.analysis.summary import summarize
+from kvscope.events import Kind
 from kvscope.export_perfetto import export_perfetto, trace_events
-from kvscope.trace import load_trace
+from kvscope.trace import Trace, load_trace
+from kvscope.viz import request_lifetimes_figure
+from kvscope.viz.palette import state_label
+from kvscope.viz.requests import SWAPPED_LABEL
 
 PHASES = {"M", "C", "X", "i", "b", "e"}
 
@@ -130,8 +136,6 @@ def test_sim_clock_option():
 
 
 def load_like_host(trace):
-    from kvscope.trace import Trace
-
     events = trace.events.copy()
     events.loc[events["kind"] == "step", "aux"] = -1
     return Trace(meta=trace.meta, events=events)
@@ -177,10 +181,6 @@ def test_cli_export(paged_trace, tmp_path, capsys, only_our_commands):
 
 
 def test_slices_never_start_before_zero():
-    from test_analysis_tracegen import CAP, PAGED4, Script
-
-    from kvscope.events import Kind
-
     # A step whose recorded duration exceeds the time since the recorder started (say a trace re-stamped by a copy).
     s = Script("paged", PAGED4, simulated=False)
     s.at(0).emit(Kind.STEP, n=1, dur_ns=10**12, aux=-1)
@@ -190,3 +190,40 @@ def test_slices_never_start_before_zero():
     check_structure(events)
     step = [e for e in events if e["ph"] == "X"]
     assert len(step) == 1 and step[0]["ts"] == 0.0
+
+
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+def test_perfetto_and_the_lifetimes_figure_show_the_same_waiting_and_running(preemption):
+    """One definition of waiting / running (kvscope.analysis.requests): the export's "requests" counter, the Gantt's
+    bars and the aggregated heat map all count the same sequences in every step."""
+    swap = {"swap_space": 64 * 1024} if preemption == "swap" else {}
+    trace = record("paged", make_requests(25, seed=7, n_max=2), kv_memory=16 * 1024, preemption=preemption, **swap)
+    occ = request_occupancy(trace)
+    assert occ["waiting"].max() > 0 and summarize(trace)["preemptions"] > 0
+    counters = check_structure(trace_events(trace))["requests"]
+    assert len(counters) == len(occ)
+    for name in ("waiting", "running"):
+        assert [e["args"][name] for e in counters] == occ[name].tolist(), name
+    if preemption == "swap":
+        assert [e["args"]["swapped"] for e in counters] == occ["swapped"].tolist() and occ["swapped"].max() > 0
+
+    lt, phases = request_lifetimes(trace), request_phases(trace)
+    steps = occ["step"].to_numpy()
+    fig = request_lifetimes_figure(lt, phases, max_requests=len(lt))
+    names = {
+        "waiting": [state_label("waiting")],
+        "running": [state_label("running"), "running, preempted at least once", state_label("unfinished")],
+        "swapped": [SWAPPED_LABEL],
+    }
+    for phase, labels in names.items():
+        covered = np.zeros(len(steps), int)
+        for bars in (t for t in fig.data if t.name in labels):
+            base, width = np.asarray(bars.base, float), np.asarray(bars.x, float)
+            covered += ((base[:, None] <= steps) & (steps < (base + width)[:, None])).sum(axis=0)
+        assert covered.tolist() == occ[phase].tolist(), phase
+
+    heat = request_lifetimes_figure(lt, phases, max_requests=5).data[0]
+    assert heat.type == "heatmap" and np.isin(np.asarray(heat.x), steps).all() and len(heat.x) > 100
+    sizes = np.diff(np.r_[np.asarray(heat.y), len(lt)])
+    running = (np.asarray(heat.z, float) * sizes[:, None]).sum(axis=0)
+    assert np.allclose(running, occ.set_index("step")["running"].reindex(heat.x).to_numpy())

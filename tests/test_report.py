@@ -225,3 +225,64 @@ def test_report_size_stays_bounded_for_a_long_run():
     figures = dict(embedded_figures(html))
     requests_fig = next(f for d, f in figures.items() if d.endswith("requests"))
     assert requests_fig["data"][0]["type"] == "heatmap"  # 2000+ sequences: aggregated, not one bar each
+
+
+# ---- which views a run gets: from what the trace contains ---------------------------------------------------------
+def test_views_follow_the_trace_contents_not_the_allocator_name():
+    from kvscope.present.views import VIEWS
+    from kvscope.report import build_report
+
+    reqs = requests_for(20, seed=6, n_max=3)  # forks share blocks; no prefix caching
+    trace = record("paged", reqs)
+    html = build_report([trace])
+    divs = {d.split("-")[-1] for d, _ in embedded_figures(html)}
+    assert "sharing" in divs and "prefix" not in divs
+    # The prefix tree is left out, and the page says why, once, in the run's list of views not shown.
+    absent = html.split('class="note absent"', 1)[1].split("</div>", 1)[0]
+    assert "Prefix-cache tree" in absent and VIEWS["prefix"].absent in absent
+    assert "Prefix-cache tree</h3>" not in html
+    # The same events under an allocator name kvscope does not know get the same views.
+    renamed = Trace(meta=trace.meta | {"allocator": "my-blocks"}, events=trace.events, path=trace.path)
+    renamed_divs = {d.split("-")[-1] for d, _ in embedded_figures(build_report([renamed]))}
+    assert renamed_divs == divs
+
+
+def test_a_run_without_sharing_says_why_the_sharing_views_are_absent():
+    from kvscope.present.views import VIEWS
+    from kvscope.report import build_report
+
+    html = build_report([record("static", requests_for(10, seed=7), static_variant="max")])
+    absent = html.split('class="note absent"', 1)[1].split("</div>", 1)[0]
+    for key in ("sharing", "prefix", "driver"):
+        assert VIEWS[key].label in absent and VIEWS[key].absent in absent, key
+    paged = build_report([record("paged", requests_for(10, seed=7, n_max=3, shared_prefix=16), prefix_caching=True)])
+    absent = paged.split('class="note absent"', 1)[1].split("</div>", 1)[0]
+    assert absent.count("<li>") == 1 and VIEWS["driver"].label in absent  # a paged run makes no driver calls
+
+
+def test_headings_and_captions_come_from_the_catalog(paged_trace, paged_html):
+    from markupsafe import escape
+
+    from kvscope.present.views import split
+
+    shown, _ = split(paged_trace)
+    keys = ["memory", "fragmentation", "blocks", "throughput", "requests", "sharing", "prefix"]
+    assert [v.key for v in shown] == keys
+    for view in shown:
+        assert f">{escape(view.heading(paged_trace))}</h3>" in paged_html, view.key
+        assert f'<p class="caption">{escape(view.caption)}</p>' in paged_html, view.key
+
+
+def test_summary_rows_are_the_presentation_layers(paged_trace, paged_html):
+    from markupsafe import escape
+
+    from kvscope.analysis.summary import summarize
+    from kvscope.present.rows import SUMMARY_ROWS, format_value
+
+    s = summarize(paged_trace)
+    for row in SUMMARY_ROWS:
+        if row is not None:
+            cells = f'<th>{escape(row.label)}</th><td class="num">{escape(format_value(s, row.key, row.how))}</td>'
+            assert cells in paged_html, row.label
+    labels = [row.label for row in SUMMARY_ROWS if row is not None]
+    assert "retained after the last step" in labels and "peaks taken" in labels

@@ -126,7 +126,7 @@ def test_user_mistakes_are_one_line(tmp_path, capsys, argv, needle):
 
 @pytest.mark.parametrize(("allocator", "argv"), [("static", ["--attention", "sdpa"]), ("vmm", ["--no-background-map"])])
 def test_cuda_options_reach_the_executor_and_the_metadata(tmp_path, capsys, monkeypatch, allocator, argv):
-    """--attention / --no-background-map travel RunConfig -> ExecutorOptions.extra -> the cuda executor, and are
+    """--attention / --no-background-map travel RunConfig -> ExecutorOptions.cuda -> the cuda executor, and are
     recorded in engine_config. The cuda device is stood in for by a sim executor that keeps its options."""
     from kvscope.backends.sim import SimMemory
     from kvscope.engine import api, executor
@@ -134,7 +134,7 @@ def test_cuda_options_reach_the_executor_and_the_metadata(tmp_path, capsys, monk
     seen = {}
 
     def fake_cuda(spec, alloc, options):
-        seen["extra"] = options.extra
+        seen["extra"] = options.cuda.to_dict()
         return executor.SimExecutor(spec, alloc, options)
 
     monkeypatch.setattr(executor, "check_device", lambda device: None)

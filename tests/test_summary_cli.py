@@ -96,3 +96,30 @@ def test_markup_in_file_names_and_metadata_is_printed_literally(trace_file, tmp_
     assert "Traceback" not in captured.err
     out = " ".join(captured.out.split())  # the table may wrap a long cell
     assert "[bold]x.kvtrace" in out and "[/]" in out and "[bold]gpu[/bold]" in out
+
+
+def test_table_rows_are_the_presentation_layers(trace_file, capsys):
+    from kvscope.present import rows
+
+    assert cli.main(["summary", str(trace_file)]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the table may wrap a long cell
+    s = summarize(load_trace(trace_file))
+    for row in rows.SUMMARY_ROWS:
+        if row is not None:
+            assert rows.format_value(s, row.key, row.how) in out, row.label
+    for label in ("retained after the last step", "peaks taken", "VMM driver calls", "cut off"):
+        assert label in out
+
+
+def test_the_rows_keep_the_cli_start_light():
+    """The CLI imports the presentation layer's rows when it starts: they must not pull the views or plotting (the
+    GPU path, `kvscope run --device cuda`, never imports plotly or streamlit)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kvscope.cli; kvscope.cli.build_parser(); "
+        "print(sorted(m for m in ('plotly', 'streamlit', 'kvscope.present.views') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kvscope.analysis.requests import PHASE_COLUMNS, lifetime_phases
 from kvscope.viz import (
     STATE_COLORS,
     Metric,
@@ -26,7 +27,7 @@ from kvscope.viz import (
 )
 from kvscope.viz._common import bin_steps
 from kvscope.viz.palette import MEMORY_BANDS, state_label
-from kvscope.viz.requests import _occupancy
+from kvscope.viz.requests import SWAPPED_LABEL, _occupancy
 
 XSS = "<script>alert(1)</script>"
 MiB = 1024**2
@@ -368,6 +369,41 @@ def test_request_lifetimes_aggregate_many_requests():
     z = np.asarray(heat.z, dtype=float)
     assert z.shape[0] <= 120 and z.shape[1] <= 400
     assert np.allclose(z, 1.0)
+
+
+def test_request_gantt_draws_the_phases_it_is_given():
+    lt = lifetimes_frame(4)
+    phases = pd.DataFrame(
+        [
+            (0, "waiting", 0, 2, False),
+            (0, "running", 2, 21, False),
+            (1, "waiting", 1, 3, False),
+            (1, "running", 3, 5, False),
+            (1, "swapped", 5, 8, False),
+            (1, "running", 8, 22, False),
+            (2, "waiting", 2, 4, False),
+            (2, "running", 4, 23, False),
+            (3, "waiting", 3, 5, False),
+            (3, "running", 5, 24, True),
+        ],
+        columns=PHASE_COLUMNS,
+    )
+    fig = request_lifetimes_figure(lt, phases)
+    by_name = {t.name: t for t in fig.data}
+    swapped = by_name[SWAPPED_LABEL]
+    assert list(swapped.y) == [1] and list(swapped.base) == [5] and list(swapped.x) == [3]
+    running = by_name[state_label("running")]
+    assert sorted(running.y) == [0, 1, 1, 2]  # seq 1 runs before and after its swap
+    assert list(by_name[state_label("unfinished")].base) == [5]
+    assert "running, preempted at least once" not in by_name  # seq 3, the preempted one, is unfinished
+    with pytest.raises(ValueError, match="request phases"):
+        request_lifetimes_figure(lt, phases.drop(columns="open"))
+
+
+def test_request_gantt_without_phases_draws_the_lifetime_phases():
+    lt = lifetimes_frame(12)
+    implied = request_lifetimes_figure(lt, lifetime_phases(lt))
+    assert figure_json(request_lifetimes_figure(lt)) == figure_json(implied)
 
 
 @given(

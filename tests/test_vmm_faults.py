@@ -8,7 +8,7 @@ the reservation) and EVERY index at which the workload below makes that call, on
   kernel's /proc/self/maps; on the fake driver its own tables; on a GPU the driver's cuMemRetainAllocationHandle);
 - the failed operation raised the documented error (KVOutOfMemory for lack of memory, chained to the backend's
   BackendOutOfMemory; the backend's error otherwise) and left the live sequences and their pages as they were;
-- the trace replays (analysis VMMReplay) to the same pages, slots and owners as the books;
+- the trace replays (analysis PageReplay) to the same pages, slots and owners as the books;
 - the workload goes on, then close() (retried once if the failure hit it; a third call is a no-op) leaves no
   handle, mapping or reservation, every page created once and released once; on cpu the memfd is closed and no
   reservation is left in the address space.
@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from kvscope.alloc.base import KVOutOfMemory
 from kvscope.alloc.vmm import VMMAllocator
-from kvscope.analysis._replay import Events, VMMReplay
+from kvscope.analysis.replay import Events, PageReplay
 from kvscope.backends.base import FAULT_OPS, BackendError, BackendOutOfMemory, BackendState, Fault
 from kvscope.backends.host import HostMemory, _proc_maps
 from kvscope.backends.sim import SimMemory
@@ -81,16 +81,16 @@ def toks(n: int) -> np.ndarray:
 
 # ---- what runs it, and what it checks --------------------------------------------------------------------------
 class ReplayCheck:
-    """Replays the allocator's events through the analysis' VMMReplay as they come, and holds the replayed pages
+    """Replays the allocator's events through the analysis' PageReplay as they come, and holds the replayed pages
     against the books: the trace says a page is mapped, at which slot, offset and buffer, exactly when the books do;
     created-and-not-released pages and slot owners agree too."""
 
     def __init__(self, alloc: VMMAllocator) -> None:
         self.alloc = alloc
-        self.replay = VMMReplay(SimpleNamespace(meta={"allocator": "vmm", "allocator_config": alloc.config()}))
+        self.replay = PageReplay(SimpleNamespace(meta={"allocator": "vmm", "allocator_config": alloc.config()}))
         self.seen = 0
         self.codes = {k.name.lower(): int(k) for k in Kind}
-        self.relevant = {int(k) for k in VMMReplay.kinds}
+        self.relevant = {int(k) for k in PageReplay.kinds}
 
     def check(self) -> None:
         table = self.alloc.recorder.to_table().slice(self.seen)

@@ -11,8 +11,9 @@ import pytest
 pytest.importorskip("ipywidgets")
 
 from kvscope.commands import run as run_cmd  # noqa: E402
+from kvscope.present.tables import summary_frame  # noqa: E402
 from kvscope.trace import load_trace  # noqa: E402
-from kvscope.widgets import VIEWS, TraceExplorer, explore, summary_frame  # noqa: E402
+from kvscope.widgets import VIEWS, TraceExplorer, explore  # noqa: E402
 
 
 def record(path: Path, *options: str) -> Path:
@@ -95,7 +96,7 @@ def test_explorer_accepts_a_path_and_refuses_unknown_views(trace, shell):
 
 def test_summary_frame_matches_the_cli_rows(trace):
     from kvscope.analysis.summary import summarize
-    from kvscope.commands.summary import format_value
+    from kvscope.present.rows import format_value
 
     frame = summary_frame([trace, trace], ["a", "a"])
     assert list(frame.columns) == ["a", "a (2)"]
@@ -104,3 +105,24 @@ def test_summary_frame_matches_the_cli_rows(trace):
     assert frame.loc["forked sequences", "a"] == f"{s['forks']:,}"
     with pytest.raises(ValueError, match="names"):
         summary_frame([trace], ["a", "b"])
+
+
+def test_views_come_from_the_catalog(trace, shell):
+    from kvscope.present.views import VIEWS as CATALOG
+
+    assert VIEWS == {
+        "blocks": "Blocks at the step",
+        "map": "Fragmentation map (whole run)",
+        "sharing": "Sharing graph at the step",
+    }
+    ex = explore(trace, view="map", step=4)
+    whole_run = CATALOG["fragmentation"].figure(trace)  # the catalog's map, at its resolution
+    assert ex.figure.data[0].z.shape == whole_run.data[0].z.shape
+
+
+def test_views_that_do_not_apply_are_not_offered(tmp_path, shell):
+    static = load_trace(record(tmp_path / "static.kvtrace", "-w", "alpaca", "-n", "8", "-a", "static"))
+    ex = explore(static)
+    assert [v for _, v in ex.view.options] == ["blocks", "map"]  # a static arena shares nothing
+    with pytest.raises(ValueError, match="No sequences shared KV memory"):
+        explore(static, view="sharing")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import streamlit as st
 from kvscope.app import state
 
+from kvscope.present.views import COMPARISON
+
 st.title("kvscope: overview & comparison")
 traces = state.session_traces()
 if not traces:
@@ -31,11 +33,9 @@ st.caption("The same rows as `kvscope summary` and the HTML report.")
 st.dataframe(state.summary_frame(chosen), key="overview_summary")
 
 if len(chosen) > 1:
-    from kvscope.analysis.compare import compare_runs
-    from kvscope.viz import comparison_figure
-
-    st.subheader("Runs compared")
-    state.show_figure(comparison_figure(compare_runs([lt.trace for lt in chosen])), key="overview_compare")
+    st.subheader(COMPARISON.title)
+    st.caption(COMPARISON.caption)
+    state.show_figure(COMPARISON.figure([lt.trace for lt in chosen]), key="overview_compare")
 
 st.subheader("Run metadata")
 for lt in chosen:

@@ -41,6 +41,10 @@ CPU->GPU) and the executor must drain it, in order, before the next forward pass
 swap-out may be handed to another sequence in the same step.
 """
 
+# This module is longer than 400 lines: vLLM's block pool rules (lookup, revival, free queue, eviction order),
+# copy-on-write, swapping and the registry entry share one set of books, and every rule is next to the books it
+# changes; the invariants at the end check them all together.
+
 from __future__ import annotations
 
 import hashlib
@@ -428,11 +432,13 @@ class PagedAllocator:
 
     def _evict(self, block: _Block) -> None:
         """Drop a block (already out of `_idle`) from the hash index: only it; other blocks with its hash stay."""
-        holders = self._cached[block.hash]
+        h = block.hash
+        assert h is not None, f"block {block.id}: evicting a block that carries no hash"
+        holders = self._cached[h]
         del holders[block.id]
         if not holders:
-            del self._cached[block.hash]
-        self.recorder.emit(Kind.BLOCK_EVICT, block=block.id, aux=hash_prefix(block.hash))
+            del self._cached[h]
+        self.recorder.emit(Kind.BLOCK_EVICT, block=block.id, aux=hash_prefix(h))
         block.hash = None
 
     def _alloc(self, seq: int, s: _Seq) -> _Block:
@@ -579,19 +585,19 @@ class PagedAllocator:
                 assert len(s.partial) == s.tokens - full * bs, f"seq {seq}: partial token ids out of step"
                 for i in range(full):
                     assert self._blocks[s.table[i]].hash == s.hashes[i], f"seq {seq}: block {i} hash differs"
-        for b in self._blocks:
-            assert b.ref == holders[b.id], f"block {b.id}: ref {b.ref} but {holders[b.id]} table entries hold it"
+        for blk in self._blocks:
+            assert blk.ref == holders[blk.id], f"block {blk.id}: ref {blk.ref} but {holders[blk.id]} entries hold it"
         free, idle = set(self._free), set(self._idle)
         assert len(free) == len(self._free), "a block is twice in the free queue"
         assert not free & idle, f"blocks both free and cached-idle: {sorted(free & idle)}"
-        for b in self._blocks:
-            state = "active" if b.ref else ("idle" if b.id in idle else "free" if b.id in free else "lost")
-            assert state != "lost", f"block {b.id} is in no state (ref 0, not free, not cached-idle)"
-            assert not (b.ref and (b.id in idle or b.id in free)), f"active block {b.id} is also in a free queue"
-            if b.id in free:
-                assert b.hash is None and b.fill == 0, f"free block {b.id} carries a hash or tokens"
-            if b.id in idle:
-                assert b.hash is not None and b.fill == bs, f"cached-idle block {b.id} is not a full hashed block"
+        for blk in self._blocks:
+            state = "active" if blk.ref else ("idle" if blk.id in idle else "free" if blk.id in free else "lost")
+            assert state != "lost", f"block {blk.id} is in no state (ref 0, not free, not cached-idle)"
+            assert not (blk.ref and (blk.id in idle or blk.id in free)), f"active block {blk.id} is also free"
+            if blk.id in free:
+                assert blk.hash is None and blk.fill == 0, f"free block {blk.id} carries a hash or tokens"
+            if blk.id in idle:
+                assert blk.hash is not None and blk.fill == bs, f"cached-idle block {blk.id} is not full and hashed"
         cached_blocks = {b for hs in self._cached.values() for b in hs}
         assert cached_blocks == {b.id for b in self._blocks if b.hash is not None}, "hash index out of step"
         for h, hs in self._cached.items():

@@ -90,9 +90,13 @@ def _load_builtins() -> None:
 
 
 def entries() -> dict[str, AllocatorEntry]:
-    """Every registered allocator by name, the built-in ones first."""
+    """Every registered allocator by name: the built-in ones first, in _BUILTIN_MODULES order (whatever order their
+    modules happened to be imported in), then the others in registration order."""
     _load_builtins()
-    return dict(_REGISTRY)
+    builtin = [m.rsplit(".", 1)[1] for m in _BUILTIN_MODULES]
+    rank = {name: i for i, name in enumerate(builtin)}
+    ordered = sorted(_REGISTRY, key=lambda name: rank.get(name, len(rank)))  # stable: others keep their order
+    return {name: _REGISTRY[name] for name in ordered}
 
 
 def names() -> tuple[str, ...]:

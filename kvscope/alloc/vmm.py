@@ -32,6 +32,9 @@ failure a second close() retries only what is left.
 The allocator is backend-agnostic: it calls only the PhysicalMemory protocol (kvscope.backends.base).
 """
 
+# This module is longer than 400 lines: slots, page groups, deferred reclamation and the rollback of every failed
+# driver call (strays included) change the same books, and a rollback is only checkable next to the path it undoes.
+
 from __future__ import annotations
 
 import math

@@ -20,6 +20,14 @@ API (contract between analysis, figures and surfaces; columns listed are guarant
   kernel_ms, kv_bytes_read, achieved_tbps, preemptions, driver_ms
 - requests.request_lifetimes(trace) -> seq, request_id, parent, arrival_s, arrive_step, admit_step, finish_step,
   prompt_len, output_len, preemptions, prefix_hit_tokens
+- requests.request_phases(trace) -> seq, phase (waiting, running, swapped), start_step, end_step (exclusive), open;
+  requests.request_occupancy(trace) -> step, t_s, waiting, running, swapped (sequences in each phase during the
+  step: the ONE definition of waiting / running every surface shows, in requests' docstring)
+- requests.request_timestamps(trace, clock=None) -> seq, arrive_s, admit_s, first_token_s, end_s, clock
+- steps.step_durations(trace, clock=None) -> step, start_s, end_s, dur_s, clock; steps.run_clock(trace) -> 'sim' |
+  'host'; steps.run_end_s(trace, clock=None) -> float
+- pressure.incidents(trace) -> step, t_s, kind (preempt, swap_out, swap_in, oom, reject, block_evict), seq, tokens,
+  blocks, bytes, block, mode
 - driver.driver_calls(trace) -> step, kind, dur_us (one row per timed VMM driver/OS call)
 - compare.compare_runs(traces) -> one row per trace: label + the summary figures
 
@@ -32,8 +40,15 @@ Extensions (also guaranteed):
 - sharing.fork_tree also has t_s, tokens, root, depth; prefix_tree: node ids 0..N-1 (parent -1 for a chain's first
   block) plus tokens, hash, stores, evictions, cached, first_step; sharing_edges also has table_index
 - throughput_timeline also has tokens, decode_tokens_per_s, driver_calls
-- request_lifetimes also has root, first_token_step, admit_s, first_token_s, finish_s, max_tokens_held,
-  generated, swaps, status (finished, rejected, running, waiting); requests.generated_tokens(trace) -> int
+- request_lifetimes also has root, first_token_step, reject_step, admit_s, first_token_s, finish_s,
+  max_tokens_held, generated, swaps, status (finished, rejected, running, waiting); requests.generated_tokens(trace)
+  -> int; requests.lifetime_phases(lifetimes, last_step=None) -> request_phases' columns from a lifetimes frame alone
+  (no preemptions or swaps: for callers without a trace)
+- replay (the per-unit replays behind fragmentation, one module per addressing family: blocks, pages, rows):
+  replay.replay_class(trace), replay.timeline(trace), replay.pool_geometry(trace) -> PoolGeometry (addressing,
+  units, block_size, page_size, capacity_bytes). A trace whose allocator_config declares no addressing (and is not
+  a legacy trace of a built-in allocator), or lacks the sizes its addressing needs, raises replay.ReplayError (a
+  ValueError, one line) from block_states, state_matrix and unit_states
 - driver.driver_calls also has call (cuMemMap, ...), page, bytes, t_s; driver.driver_stats(trace) -> per kind:
   count, total_ms, median_us, p90_us, p99_us, max_us
 - snapshot helpers the surfaces use instead of computing their own: memory.step_range(trace) -> (first, last);
@@ -42,6 +57,61 @@ Extensions (also guaranteed):
   int; summary.event_counts(trace) -> kind, events (kinds that occur, in the schema's order)
 
 Conventions: `t_s` is the end of a step on the run's clock (simulated on --device sim runs, host time otherwise);
-"the state at the end of step s" is the state when the engine recorded that step's ACCT_* samples. Results are
-cached on the Trace (trace._cache, keys 'analysis.*'); returned DataFrames are copies, safe to modify.
+"the state at the end of step s" is the state when the engine recorded that step's ACCT_* samples, and a request's
+phase in step s is its queue while step s runs. Results are cached on the Trace (trace._cache, keys 'analysis.*');
+returned DataFrames are copies, safe to modify. The functions above are also importable from kvscope.analysis itself.
 """
+
+from kvscope.analysis.compare import compare_runs
+from kvscope.analysis.driver import driver_calls, driver_stats
+from kvscope.analysis.fragmentation import block_states, state_matrix, unit_states
+from kvscope.analysis.memory import memory_at, memory_timeline, peak_step, step_range, waste_breakdown
+from kvscope.analysis.pressure import incidents
+from kvscope.analysis.replay import PoolGeometry, ReplayError, pool_geometry
+from kvscope.analysis.requests import (
+    generated_tokens,
+    lifetime_phases,
+    request_lifetimes,
+    request_occupancy,
+    request_phases,
+    request_timestamps,
+)
+from kvscope.analysis.sharing import fork_tree, prefix_stats, prefix_tree, sharing_edges
+from kvscope.analysis.steps import run_clock, run_end_s, step_durations
+from kvscope.analysis.summary import event_counts, last_step, summarize
+from kvscope.analysis.throughput import throughput_timeline
+
+__all__ = [
+    "PoolGeometry",
+    "ReplayError",
+    "block_states",
+    "compare_runs",
+    "driver_calls",
+    "driver_stats",
+    "event_counts",
+    "fork_tree",
+    "generated_tokens",
+    "incidents",
+    "last_step",
+    "lifetime_phases",
+    "memory_at",
+    "memory_timeline",
+    "peak_step",
+    "pool_geometry",
+    "prefix_stats",
+    "prefix_tree",
+    "request_lifetimes",
+    "request_occupancy",
+    "request_phases",
+    "request_timestamps",
+    "run_clock",
+    "run_end_s",
+    "sharing_edges",
+    "state_matrix",
+    "step_durations",
+    "step_range",
+    "summarize",
+    "throughput_timeline",
+    "unit_states",
+    "waste_breakdown",
+]

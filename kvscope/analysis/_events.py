@@ -195,11 +195,6 @@ def _arrival_ns_by_step(trace) -> pd.Series | None:
     return pd.Series(ns).groupby(arrive["step"].to_numpy()).min()
 
 
-def is_simulated_clock(trace) -> bool:
-    clock = step_clock(trace)
-    return bool(len(clock)) and clock["clock"].iloc[0] == "sim"
-
-
 def requests_meta(trace) -> pd.DataFrame:
     """meta['requests'] as a DataFrame (seq, id, arrival, prompt_len, output_len, n); empty when absent or unusable."""
 

@@ -1,13 +1,13 @@
 """Fragmentation: the state of every block / page / arena segment at a step, and the whole run as a binned map.
 
-States (per allocator; `unit_states(trace)` lists them in order):
-    paged   free, active (ref 1), shared (ref > 1), cached_idle (ref 0, hashed: in the prefix cache)
-    vmm     pool (unmapped), mapped_used (on a slot with a live request), mapped_idle (deferred reclamation)
-    static  free, used (rows holding tokens), reservation (rows for tokens not generated yet, up to the final
+States (per addressing family, e.g. the paged, vmm and static allocators; `unit_states(trace)` lists them in order):
+    blocks  free, active (ref 1), shared (ref > 1), cached_idle (ref 0, hashed: in the prefix cache)
+    pages   pool (unmapped), mapped_used (on a slot with a live request), mapped_idle (deferred reclamation)
+    rows    free, used (rows holding tokens), reservation (rows for tokens not generated yet, up to the final
             length P + O - 1), internal (rows beyond the final length: never to be filled)
 
-The state is rebuilt by replaying the allocator's events (see kvscope.analysis._replay): checkpoints make any step
-cheap to reach after the first pass, which is cached on the Trace.
+The state is rebuilt by replaying the allocator's events (kvscope.analysis.replay, chosen by the addressing the trace
+declares): checkpoints make any step cheap to reach after the first pass, which is cached on the Trace.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from kvscope.analysis._events import recorded_steps
-from kvscope.analysis._replay import STATE_COLUMNS, replay_class, timeline
+from kvscope.analysis.replay import STATE_COLUMNS, Timeline, replay_class, timeline
 
 __all__ = ["MATRIX_COLUMNS", "STATE_COLUMNS", "block_states", "state_matrix", "unit_states"]
 
@@ -26,7 +26,8 @@ SAMPLE_BUDGET = 4_000_000
 
 
 def unit_states(trace) -> list[str]:
-    """The states block_states / state_matrix use for this trace's allocator, in order."""
+    """The states block_states / state_matrix use for this trace's allocator, in order (a ReplayError for a trace
+    that cannot be replayed: kvscope.analysis.replay)."""
     return list(replay_class(trace).states)
 
 
@@ -110,9 +111,8 @@ def state_matrix(trace, max_units: int = 256, max_steps: int = 200) -> pd.DataFr
     return frame[MATRIX_COLUMNS]
 
 
-def _unit_count(tl) -> int:
-    replay = tl.live
-    return int(getattr(replay, "rows", 0) or getattr(replay, "n", 0))
+def _unit_count(tl: Timeline) -> int:
+    return int(tl.live.units)
 
 
 def _empty(states: list[str]) -> pd.DataFrame:

@@ -1,14 +1,47 @@
-"""Request lifetimes: one row per sequence (requests and the samples/beams forked from them).
+"""Requests: lifetimes (one row per sequence: requests and the samples/beams forked from them), their phases, how
+many wait / run / are swapped out in each step, and their timestamps on a clock.
+
+request_lifetimes(trace)   one row per sequence: see its docstring (steps of arrival, admission, first token, finish;
+                           lengths; preemptions; prefix hits; status)
+request_phases(trace)      one row per phase of a sequence: seq, phase (waiting, running, swapped), start_step,
+                           end_step (one past the phase's last step), open (still in that phase when the trace ends)
+request_occupancy(trace)   one row per recorded step: step, t_s (end of the step, run clock), waiting, running,
+                           swapped (sequences in each phase during that step)
+request_timestamps(trace, clock=None)
+                           one row per sequence: seq, arrive_s, admit_s, first_token_s, end_s, clock
+lifetime_phases(lifetimes, last_step=None)
+                           the phases a lifetimes frame alone implies (no preemptions or swaps), for callers with no
+                           trace
+
+Phases: ONE definition of waiting, running and swapped, used by every surface (the Perfetto export's "requests"
+counter, the request lifetimes figure, the dashboard). They follow the scheduler's queues (vLLM's num_waiting /
+num_running / num_swapped) and ARCHITECTURE.md's step semantics: a sequence's phase in step s is the queue it is in
+while step s runs, after the step's scheduling and before its completions. So
+    waiting   arrived (ARRIVE), or preempted by recompute (PREEMPT aux=0), or forked without memory (FORK n=0), and
+              not (re-)admitted yet: from that step up to the step that admits it (ADMIT), exclusive
+    running   admitted: from its ADMIT step (a forked sample: its FORK step, its first token came out of that
+              step's prefill) through its FINISH step inclusive (a request that finishes in a step still holds its
+              memory during that step), or up to a PREEMPT or REJECT step, exclusive (a preempted or rejected
+              sequence is not in that step's batch)
+    swapped   preempted by swap (PREEMPT aux=1): from that step up to its SWAP_IN step, exclusive
+A request rejected on arrival never waits; one rejected while waiting waits until its REJECT step (exclusive).
+Events recorded outside a step count with the step before them. Phases still open when the trace ends run through
+its last recorded step. The lifecycle events are the scheduler's (kvscope.events); an admission the allocator undid
+in the same step (its can_admit was optimistic) is not visible in them and counts as running.
 
 Tokens generated per sequence are counted by semantics, not by summing events (see `generated_tokens`).
 """
+
+# This module is longer than 400 lines: it is the one place that defines a request's lifetime, phases (waiting /
+# running / swapped) and timestamps; split apart, the definitions that every surface shares could drift apart.
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis._events import cached, requests_meta, select, step_clock
+from kvscope.analysis._events import cached, mask, recorded_steps, requests_meta, running_step, select, step_clock
+from kvscope.analysis.steps import resolve_clock, step_durations
 from kvscope.events import Kind
 
 LIFETIME_COLUMNS: list[str] = [
@@ -21,6 +54,7 @@ LIFETIME_COLUMNS: list[str] = [
     "admit_step",
     "first_token_step",
     "finish_step",
+    "reject_step",
     "admit_s",
     "first_token_s",
     "finish_s",
@@ -43,13 +77,13 @@ def request_lifetimes(trace) -> pd.DataFrame:
     time when the workload recorded it, else the run-clock time of the ARRIVE step); arrive_step; admit_step (its
     first admission; for a fork its FORK step, or its ADMIT when it got no memory at the fork); first_token_step
     (the step it first held its whole prompt: its prefill finished and the first token was sampled);
-    finish_step (-1 when it never happened); admit_s, first_token_s, finish_s (run clock at the end of those
-    steps; NaN if never); prompt_len, output_len (of its request; -1 unknown); max_tokens_held; generated (tokens
-    it generated: see generated_tokens); preemptions; swaps (swap-outs); prefix_hit_tokens (prompt tokens served
-    from the prefix cache at a request's first admission: hits at re-admissions after a preemption, and at the
-    late admission of a forked sample, serve work already done for the request, and are not counted); status
-    (finished, rejected, running: admitted and not finished when the trace ends, waiting: arrived and never
-    admitted).
+    finish_step; reject_step (its REJECT; these steps are -1 when it never happened); admit_s, first_token_s,
+    finish_s (run clock at the end of those steps; NaN if never); prompt_len, output_len (of its request; -1
+    unknown); max_tokens_held; generated (tokens it generated: see generated_tokens); preemptions; swaps
+    (swap-outs); prefix_hit_tokens (prompt tokens served from the prefix cache at a request's first admission:
+    hits at re-admissions after a preemption, and at the late admission of a forked sample, serve work already
+    done for the request, and are not counted); status (finished, rejected, running: admitted and not finished
+    when the trace ends, waiting: arrived and never admitted).
     """
     return cached(trace, "request_lifetimes", lambda: _build(trace)).copy()
 
@@ -151,6 +185,7 @@ def _build(trace) -> pd.DataFrame:
     reached = held[(held["prompt_len"] >= 0) & (held["held"] >= held["prompt_len"]) & (held["held"] > 0)]
     frame["first_token_step"] = _steps(reached.groupby("seq")["step"].min(), frame)
     frame["finish_step"] = _steps(first(Kind.FINISH, "step"), frame)
+    frame["reject_step"] = _steps(first(Kind.REJECT, "step"), frame)
     for step_col, t_col in (
         ("admit_step", "admit_s"),
         ("first_token_step", "first_token_s"),
@@ -210,3 +245,183 @@ def _empty() -> pd.DataFrame:
     for c in ("request_id", "status"):
         frame[c] = frame[c].astype(object)
     return frame
+
+
+# ---- phases and occupancy (the definitions are in the module docstring) ------------------------------------------
+PHASES = ("waiting", "running", "swapped")
+PHASE_COLUMNS = ["seq", "phase", "start_step", "end_step", "open"]
+OCCUPANCY_COLUMNS = ["step", "t_s", "waiting", "running", "swapped"]
+TIMESTAMP_COLUMNS = ["seq", "arrive_s", "admit_s", "first_token_s", "end_s", "clock"]
+_WAITING, _RUNNING, _SWAPPED, _GONE = 0, 1, 2, 3
+_LIFECYCLE = (Kind.ARRIVE, Kind.ADMIT, Kind.FORK, Kind.PREEMPT, Kind.SWAP_IN, Kind.FINISH, Kind.REJECT)
+_SWAP_PREEMPTION = 1  # PREEMPT aux
+
+
+def request_phases(trace) -> pd.DataFrame:
+    """One row per phase of every sequence, ordered by seq then start_step: seq, phase (categorical: waiting,
+    running, swapped; see the module docstring), start_step (the phase's first step), end_step (one past its last
+    step), open (the sequence was still in that phase when the trace ended: end_step is then the last recorded
+    step + 1)."""
+    return cached(trace, "request_phases", lambda: _phases(trace)).copy()
+
+
+def request_occupancy(trace) -> pd.DataFrame:
+    """One row per recorded step: step, t_s (end of the step on the run's clock), waiting, running, swapped (how many
+    sequences were in each phase during the step: the request_phases covering it)."""
+    return cached(trace, "request_occupancy", lambda: _occupancy(trace)).copy()
+
+
+def request_timestamps(trace, clock: str | None = None) -> pd.DataFrame:
+    """One row per sequence, ordered by seq, on a clock ("host", "sim", or None: the run's own; see
+    kvscope.analysis.steps): arrive_s (it entered the engine: its ARRIVE, a forked sample's FORK), admit_s (its
+    admission as request_lifetimes counts it: its first ADMIT; a sample's FORK, or its ADMIT when it got no memory
+    at the fork), first_token_s (end of its first_token_step), end_s (its FINISH, or its REJECT), clock. NaN for
+    what never happened. On host time each is the event's own time; on the simulated clock, where events inside a
+    step have no time of their own, the end of the event's step."""
+    chosen = resolve_clock(trace, clock)
+    return cached(trace, f"request_timestamps.{chosen}", lambda: _timestamps(trace, chosen)).copy()
+
+
+def lifetime_phases(lifetimes: pd.DataFrame, last_step: int | None = None) -> pd.DataFrame:
+    """The request_phases a request_lifetimes frame alone implies, for callers that have no trace (hand-made
+    frames): waiting from arrive_step to admit_step, running from there through finish_step (or up to reject_step),
+    by the same definitions; preemptions and swaps are not in a lifetimes frame, so a preempted sequence shows one
+    running phase. Phases still open end at last_step + 1 (default: the frame's last step)."""
+    steps = [_numeric(lifetimes[c]) for c in ("arrive_step", "admit_step", "finish_step")]
+    reject = _numeric(lifetimes["reject_step"]) if "reject_step" in lifetimes.columns else np.full(len(lifetimes), -1.0)
+    if last_step is None:
+        known = np.concatenate([*steps, reject])
+        known = known[np.isfinite(known) & (known >= 0)]
+        last_step = int(known.max()) if known.size else 0
+    arrive, admit, finish = (np.where(np.isfinite(c) & (c >= 0), c, -1) for c in steps)
+    reject = np.where(np.isfinite(reject) & (reject >= 0), reject, -1)
+    admitted = admit >= 0
+    still = (finish < 0) & (reject < 0)  # alive when the trace ends
+    end = np.where(finish >= 0, finish + 1, np.where(reject >= 0, reject, last_step + 1))
+    seq = lifetimes["seq"].to_numpy(np.int64)
+    waiting = pd.DataFrame(
+        {
+            "seq": seq,
+            "phase": "waiting",
+            "start_step": arrive,
+            "end_step": np.where(admitted, admit, end),
+            "open": ~admitted & still,
+        }
+    )[arrive >= 0]
+    running = pd.DataFrame({"seq": seq, "phase": "running", "start_step": admit, "end_step": end, "open": still})
+    running = running[admitted]
+    return _phase_frame(pd.concat([waiting, running], ignore_index=True))
+
+
+def _phase_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame[frame["end_step"] > frame["start_step"]]
+    frame = frame.astype({"seq": "int64", "start_step": "int64", "end_step": "int64", "open": "bool"})
+    frame = frame.sort_values(["seq", "start_step"], kind="stable").reset_index(drop=True)
+    frame["phase"] = pd.Categorical(frame["phase"].astype(str), categories=list(PHASES))
+    return frame[PHASE_COLUMNS]
+
+
+def _phases(trace) -> pd.DataFrame:
+    steps = recorded_steps(trace)
+    life = select(trace, *_LIFECYCLE)
+    # The step each event counts with: events outside a step count with the step before them.
+    life["at"] = np.maximum(running_step(trace)[np.flatnonzero(mask(trace, *_LIFECYCLE))], 0)
+    life = life[life["seq"] >= 0]
+    if life.empty or not len(steps):
+        return _phase_frame(pd.DataFrame({c: pd.Series([], dtype=object) for c in PHASE_COLUMNS}))
+    code, n, aux = life["code"].to_numpy(), life["n"].to_numpy(), life["aux"].to_numpy()
+    state = np.select(
+        [code == int(Kind.ARRIVE), code == int(Kind.ADMIT), code == int(Kind.FORK), code == int(Kind.PREEMPT)],
+        [
+            _WAITING,
+            _RUNNING,
+            np.where(n > 0, _RUNNING, _WAITING),  # a fork without memory waits for its admission
+            np.where(aux == _SWAP_PREEMPTION, _SWAPPED, _WAITING),
+        ],
+        np.where(code == int(Kind.SWAP_IN), _RUNNING, _GONE),  # FINISH, REJECT: gone
+    )
+    frame = pd.DataFrame(
+        {
+            "seq": life["seq"].to_numpy(),
+            "state": state,
+            "at": life["at"].to_numpy(np.int64),
+            "finish": code == int(Kind.FINISH),
+        }
+    )
+    frame = frame.sort_values("seq", kind="stable").reset_index(drop=True)  # per sequence, in trace order
+    group = frame.groupby("seq", sort=False)
+    prev = group["state"].shift(1, fill_value=-1).to_numpy()
+    cur = frame["state"].to_numpy()
+    # A sequence that finishes in a step ran in it: it leaves after the step (a rejected one leaves before it, and
+    # one that finishes without ever running, a sample complete at its fork, never ran).
+    frame["at"] += (frame["finish"].to_numpy() & (prev == _RUNNING)).astype(np.int64)
+    gone = pd.Series(cur == _GONE).groupby(frame["seq"], sort=False).cumsum().to_numpy()
+    gone_before = (gone - (cur == _GONE)) > 0  # events after a sequence left are ignored
+    frame = frame[(cur != prev) & ~gone_before].reset_index(drop=True)  # repeated states: the phase goes on
+    nxt = frame.groupby("seq", sort=False)["at"].shift(-1)
+    stop = int(steps[-1]) + 1
+    live = frame["state"].to_numpy() != _GONE
+    phases = pd.DataFrame(
+        {
+            "seq": frame["seq"],
+            "phase": np.array([*PHASES, "gone"], dtype=object)[frame["state"].to_numpy()],
+            "start_step": frame["at"],
+            "end_step": nxt.fillna(stop),
+            "open": nxt.isna(),
+        }
+    )
+    return _phase_frame(phases[live])
+
+
+def _occupancy(trace) -> pd.DataFrame:
+    steps = recorded_steps(trace)
+    phases = request_phases(trace)
+    stop = int(steps[-1]) + 2 if len(steps) else 1
+    frame = pd.DataFrame({"step": steps.astype(np.int64)})
+    clock = step_clock(trace).set_index("step")["t_s"]
+    frame["t_s"] = clock.reindex(frame["step"]).to_numpy(np.float64)
+    for name in PHASES:
+        rows = phases[phases["phase"] == name]
+        delta = np.zeros(stop + 1, np.int64)
+        np.add.at(delta, np.clip(rows["start_step"].to_numpy(), 0, stop), 1)
+        np.add.at(delta, np.clip(rows["end_step"].to_numpy(), 0, stop), -1)
+        frame[name] = np.cumsum(delta)[frame["step"].to_numpy()]
+    return frame[OCCUPANCY_COLUMNS]
+
+
+def _timestamps(trace, clock: str) -> pd.DataFrame:
+    lt = request_lifetimes(trace)
+    seqs = lt["seq"].to_numpy(np.int64)
+    life = select(trace, Kind.ARRIVE, Kind.ADMIT, Kind.FORK, Kind.FINISH, Kind.REJECT)
+    life = life[life["seq"] >= 0].drop_duplicates(["code", "seq"], keep="first")
+    steps = step_durations(trace, clock).set_index("step")["end_s"]
+    if clock == "host":
+        times = life.set_index(["code", "seq"])["t_ns"] / 1e9
+    else:
+        times = pd.Series(steps.reindex(life["step"]).to_numpy(np.float64), index=[life["code"], life["seq"]])
+
+    def first(kind: Kind) -> np.ndarray:
+        idx = pd.MultiIndex.from_arrays([np.full(len(seqs), int(kind)), seqs])
+        return times.reindex(idx).to_numpy(np.float64)
+
+    fork = life[life["code"] == int(Kind.FORK)].set_index("seq")["n"].reindex(seqs).to_numpy(np.float64)
+    admit, fork_t = first(Kind.ADMIT), first(Kind.FORK)
+    late_fork = (fork == 0) & ~np.isnan(admit)  # forked without memory: admitted later, at its ADMIT
+    arrive = first(Kind.ARRIVE)
+    token_step = lt["first_token_step"].to_numpy()
+    finish = first(Kind.FINISH)
+    frame = pd.DataFrame(
+        {
+            "seq": seqs,
+            "arrive_s": np.where(np.isnan(arrive), fork_t, arrive),
+            "admit_s": np.where(np.isnan(fork_t) | late_fork, admit, fork_t),
+            "first_token_s": np.where(token_step >= 0, steps.reindex(token_step).to_numpy(np.float64), np.nan),
+            "end_s": np.where(np.isnan(finish), first(Kind.REJECT), finish),
+            "clock": clock,
+        }
+    )
+    return frame[TIMESTAMP_COLUMNS]
+
+
+def _numeric(values: pd.Series) -> np.ndarray:
+    return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)

@@ -15,6 +15,10 @@ import numpy as np
 import pandas as pd
 
 from kvscope.analysis._events import cached, column, config_value, kind_codes, mask, requests_meta, select, step_clock
+from kvscope.analysis.fragmentation import block_states
+from kvscope.analysis.replay import ReplayError, addressing
+from kvscope.analysis.replay.blocks import LEGACY_BLOCK_SIZE
+from kvscope.analysis.requests import request_lifetimes
 from kvscope.events import Kind
 
 EDGE_COLUMNS = ["seq", "block", "ref_count", "table_index"]
@@ -37,10 +41,9 @@ TREE_COLUMNS = [
 def sharing_edges(trace, step: int) -> pd.DataFrame:
     """One row per (sequence, shared block) at the end of `step`: seq, block, ref_count (> 1: holders of the block),
     table_index (where the block sits in the sequence's block table). Blocks held by one sequence are left out.
-    Only paged traces share blocks; other allocators give an empty frame."""
-    from kvscope.analysis.fragmentation import block_states
-
-    if str(trace.meta.get("allocator", "")) not in ("paged", "") or not mask(trace, Kind.BLOCK_ALLOC).any():
+    Only block-addressed traces (kvscope.analysis.replay: paged and the like) share blocks; others give an empty
+    frame."""
+    if _addressing(trace) != "blocks" or not mask(trace, Kind.BLOCK_ALLOC).any():
         return _empty_edges()
     states = block_states(trace, step)
     shared = states[states["ref_count"] > 1]
@@ -56,6 +59,13 @@ def sharing_edges(trace, step: int) -> pd.DataFrame:
         }
     )
     return edges.sort_values(["block", "seq"], kind="stable").reset_index(drop=True)[EDGE_COLUMNS]
+
+
+def _addressing(trace) -> str | None:
+    try:
+        return addressing(trace)
+    except ReplayError:
+        return None
 
 
 def _empty_edges() -> pd.DataFrame:
@@ -121,7 +131,7 @@ def _prefix_pass(trace) -> _PrefixPass:
     """One pass over the paged events: block tables per sequence, hashes per block, a node per distinct hash."""
 
     def build() -> _PrefixPass:
-        bs = int(config_value(trace, "block_size", 16) or 16)
+        bs = int(config_value(trace, "block_size", LEGACY_BLOCK_SIZE) or LEGACY_BLOCK_SIZE)
         kinds = (
             Kind.BLOCK_ALLOC,
             Kind.BLOCK_SHARE,
@@ -211,7 +221,7 @@ def prefix_tree(trace) -> pd.DataFrame:
     recomputation after an eviction, swap-in), evictions, cached (some block still carries it at the end of the
     trace), first_step. Empty for traces without prefix caching."""
     p = _prefix_pass(trace)
-    bs = int(config_value(trace, "block_size", 16) or 16)
+    bs = int(config_value(trace, "block_size", LEGACY_BLOCK_SIZE) or LEGACY_BLOCK_SIZE)
     if not p.nodes:
         frame = pd.DataFrame({c: pd.Series([], dtype="int64") for c in TREE_COLUMNS})
         frame["cached"] = frame["cached"].astype(bool)
@@ -253,9 +263,7 @@ def prefix_stats(trace) -> dict[str, Any]:
 
 
 def _prefix_stats(trace) -> dict[str, Any]:
-    from kvscope.analysis.requests import request_lifetimes
-
-    bs = int(config_value(trace, "block_size", 16) or 16)
+    bs = int(config_value(trace, "block_size", LEGACY_BLOCK_SIZE) or LEGACY_BLOCK_SIZE)
     p = _prefix_pass(trace)
     lt = request_lifetimes(trace)
     roots = lt[(lt["parent"] < 0) & (lt["admit_step"] >= 0) & (lt["prompt_len"] > 0)]

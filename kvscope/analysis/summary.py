@@ -13,13 +13,13 @@ tokens      generated_tokens (by semantics: see kvscope.analysis.requests.genera
 steps/time  steps, wall_time_s (host), run_time_s (the run's clock: simulated on sim runs), clock ('sim'|'host'),
             tokens_per_s (generated_tokens / run_time_s)
 memory      capacity_bytes, peak_used_bytes, peak_reserved_bytes, peak_waste_bytes, peak_logical_bytes,
-            peak_cached_idle_bytes: maxima over every instant of the run (in-step peaks: a request that finishes in
-            a step counts in it; waste only while some sequence holds tokens), peaks ('at any instant', or 'at step
-            ends (older trace)' for traces without in-step samples), peak_used_end_of_step_bytes / peak_reserved_end_of_step_bytes
-            (maxima of the end-of-step samples alone), retained_end_bytes (bytes still reserved after the last
-            step: VMM pages kept mapped by deferred reclamation; not waste), mean_waste_fraction (mean over steps
-            that end with tokens held of waste / reserved), mean_used_fraction (mean used / capacity),
-            peak_nvml_bytes, peak_torch_bytes (None without samples)
+            peak_cached_idle_bytes: maxima over every instant of the run (in-step peaks: a request that finishes
+            in a step counts in it; waste only while some sequence holds tokens); peaks ('at any instant', or 'at
+            step ends (older trace)' for traces without in-step samples); peak_used_end_of_step_bytes and
+            peak_reserved_end_of_step_bytes (maxima of the end-of-step samples alone); retained_end_bytes (bytes
+            still reserved after the last step: VMM pages kept mapped by deferred reclamation, not waste);
+            mean_waste_fraction (mean over steps that end with tokens held of waste / reserved);
+            mean_used_fraction (mean used / capacity); peak_nvml_bytes, peak_torch_bytes (None without samples)
 sharing     sharing_saved_bytes_peak (max over steps of logical - used), prefix_hit_tokens (prompt tokens served
             from the prefix cache at requests' first admissions: hits at re-admissions after a preemption and at
             late admissions of forked samples excluded),
@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 
 from kvscope.analysis._events import DRIVER_KINDS, cached, column, count, mask, requests_meta, select, step_clock
+from kvscope.analysis.memory import has_in_step_peaks, memory_timeline
+from kvscope.analysis.requests import first_admission_hits, request_lifetimes
 from kvscope.events import Kind
 
 
@@ -61,8 +63,6 @@ def event_counts(trace) -> pd.DataFrame:
 
 
 def _build(trace) -> dict[str, Any]:
-    from kvscope.analysis.memory import has_in_step_peaks, memory_timeline
-    from kvscope.analysis.requests import first_admission_hits, request_lifetimes
 
     meta = trace.meta
     tl = memory_timeline(trace)

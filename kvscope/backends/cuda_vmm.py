@@ -15,6 +15,9 @@ releasing before freeing address space. `inject_fault` (SimMemory's, through bas
 any of the seven driver operations fail before it reaches the driver, to test the allocator's rollback.
 """
 
+# This module is longer than 400 lines: every CUDA driver call it makes is wrapped, timed, made fault-injectable
+# and undone on failure here, next to the books of what the driver holds, so that close() can give back exactly that.
+
 from __future__ import annotations
 
 import ctypes

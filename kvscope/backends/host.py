@@ -177,7 +177,7 @@ class HostMemory(SimMemory):
             try:
                 os.ftruncate(self._fd, offset + size)
             except OSError as e:
-                raise self._error("ftruncate", e.errno) from None
+                raise self._error("ftruncate", e.errno or 0) from None
             self._file_size = offset + size
         self._serial += 1
         return HostPage(self._serial, offset, size)

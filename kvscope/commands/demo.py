@@ -170,7 +170,7 @@ def comparison_table(frame):
     from rich.table import Table
     from rich.text import Text
 
-    from kvscope.commands.summary import format_value
+    from kvscope.present.rows import format_value
 
     # Text cells: labels come from trace metadata and must print literally, not as Rich markup.
     table = Table(title="peak KV memory per allocator (same workload, same budget)")

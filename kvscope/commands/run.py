@@ -9,11 +9,41 @@ Prints where the trace went and one line of results. Bad options end with one li
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the engine is a heavy import; commands import only argparse at top level
     from kvscope.engine.api import RunConfig
     from kvscope.workload import Request
+
+
+class _Lazy:
+    """argparse choices looked up when argparse first asks for them (an option given, --help, an error): the parser
+    of every `kvscope` command is built at start-up, and the allocator registry imports every allocator."""
+
+    def __init__(self, load: Callable[[], tuple[str, ...]]) -> None:
+        self._load = load
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._load()
+
+
+def _allocator_names() -> tuple[str, ...]:
+    from kvscope.alloc import registry
+
+    return registry.names()
+
+
+def _attention_modes() -> tuple[str, ...]:
+    from kvscope.engine.cuda_options import ATTENTION_MODES
+
+    return ATTENTION_MODES
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -29,7 +59,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     w.add_argument("--seed", type=int, default=0, help="seed of the workload generator and the model weights")
 
     e = p.add_argument_group("engine")
-    e.add_argument("--allocator", "-a", choices=("static", "paged", "vmm"), default="paged")
+    e.add_argument("--allocator", "-a", choices=_Lazy(_allocator_names), default="paged")
     e.add_argument(
         "--device",
         "-d",
@@ -52,7 +82,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     e.add_argument("--chunked-prefill", action="store_true", help="split long prompts across steps")
     e.add_argument(
         "--attention",
-        choices=("triton", "sdpa"),
+        choices=_Lazy(_attention_modes),
         default="triton",
         help="cuda: attention kernels (sdpa: torch SDPA on the contiguous K/V of static and vmm)",
     )
@@ -131,7 +161,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     ):
         if given and cfg.device != "cuda":
             raise ValueError(f"{flag} applies to --device cuda, not {cfg.device}")
-    # 0 must not mean "the default": RunConfig's consumers read a falsy page size as 2 MiB.
+    # 0 must not mean "the default" (it used to run with 2 MiB pages): one line here, before any allocator runs.
     if cfg.page_size is not None and cfg.page_size < 1:
         raise ValueError(f"--page-size: must be positive, got {args.page_size}")
     cfg.spec()  # model and --layers, before any workload is generated
@@ -215,9 +245,9 @@ def check_memory(cfg: RunConfig, kv_memory: str | None) -> None:
 
 
 def check_workload_memory(requests: list[Request], workload: str) -> None:
-    """The scheduler builds every arrived request's prompt token ids (int32), and each sample's output ids when it is
-    admitted, even for requests it then rejects as longer than --max-len: refuse a workload whose ids alone cannot
-    fit (a thousand 16M-token prompts are 64 GiB) before the run starts building them."""
+    """The scheduler builds the prompt token ids (int32) of every arrived request that fits --max-len, and each
+    sample's output ids when it is admitted: refuse a workload whose ids alone cannot fit (a thousand 16M-token
+    prompts are 64 GiB) before the run starts building them (counting every request: an upper bound)."""
     from kvscope.units import check_host_memory
 
     tokens = sum(r.prompt_len + r.n * r.output_len for r in requests)

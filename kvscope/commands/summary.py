@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import argparse
 
+# The rows and their formats are the presentation layer's: every surface shows the same.
+from kvscope.present.rows import summary_columns
+
+__all__ = ["add_parser", "add_salvage_flag", "load_traces", "run", "summary_table"]
+
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("traces", nargs="+", metavar="TRACE", help="trace file(s) (.kvtrace)")
@@ -71,73 +76,6 @@ def _json_default(value):
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-# (key, label, how to show it); None rows are section rules. The HTML report shows the same rows (kvscope.report).
-SUMMARY_ROWS: list[tuple[str, str, str] | None] = [
-    ("label", "run", "str"),
-    ("device", "device", "device"),
-    ("model", "model", "str"),
-    ("bytes_per_token", "KV bytes / token", "bytes"),
-    ("capacity_bytes", "KV capacity", "bytes"),
-    None,
-    ("requests", "requests", "int"),
-    ("finished", "finished", "int"),
-    ("rejected", "rejected", "int"),
-    ("unfinished", "unfinished at end", "int"),
-    ("forks", "forked sequences", "int"),
-    ("steps", "steps", "int"),
-    ("generated_tokens", "generated tokens", "int"),
-    ("tokens_per_s", "generated tokens / s", "rate"),
-    ("run_time_s", "run time", "time"),
-    None,
-    ("peak_used_bytes", "peak used", "bytes"),
-    ("peak_reserved_bytes", "peak reserved", "bytes"),
-    ("peak_waste_bytes", "peak waste", "bytes"),
-    ("retained_end_bytes", "retained after the last step", "bytes"),
-    ("peaks", "peaks taken", "str"),
-    ("mean_waste_fraction", "mean waste / reserved", "pct"),
-    ("peak_cached_idle_bytes", "peak cached-idle", "bytes"),
-    ("sharing_saved_bytes_peak", "peak sharing savings", "bytes"),
-    ("prefix_hit_tokens", "prefix-cache hit tokens", "int"),
-    ("prefix_hit_rate", "prefix-cache hit rate", "pct"),
-    None,
-    ("preemptions", "preemptions", "int"),
-    ("recomputed_tokens", "recomputed tokens", "int"),
-    ("ooms", "allocation failures (OOM)", "int"),
-    ("evictions", "prefix-cache evictions", "int"),
-    ("driver_calls", "VMM driver calls", "int"),
-    ("driver_ms", "VMM driver time", "ms"),
-    ("events", "events", "int"),
-    ("truncated", "cut off", "bool"),
-]
-
-
-def format_value(summary: dict, key: str, how: str) -> str:
-    from kvscope.units import format_bytes
-
-    value = summary.get(key)
-    if value is None:
-        return "-"
-    if how == "bytes":
-        return format_bytes(value)
-    if how == "int":
-        return f"{int(value):,}"
-    if how == "pct":
-        return f"{100 * float(value):.1f}%"
-    if how == "rate":
-        return f"{float(value):,.1f}"
-    if how == "time":
-        clock = " (simulated)" if summary.get("clock") == "sim" else ""
-        return f"{float(value):.3f} s{clock}"
-    if how == "ms":
-        return f"{float(value):.2f} ms"
-    if how == "bool":
-        return "yes" if value else "no"
-    if how == "device":
-        name = summary.get("device_name")
-        return f"{value} ({name})" if name and name != value else str(value)
-    return str(value)
-
-
 def summary_table(summaries: list[dict], names: list[str]):
     from rich.table import Table
     from rich.text import Text
@@ -148,10 +86,10 @@ def summary_table(summaries: list[dict], names: list[str]):
     table.add_column("", style="bold")
     for name in names:
         table.add_column(Text(name), justify="right")
-    for row in SUMMARY_ROWS:
+    for row in summary_columns(summaries):
         if row is None:
             table.add_section()
             continue
-        key, label, how = row
-        table.add_row(Text(label), *(Text(format_value(s, key, how)) for s in summaries))
+        label, values = row
+        table.add_row(Text(label), *(Text(value) for value in values))
     return table

@@ -16,20 +16,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvscope import runmeta
+from kvscope.alloc import registry
+from kvscope.alloc.base import Closable, KVAllocator, MapsAhead
+from kvscope.alloc.registry import BuildContext
+from kvscope.backends.cuda_vmm import CudaMemory
+from kvscope.backends.host import HostMemory
+from kvscope.backends.sim import SimMemory
+from kvscope.engine.base import Executor, ExecutorOptions
 from kvscope.engine.costmodel import GPUCostModel
+from kvscope.engine.cuda_options import CudaOptions
 from kvscope.engine.engine import Engine, RunStats
-from kvscope.engine.executor import ExecutorOptions, check_device, make_executor
+from kvscope.engine.executor import check_device, make_executor
 from kvscope.engine.scheduler import SchedulerConfig
 from kvscope.recorder import NullRecorder, Recorder
 from kvscope.spec import KVSpec, get_spec
+from kvscope.trace import Trace, load_trace, trace_from_recorder
 from kvscope.workload import Request
 
-ALLOCATORS = ("static", "paged", "vmm")
+ALLOCATORS = registry.names()  # the built-in ones; registry.names() also lists allocators registered later
 DEVICES = ("sim", "cpu", "cuda")
 DEFAULT_MODEL = {"sim": "llama-3-8b", "cpu": "tiny", "cuda": "llama-3-8b"}
 DEFAULT_KV_MEMORY = {"sim": 16 << 30, "cpu": 256 << 20, "cuda": 16 << 30}
 DEFAULT_SWAP_SPACE = 4 << 30  # vLLM's default swap_space
-ATTENTION_MODES = ("triton", "sdpa")  # the cuda executor's attention implementations
 
 
 @dataclass
@@ -54,9 +63,9 @@ class RunConfig:
     eager_pages: int | None = None
     deferred_reclaim: bool = True
     static_variant: str | None = None
-    # executor options (ExecutorOptions.extra; the cuda executor reads them, the sim and cpu executors ignore them)
-    attention: str = "triton"  # triton | sdpa (torch SDPA on the contiguous K/V of static and vmm)
-    background_map: bool = True  # vmm: map the next step's pages on a thread during the forward pass
+    # cuda executor options (kvscope.engine.cuda_options.CudaOptions; the sim and cpu executors have none)
+    attention: str = "triton"  # triton | sdpa (torch SDPA on the contiguous K/V of row-addressed allocators)
+    background_map: bool = True  # allocators that map memory (vmm): map the next step's pages during the forward pass
     # debugging
     shadow: bool = False
     check_invariants: bool = False
@@ -77,35 +86,17 @@ class RunConfig:
 
     def validate(self) -> None:
         """One-line ValueError for options that make no sense together."""
-        if self.allocator not in ALLOCATORS:
-            raise ValueError(f"--allocator {self.allocator}: choose from {', '.join(ALLOCATORS)}")
+        entry = registry.get(self.allocator)
         if self.kv_bytes <= 0:
             raise ValueError(f"--kv-memory: must be positive, got {self.kv_bytes}")
-        only = {
-            "paged": [
-                ("--block-size", self.block_size is not None),
-                ("--prefix-caching", self.prefix_caching),
-                ("--preemption swap", self.preemption == "swap"),
-                ("--swap-space", self.swap_space is not None),
-            ],
-            "vmm": [
-                ("--page-size", self.page_size is not None),
-                ("--megacache", self.megacache),
-                ("--eager-pages", self.eager_pages is not None),
-                ("--no-deferred-reclaim", not self.deferred_reclaim),
-            ],
-            "static": [("--static-variant", self.static_variant is not None)],
-        }
-        for alloc, options in only.items():
-            for flag, given in options:
-                if given and self.allocator != alloc:
-                    raise ValueError(f"{flag} applies to --allocator {alloc}, not {self.allocator}")
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"--attention {self.attention}: choose from {', '.join(ATTENTION_MODES)}")
-        if self.attention == "sdpa" and self.allocator == "paged":
-            raise ValueError("--attention sdpa applies to --allocator static or vmm (contiguous K/V), not paged")
-        if not self.background_map and self.allocator != "vmm":
-            raise ValueError(f"--no-background-map applies to --allocator vmm, not {self.allocator}")
+        registry.check_options(self.allocator, self)
+        CudaOptions(attention=self.attention)  # a known attention implementation
+        if self.attention == "sdpa" and entry.addressing == "blocks":
+            contiguous = [e.name for e in registry.entries().values() if e.addressing != "blocks"]
+            raise ValueError(
+                f"--attention sdpa applies to --allocator {' or '.join(contiguous)} (contiguous K/V), "
+                f"not {self.allocator}"
+            )
         if self.swap_space is not None and self.preemption != "swap":
             raise ValueError("--swap-space needs --preemption swap")
         SchedulerConfig(self.max_len, self.max_batch, self.max_tokens_per_step, self.chunked_prefill, self.preemption)
@@ -119,8 +110,17 @@ class RunConfig:
             preemption=self.preemption,
         )
 
-    def engine_config(self) -> dict[str, Any]:
-        d = {
+    def executor_options(self, allocator: KVAllocator) -> ExecutorOptions:
+        """What the executor is built from; background mapping only where the allocator can map ahead."""
+        cuda = CudaOptions(
+            attention=self.attention, background_map=self.background_map and isinstance(allocator, MapsAhead)
+        )
+        return ExecutorOptions(seed=self.seed, shadow=self.shadow, cuda=cuda)
+
+    def engine_config(self, options: ExecutorOptions) -> dict[str, Any]:
+        """meta['engine_config']: the scheduler's settings, the KV and swap memory, the clock, and the cost model
+        (sim) or the cuda executor's options (cuda)."""
+        d: dict[str, Any] = {
             "max_len": self.max_len,
             "max_batch": self.max_batch,
             "max_tokens_per_step": self.max_tokens_per_step,
@@ -134,14 +134,12 @@ class RunConfig:
         if self.device == "sim":
             d["cost_model"] = self.cost_model.to_dict()
         elif self.device == "cuda":
-            d.update(self.executor_extra())
+            d.update(options.cuda.to_dict())
         return d
 
-    def executor_extra(self) -> dict[str, Any]:
-        """ExecutorOptions.extra: the options only the device executors read."""
-        return {"attention": self.attention, "background_map": self.background_map and self.allocator == "vmm"}
-
     def swap_bytes(self) -> int:
+        """The CPU swap pool: --swap-space, else vLLM's 4 GiB default capped at the KV memory; 0 unless preempting by
+        swap."""
         if self.preemption != "swap":
             return 0
         return self.swap_space if self.swap_space is not None else min(DEFAULT_SWAP_SPACE, self.kv_bytes)
@@ -154,58 +152,31 @@ class RunResult:
     path: Path | None
     recorder: Recorder
 
-    def trace(self):
+    def trace(self) -> Trace:
         """The recorded trace: loaded from the file, or built from the in-memory recorder."""
-        from kvscope.trace import load_trace, trace_from_recorder
-
         return load_trace(self.path) if self.path is not None else trace_from_recorder(self.recorder)
 
 
 def make_backend(device: str) -> Any:
-    """Physical memory for the VMM allocator: bookkeeping on sim, real mmap'd pages on cpu, CUDA VMM on cuda."""
+    """Physical memory for allocators that map it: bookkeeping on sim, real mmap'd pages on cpu, CUDA VMM on cuda."""
     if device == "sim":
-        from kvscope.backends.sim import SimMemory
-
         return SimMemory()
     if device == "cpu":
-        from kvscope.backends.host import HostMemory
-
         return HostMemory()
-    from kvscope.backends.cuda_vmm import CudaMemory
-
     return CudaMemory()
 
 
-def make_allocator(cfg: RunConfig, spec: KVSpec, recorder: Any, backend: Any = None) -> Any:
-    if cfg.allocator == "paged":
-        from kvscope.alloc.paged import PagedAllocator
-
-        return PagedAllocator(
-            spec,
-            cfg.kv_bytes,
-            recorder,
-            block_size=cfg.block_size or 16,
-            enable_prefix_caching=cfg.prefix_caching,
-            cpu_swap_bytes=cfg.swap_bytes(),
-        )
-    if cfg.allocator == "static":
-        from kvscope.alloc.static import StaticAllocator
-
-        return StaticAllocator(spec, cfg.kv_bytes, recorder, max_len=cfg.max_len, variant=cfg.static_variant or "max")
-    from kvscope.alloc.vmm import DEFAULT_PAGE_SIZE, VMMAllocator
-
-    return VMMAllocator(
-        spec,
-        cfg.kv_bytes,
-        recorder,
-        backend=backend,
-        max_batch=cfg.max_batch,
+def make_allocator(cfg: RunConfig, spec: KVSpec, recorder: Recorder, backend: Any = None) -> KVAllocator:
+    """The allocator `cfg` names, built by its registry entry from its own options (kvscope.alloc.registry)."""
+    context = BuildContext(
+        spec=spec,
+        capacity_bytes=cfg.kv_bytes,
+        recorder=recorder,
         max_len=cfg.max_len,
-        page_size=cfg.page_size or DEFAULT_PAGE_SIZE,
-        megacache=cfg.megacache,
-        eager_pages=cfg.eager_pages or 0,
-        deferred_reclaim=cfg.deferred_reclaim,
+        max_batch=cfg.max_batch,
+        backend=backend,
     )
+    return registry.get(cfg.allocator).make(context, cfg)
 
 
 def requests_table(requests: SequenceABC[Request]) -> dict[str, list]:
@@ -236,8 +207,6 @@ def record_run(
     is built and before the first step (tests use it to reach the executor or the allocator).
     Raises ValueError / UserError (one line) for bad options, KeyboardInterrupt through (the trace is then cut off
     but readable)."""
-    from kvscope import runmeta
-
     cfg = cfg or RunConfig()
     cfg.validate()
     check_device(cfg.device)
@@ -256,20 +225,20 @@ def record_run(
             "command": command if command is not None else runmeta.command_line(),
         },
     )
-    backend = make_backend(cfg.device) if cfg.allocator == "vmm" else None
-    allocator = executor = None
+    backend = make_backend(cfg.device) if registry.get(cfg.allocator).needs_backend else None
+    allocator: KVAllocator | None = None
+    executor: Executor | None = None
     try:
         allocator = make_allocator(cfg, spec, recorder, backend)
-        executor = make_executor(
-            cfg.device, spec, allocator, ExecutorOptions(seed=cfg.seed, shadow=cfg.shadow, extra=cfg.executor_extra())
-        )
+        options = cfg.executor_options(allocator)
+        executor = make_executor(cfg.device, spec, allocator, options)
         meta = {
             "allocator_config": allocator.config(),
             "device_name": (
                 runmeta.device_name("sim", cfg.cost_model.name) if cfg.device == "sim" else executor.device_name()
             ),
             "versions": runmeta.versions(cfg.device),
-            "engine_config": cfg.engine_config(),
+            "engine_config": cfg.engine_config(options),
             "workload": workload or {"name": "requests", "source": "python", "requests": len(requests)},
             "requests": requests_table(requests),
         }
@@ -296,7 +265,7 @@ def record_run(
     finally:
         if executor is not None:
             executor.close()
-        if allocator is not None and hasattr(allocator, "close"):
+        if isinstance(allocator, Closable):
             allocator.recorder = NullRecorder()  # teardown (unmapping, releasing) is not part of the run
             allocator.close()
         if backend is not None:

@@ -4,7 +4,7 @@ A step reads every weight once (decode is memory-bound), reads the K/V of every 
 writes the new tokens' K/V, and does 2 FLOPs per parameter per token plus the attention FLOPs. Its time is the larger
 of (bytes / achievable bandwidth) and (FLOPs / achievable compute), plus a fixed per-step overhead (scheduling and
 kernel launches). The constants are an H100 SXM's; efficiencies turn datasheet peaks into what good kernels reach
-(REFERENCE.md: ~3.0 TB/s of the 3.35 TB/s datasheet figure for copies and SDPA decode).
+(~3.0 TB/s of the 3.35 TB/s datasheet figure, what copies and SDPA decode reach on an H100 SXM).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from kvscope.spec import KVSpec
 class GPUCostModel:
     name: str = "H100 SXM 80GB, roofline model"
     hbm_bandwidth: float = 3.35e12  # bytes/s, datasheet
-    bandwidth_efficiency: float = 0.9  # ~3.0 TB/s achieved (REFERENCE.md)
+    bandwidth_efficiency: float = 0.9  # ~3.0 TB/s achieved
     peak_flops: float = 989e12  # dense bf16 tensor-core FLOP/s, datasheet
     flops_efficiency: float = 0.6  # a good prefill reaches ~55-65% of peak
     step_overhead_ns: int = 100_000  # scheduling + kernel launches per step (with CUDA graphs for decode)

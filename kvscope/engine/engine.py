@@ -23,9 +23,12 @@ from collections.abc import Sequence as SequenceABC
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from kvscope.alloc.base import KVAllocator, emit_peaks, emit_usage, step_peaks
+from kvscope.engine.base import Executor
 from kvscope.engine.costmodel import GPUCostModel, ModelCosts, StepCost, step_time_ns
-from kvscope.engine.executor import Executor
 from kvscope.engine.scheduler import Scheduler, SchedulerConfig
 from kvscope.events import Kind
 from kvscope.recorder import Recorder, defer_sigint
@@ -189,9 +192,6 @@ class _ProgressBar:
     """rich progress on stderr: requests done / total, steps, events per second; refreshed a few times a second."""
 
     def __init__(self, total: int) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         self._progress = Progress(
             TextColumn("[bold]requests"),
             BarColumn(),

@@ -1,50 +1,22 @@
 """Executors run a step's forward pass; one per device, found by name in a registry.
 
-The engine calls, per step: `execute(plan)` (drain the allocator's pending copies, then compute the batch), then
-`after_step(forked, released)` (bookkeeping only). An executor reads where K/V live from the allocator
-(`block_table(seq)` for paged, `token_base(seq)` for static and vmm) and never changes allocator state.
-
     sim   SimExecutor: no tensors; the engine's cost model supplies the step time.
     cpu   TorchExecutor (kvscope.engine.torch_executor) on CPU tensors: a Llama-shaped model with random weights.
     cuda  CudaExecutor (kvscope.engine.cuda_executor): the same model, attention through the Triton kernels.
 
-A new device plugs in with `register_executor(name, factory)`; the factory gets (spec, allocator, options) and
-returns an Executor.
+The protocol they serve (Executor, ExecutorOptions, ExecResult) is kvscope.engine.base's. A new device plugs in with
+`register_executor(name, factory)`; the factory gets (spec, allocator, options) and returns an Executor. The torch
+executors are imported only when their device is asked for (torch is a heavy import).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
-
+from kvscope import cudainfo
 from kvscope.alloc.base import KVAllocator
-from kvscope.engine.scheduler import Sequence, StepPlan
+from kvscope.engine.base import ExecResult, Executor, ExecutorFactory, ExecutorOptions
+from kvscope.engine.step import StepPlan
+from kvscope.errors import UserError
 from kvscope.spec import KVSpec
-
-
-@dataclass
-class ExecResult:
-    kernel_ns: int = 0  # device time of the forward pass (CUDA events); 0 when not timed on a device
-    kv_bytes_read: int = 0  # K/V bytes attention read
-
-
-@dataclass
-class ExecutorOptions:
-    seed: int = 0
-    shadow: bool = False  # keep a contiguous copy of every sequence's K/V and check attention against it
-    shadow_tolerance: float = 1e-4
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Executor(Protocol):
-    device: str  # sim | cpu | cuda
-    measured: bool  # True: the engine's clock advances by measured step time; False: by the cost model
-
-    def execute(self, plan: StepPlan) -> ExecResult: ...
-    def after_step(self, forked: list[tuple[int, int]], released: list[int]) -> None: ...
-    def device_name(self) -> str: ...
-    def close(self) -> None: ...
 
 
 class SimExecutor:
@@ -73,23 +45,20 @@ class SimExecutor:
         pass
 
 
-ExecutorFactory = Callable[[KVSpec, KVAllocator, ExecutorOptions], Executor]
-
-
 def _make_sim(spec: KVSpec, allocator: KVAllocator, options: ExecutorOptions) -> Executor:
     return SimExecutor(spec, allocator, options)
 
 
 def _make_cpu(spec: KVSpec, allocator: KVAllocator, options: ExecutorOptions) -> Executor:
-    from kvscope.engine.torch_executor import TorchExecutor
+    from kvscope.engine.torch_executor import TorchExecutor  # torch
 
     return TorchExecutor(spec, allocator, options, device="cpu")
 
 
 def _make_cuda(spec: KVSpec, allocator: KVAllocator, options: ExecutorOptions) -> Executor:
-    from kvscope.engine.cuda_executor import make_cuda_executor
+    from kvscope.engine.cuda_executor import CudaExecutor  # torch (and triton when the kernels run)
 
-    return make_cuda_executor(spec, allocator, options)
+    return CudaExecutor(spec, allocator, options, device="cuda")
 
 
 EXECUTORS: dict[str, ExecutorFactory] = {"sim": _make_sim, "cpu": _make_cpu, "cuda": _make_cuda}
@@ -101,14 +70,10 @@ def register_executor(device: str, factory: ExecutorFactory) -> None:
 
 def check_device(device: str) -> None:
     """Raise UserError (one line) when `device` is unknown or cannot run on this machine."""
-    from kvscope.cli import UserError
-
     if device not in EXECUTORS:
         raise UserError(f"--device {device}: unknown device (choose from {', '.join(EXECUTORS)})")
     if device == "cuda":
-        from kvscope.cudainfo import probe
-
-        info = probe()
+        info = cudainfo.probe()  # through the module: tests stand in for the probe
         if not info.available:
             raise UserError(f"--device cuda: {info.reason}")
 
@@ -125,7 +90,6 @@ __all__ = [
     "ExecResult",
     "Executor",
     "ExecutorOptions",
-    "Sequence",
     "SimExecutor",
     "check_device",
     "make_executor",

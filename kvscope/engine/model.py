@@ -27,7 +27,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 
 
 class LlamaModel:
-    """Weights as plain tensors (no nn.Module: nothing here is trained)."""
+    """Weights as plain tensors (no nn.Module: nothing here is trained). The torch and cuda executors both build this
+    one model: the same seed on the same device gives the same weights, drawn there in the model's dtype."""
 
     def __init__(
         self, spec: KVSpec, *, seed: int = 0, device: str | torch.device = "cpu", rope_theta: float = 10000.0

@@ -4,8 +4,9 @@ Every step, in this order:
   1. running sequences, in admission order: a decoding one appends its last generated token (1 token of the step's
      token budget); a chunked prefill in progress takes what is left of the budget after all decodes. When an append
      does not fit (the allocator records OOM), the most recently admitted running sequence is preempted (recompute:
-     freed and requeued at the front with prompt + generated tokens as its new prompt; swap, paged only: its blocks
-     go to the CPU pool and it waits in the swapped queue) until the append fits or the sequence preempted itself.
+     freed and requeued at the front with prompt + generated tokens as its new prompt; swap, Swappable allocators
+     (paged): its KV goes to the CPU pool and it waits in the swapped queue) until the append fits or the sequence
+     preempted itself.
      A sequence that cannot grow even when it runs alone can never finish: it is rejected (REJECT).
   2. if nothing was preempted in this step: swapped sequences come back first (FIFO), then new requests are admitted
      first-come first-served while the allocator has room (`can_admit`), the batch is below `max_batch` and the
@@ -13,9 +14,10 @@ Every step, in this order:
      chunked prefill a prompt longer than the whole budget is still admitted when it is the step's first prefill.
      The budget check counts the whole prompt: prefix-cache hits are only known after admission.
 
-Memory semantics (ARCHITECTURE.md contract): a request with prompt P and output O holds P tokens after its prefill
-step (which also generates output token 1) and one more after every decode step; it finishes after O generated
-tokens holding P + O - 1, and its memory is released at the end of that step (FINISH, then `allocator.free`).
+Memory semantics (a contract: the analyses' numbers depend on it): a request with prompt P and output O holds P
+tokens after its prefill step (which also generates output token 1) and one more after every decode step; it
+finishes after O generated tokens holding P + O - 1, and its memory is released at the end of that step (FINISH,
+then `allocator.free`).
 With n > 1 samples, the first sample's sequence forks n - 1 children at the end of its prefill step (FORK); every
 sample then generates O tokens. Fork children get sequence ids after all requests' (len(requests) + counter).
 
@@ -27,81 +29,18 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence as SequenceABC
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from kvscope.alloc.base import KVAllocator, KVOutOfMemory
+from kvscope.alloc.base import KVAllocator, KVOutOfMemory, Swappable
+from kvscope.engine.step import FINISHED, NO_TOKENS, REJECTED, RUNNING, SWAPPED, WAITING, Sequence, StepPlan, Work
 from kvscope.events import Kind
 from kvscope.recorder import Recorder
 from kvscope.workload import Request
 
-# Sequence status
-WAITING, RUNNING, SWAPPED, FINISHED, REJECTED = "waiting", "running", "swapped", "finished", "rejected"
-
-
-@dataclass(slots=True, eq=False)
-class Sequence:
-    """One sample of one request, as the scheduler tracks it."""
-
-    id: int
-    request: Request
-    sample: int
-    prompt: np.ndarray  # tokens to hold before generating: the prompt, plus generated ones after a recompute
-    final_len: int  # P + O - 1: tokens held when it finishes
-    held: int = 0  # tokens whose K/V the allocator holds
-    generated: int = 0
-    status: str = WAITING
-    pending_forks: bool = False  # n > 1 and the children are not forked yet
-    output: np.ndarray | None = None  # all O generated token ids of this sample, filled when admitted
-    parent: int = -1  # the sequence this one was forked from
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.held < len(self.prompt)
-
-    def output_ids(self) -> np.ndarray:
-        if self.output is None:
-            self.output = self.request.output_tokens(self.sample, 0, self.request.output_len)
-        return self.output
-
-
-@dataclass(slots=True)
-class Work:
-    """One sequence's share of a step: K/V for `tokens` are appended at positions start.. start+len(tokens)-1."""
-
-    seq: Sequence
-    start: int
-    tokens: np.ndarray
-    prefill: bool
-    samples: bool  # the step yields a new token for this sequence (a decode, or the last chunk of a prefill)
-    hit: int = 0  # prefix-cache hit tokens served at admission (positions 0..hit-1 already hold K/V)
-    fresh: bool = False  # the sequence was (re)admitted in this step: it holds nothing but its prefix-cache hits
-
-
-@dataclass
-class StepPlan:
-    work: list[Work] = field(default_factory=list)
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
-    kv_tokens_read: int = 0  # context tokens attention reads, over the batch
-    attn_pairs: int = 0  # causal (query, key) pairs, over the batch
-    preempted: int = 0
-
-    @property
-    def tokens(self) -> int:
-        return self.prefill_tokens + self.decode_tokens
-
-    def add(self, w: Work) -> None:
-        n = len(w.tokens)
-        if w.prefill:
-            self.prefill_tokens += n
-        else:
-            self.decode_tokens += n
-        end = w.start + n
-        self.kv_tokens_read += end
-        self.attn_pairs += n * w.start + n * (n + 1) // 2
-        self.work.append(w)
+# Sequence, Work and StepPlan are kvscope.engine.step's; they are named here too, where the scheduler's users look.
+__all__ = ["Scheduler", "SchedulerConfig", "Sequence", "StepPlan", "Work"]
 
 
 @dataclass(frozen=True)
@@ -110,7 +49,7 @@ class SchedulerConfig:
     max_batch: int = 256
     max_tokens_per_step: int = 8192
     chunked_prefill: bool = False
-    preemption: str = "recompute"  # or "swap" (allocators with swap_out)
+    preemption: str = "recompute"  # or "swap" (Swappable allocators)
 
     def __post_init__(self) -> None:
         for name in ("max_len", "max_batch", "max_tokens_per_step"):
@@ -124,13 +63,15 @@ class Scheduler:
     def __init__(
         self, requests: SequenceABC[Request], allocator: KVAllocator, recorder: Recorder, config: SchedulerConfig
     ) -> None:
-        if config.preemption == "swap" and not hasattr(allocator, "swap_out"):
-            raise ValueError(f"preemption swap: the {allocator.name} allocator cannot swap (use --allocator paged)")
+        self.swapper: Swappable | None = None  # the allocator, when preempting by swap
+        if config.preemption == "swap":
+            if not isinstance(allocator, Swappable):
+                raise ValueError(f"preemption swap: the {allocator.name} allocator cannot swap (use --allocator paged)")
+            self.swapper = allocator
         self.requests = list(requests)
         self.alloc = allocator
         self.rec = recorder
         self.cfg = config
-        self.swap = config.preemption == "swap"
         self.sequences: dict[int, Sequence] = {}
         # Requests in arrival order (ties: workload order) with their arrival in ns.
         order = sorted(range(len(self.requests)), key=lambda i: self.requests[i].arrival)
@@ -176,10 +117,12 @@ class Scheduler:
             r = self.requests[i]
             self.rec.emit(Kind.ARRIVE, seq=i, n=r.prompt_len, aux=r.output_len)
             final_len = r.prompt_len + r.output_len - 1
-            s = Sequence(i, r, 0, r.prompt_tokens(), final_len, pending_forks=r.n > 1)
+            too_long = final_len > self.cfg.max_len  # checked first: a rejected request's ids are never built
+            prompt = NO_TOKENS if too_long else r.prompt_tokens()
+            s = Sequence(i, r, 0, prompt, final_len, pending_forks=r.n > 1)
             self.sequences[i] = s
             self._req_of[i] = i
-            if final_len > self.cfg.max_len:
+            if too_long:
                 self._reject(s)
             else:
                 self.waiting.append(s)
@@ -259,17 +202,19 @@ class Scheduler:
         return True
 
     def _resume_swapped(self, plan: StepPlan, budget_left: int) -> int:
-        alloc = self.alloc
+        alloc, swapper = self.alloc, self.swapper
+        if swapper is None:  # nothing is ever swapped out
+            return budget_left
         while self.swapped and len(self.running) < self.cfg.max_batch:
             s = self.swapped[0]
-            if not alloc.can_swap_in(s.id):
+            if not swapper.can_swap_in(s.id):
                 if not self.running:  # even an empty GPU cannot take it back
                     self.swapped.popleft()
                     self._reject(s, admitted=True)
                     continue
                 break
             self.swapped.popleft()
-            alloc.swap_in(s.id)
+            swapper.swap_in(s.id)
             s.status = RUNNING
             self.running.append(s)
             # Its step: one decode token, or the next prefill chunk, when the budget and memory allow.
@@ -400,9 +345,10 @@ class Scheduler:
     # ---- lifecycle helpers ------------------------------------------------------------------------------------
     def _preempt(self, s: Sequence) -> None:
         self.preemptions += 1
-        if self.swap and self.alloc.can_swap_out(s.id):
+        swapper = self.swapper
+        if swapper is not None and swapper.can_swap_out(s.id):
             self.rec.emit(Kind.PREEMPT, seq=s.id, n=s.held, aux=1)
-            self.alloc.swap_out(s.id)
+            swapper.swap_out(s.id)
             s.status = SWAPPED
             self.swapped.append(s)
             return
@@ -420,7 +366,7 @@ class Scheduler:
         self.alloc.free(s.id)
         self.released.append(s.id)
         s.status = FINISHED
-        s.output = None
+        s.output = NO_TOKENS
         self._count_finished(s)
 
     def _count_finished(self, s: Sequence) -> None:
@@ -437,7 +383,7 @@ class Scheduler:
             self.alloc.free(s.id)
             self.released.append(s.id)
         s.status = REJECTED
-        s.output = None
+        s.output = NO_TOKENS
         req = self._req_of[s.id]
         if not self._rejected_req[req]:
             self._rejected_req[req] = True

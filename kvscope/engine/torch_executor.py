@@ -15,12 +15,15 @@ import numpy as np
 import torch
 
 from kvscope.alloc.base import KVAllocator
+from kvscope.engine.base import ExecResult, ExecutorOptions
 from kvscope.engine.costmodel import ModelCosts
-from kvscope.engine.executor import ExecResult, ExecutorOptions
 from kvscope.engine.layout import make_layout
 from kvscope.engine.model import LlamaModel, attention
-from kvscope.engine.scheduler import StepPlan, Work
+from kvscope.engine.step import StepPlan, Work
+from kvscope.errors import UserError
+from kvscope.runmeta import cpu_name
 from kvscope.spec import KVSpec
+from kvscope.units import format_bytes
 
 MAX_WEIGHT_BYTES = {"cpu": 4 << 30, "cuda": 200 << 30}
 SINGLE_THREAD_MAX_HIDDEN = 1024
@@ -36,8 +39,6 @@ class TorchExecutor:
     def __init__(
         self, spec: KVSpec, allocator: KVAllocator, options: ExecutorOptions | None = None, *, device: str = "cpu"
     ) -> None:
-        from kvscope.cli import UserError
-
         options = options or ExecutorOptions()
         weights = ModelCosts.from_spec(spec).weight_bytes
         if weights > MAX_WEIGHT_BYTES.get(device, 0):
@@ -56,13 +57,13 @@ class TorchExecutor:
             if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
                 raise
             raise UserError(
-                f"--kv-memory: could not allocate the KV tensors on {device} ({str(e).splitlines()[0]}); "
-                "use a smaller --kv-memory"
+                f"--kv-memory {format_bytes(allocator.usage().capacity)}: could not allocate the KV tensors on "
+                f"{device} ({str(e).splitlines()[0]}); use a smaller --kv-memory"
             ) from None
         self.bytes_per_token = spec.bytes_per_token
         self.tolerance = options.shadow_tolerance
-        # seq -> per layer [k, v], contiguous [tokens, kv_heads, head_dim]
-        self.shadow: dict[int, list[list[torch.Tensor]]] | None = {} if options.shadow else None
+        # seq -> per layer [k, v], contiguous [tokens, kv_heads, head_dim] (None until the layer's first tokens)
+        self.shadow: dict[int, list[list[torch.Tensor | None]]] | None = {} if options.shadow else None
         self.max_shadow_error = 0.0
         self.shadow_checks = 0  # attention outputs compared with the shadow
         self.last_logits: torch.Tensor | None = None
@@ -101,16 +102,12 @@ class TorchExecutor:
         if self.shadow is None:
             return
         for parent, child in forked:
-            self.shadow[child] = [[k.clone(), v.clone()] for k, v in self.shadow[parent]]
+            self.shadow[child] = [[_clone(k), _clone(v)] for k, v in self.shadow[parent]]
         for seq in released:
             self.shadow.pop(seq, None)
 
     def device_name(self) -> str:
-        if self._cuda:
-            return torch.cuda.get_device_name(self.torch_device)
-        from kvscope.runmeta import cpu_name
-
-        return cpu_name()
+        return torch.cuda.get_device_name(self.torch_device) if self._cuda else cpu_name()
 
     def close(self) -> None:
         self.layout.close()
@@ -180,7 +177,8 @@ class TorchExecutor:
     def _shadow_prefix(self, w: Work) -> None:
         """A (re)admitted sequence starts a new shadow; prefix-cache hits are recomputed into it from token ids."""
         seq = w.seq.id
-        self.shadow[seq] = [[None, None] for _ in range(self.spec.num_layers)]  # type: ignore[list-item]
+        assert self.shadow is not None
+        self.shadow[seq] = [[None, None] for _ in range(self.spec.num_layers)]
         if w.hit == 0:
             return
         ids = torch.from_numpy(w.seq.prompt[: w.hit].astype(np.int64)).to(self.torch_device)
@@ -196,13 +194,16 @@ class TorchExecutor:
     def _shadow_append(
         self, seq: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.shadow is not None
         entry = self.shadow[seq][layer]
-        have = 0 if entry[0] is None else entry[0].shape[0]
+        sk, sv = entry
+        have = 0 if sk is None else sk.shape[0]
         if have != start:
             raise ShadowMismatch(f"seq {seq} layer {layer}: shadow holds {have} tokens, the step writes at {start}")
-        entry[0] = k.clone() if entry[0] is None else torch.cat([entry[0], k])
-        entry[1] = v.clone() if entry[1] is None else torch.cat([entry[1], v])
-        return entry[0], entry[1]
+        sk = k.clone() if sk is None else torch.cat([sk, k])
+        sv = v.clone() if sv is None else torch.cat([sv, v])
+        entry[0], entry[1] = sk, sv
+        return sk, sv
 
     def _compare(self, got: torch.Tensor, ref: torch.Tensor, layer: int, seq: int) -> None:
         err = float((got.float() - ref.float()).abs().max())
@@ -213,6 +214,10 @@ class TorchExecutor:
                 f"seq {seq} layer {layer}: attention through the {self.alloc.name} layout differs from the "
                 f"contiguous reference by {err:.3g} (tolerance {self.tolerance:g})"
             )
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
 
 
 class _DecodeBatch:

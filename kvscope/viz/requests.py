@@ -1,5 +1,10 @@
-"""Request lifetimes: when each request waited and when it held KV memory (Gantt-like); for many requests, the
-same picture aggregated into request groups x step bins."""
+"""Request lifetimes: when each request waited, ran and was swapped out (Gantt-like); for many requests, the same
+picture aggregated into request groups x step bins.
+
+The phases drawn are kvscope.analysis.requests.request_phases(trace): the same ones request_occupancy counts and the
+Perfetto export's "requests" counter shows, so every surface has one definition of waiting and running. The figure
+only places them.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from kvscope.analysis.requests import PHASE_COLUMNS, lifetime_phases
 from kvscope.viz._common import MAX_GANTT_REQUESTS, base_layout, empty_figure, esc, numeric, truncate
 from kvscope.viz._common import require_columns as _require
 from kvscope.viz.palette import COUNT_SCALE, state_color, state_label
@@ -24,47 +30,55 @@ LIFETIME_COLUMNS = [
     "prefix_hit_tokens",
 ]
 TITLE = "Request lifetimes"
+SWAPPED_LABEL = "swapped out (KV on the CPU)"
 _MAX_GROUPS = 120
 _MAX_STEP_BINS = 400
 
 
-def _intervals(df: pd.DataFrame, last_step: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(arrive, admit, end, finished) in steps. A request holds KV through its finish step, so `end` is
-    finish + 1; one still running (or never admitted) at the end of the trace is drawn up to `last_step` + 1."""
-    arrive = numeric(df["arrive_step"])
-    admit = numeric(df["admit_step"])
-    finish = numeric(df["finish_step"])
-    finished = np.isfinite(finish) & (finish >= 0)
-    admitted = np.isfinite(admit) & (admit >= 0)
-    end = np.where(finished, finish + 1, last_step + 1)
-    admit = np.where(admitted, admit, end)  # never admitted: waited until it finished (rejected) or the trace ended
-    arrive = np.where(np.isfinite(arrive) & (arrive >= 0), arrive, admit)
-    return arrive, admit, end, finished
-
-
 def request_lifetimes_figure(
     lifetimes: pd.DataFrame,
+    phases: pd.DataFrame | None = None,
     *,
     title: str = TITLE,
     last_step: int | None = None,
     max_requests: int = MAX_GANTT_REQUESTS,
 ) -> go.Figure:
-    """Input: analysis.requests.request_lifetimes(trace). Up to `max_requests` requests: one row each (ordered by
-    arrival), a waiting bar from arrival to admission and a running bar from admission to finish; preempted
-    requests' running bars are hatched. Hover: request id, seq, prompt/output lengths, steps, preemptions,
-    prefix-cache hits. More requests: a heat map of request groups x step bins coloured by the share of the
-    group's requests holding KV (hover adds the share waiting)."""
+    """Input: analysis.requests.request_lifetimes(trace) (one row per sequence: the rows, their order and hover)
+    and analysis.requests.request_phases(trace) (the bars: one per waiting, running or swapped phase; without it,
+    analysis.requests.lifetime_phases(lifetimes), which cannot see preemptions). Up to `max_requests` sequences:
+    one row each (ordered by arrival, a forked sample under its request), a bar per phase; running bars of
+    preempted sequences are hatched, and phases still open when the trace ends are drawn through `last_step`
+    (default: the last step the frames name) as unfinished. Hover: request id, seq, prompt/output lengths, steps,
+    preemptions, prefix-cache hits. More sequences: a heat map of request groups x step bins coloured by the share
+    of the group's sequences running (hover adds the share waiting)."""
     _require(lifetimes, LIFETIME_COLUMNS, "request lifetimes")
     if lifetimes.empty:
         return empty_figure(title, "no requests in this trace")
     df = _arrival_order(lifetimes)
-    steps = np.concatenate([numeric(df[c]) for c in ("arrive_step", "admit_step", "finish_step")])
+    if phases is None:
+        phases = lifetime_phases(lifetimes, last_step)
+    _require(phases, PHASE_COLUMNS, "request phases")
+    row_of = pd.Series(np.arange(len(df)), index=df["seq"].to_numpy())
+    phases = phases[phases["seq"].isin(row_of.index)]
+    start = numeric(phases["start_step"])
+    stop = numeric(phases["end_step"])
     if last_step is None:
+        steps = np.concatenate([numeric(df[c]) for c in ("arrive_step", "admit_step", "finish_step")] + [stop - 1])
         finite = steps[np.isfinite(steps)]
         last_step = int(finite.max()) if finite.size else 0
+    is_open = phases["open"].to_numpy(bool)
+    bars = pd.DataFrame(
+        {
+            "row": row_of.reindex(phases["seq"]).to_numpy(),
+            "phase": phases["phase"].astype(str).to_numpy(),
+            "start": start,
+            "stop": np.where(is_open, np.maximum(stop, last_step + 1), stop),
+            "open": is_open,
+        }
+    )
     if len(df) > max_requests:
-        return _aggregated(df, title, float(last_step))
-    return _gantt(df, title, float(last_step))
+        return _aggregated(df, bars, title, float(last_step))
+    return _gantt(df, bars, title)
 
 
 def _arrival_order(lifetimes: pd.DataFrame) -> pd.DataFrame:
@@ -86,9 +100,7 @@ def _what(df: pd.DataFrame) -> str:
     return f"{n} requests" if forks == 0 else f"{n - forks} requests, {n} sequences"
 
 
-def _gantt(df: pd.DataFrame, title: str, last_step: float) -> go.Figure:
-    arrive, admit, end, finished = _intervals(df, last_step)
-    rows = np.arange(len(df))
+def _gantt(df: pd.DataFrame, bars: pd.DataFrame, title: str) -> go.Figure:
     preempted = numeric(df["preemptions"]) > 0
     ids = [esc(truncate(str(v), 60)) for v in df["request_id"]]
     info = np.stack(
@@ -115,32 +127,38 @@ def _gantt(df: pd.DataFrame, title: str, last_step: float) -> go.Figure:
     hover += "<extra>%{fullData.name}</extra>"
     bar_width = 0.8 if len(df) <= 200 else 1.0
     fig = go.Figure()
+    row = bars["row"].to_numpy()
+    start, stop = bars["start"].to_numpy(), bars["stop"].to_numpy()
 
-    def add(mask: np.ndarray, start: np.ndarray, stop: np.ndarray, state: str, name: str, pattern: str = "") -> None:
+    def add(mask: np.ndarray, state: str, name: str, pattern: str = "") -> None:
         if not mask.any():
             return
+        rows = row[mask]
         fig.add_trace(
             go.Bar(
-                y=rows[mask],
+                y=rows,
                 base=start[mask],
                 x=(stop - start)[mask],
                 orientation="h",
                 name=name,
                 width=bar_width,
                 marker=dict(color=state_color(state), line=dict(width=0), pattern=dict(shape=pattern)),
-                text=[ids[i] for i in np.flatnonzero(mask)],
+                text=[ids[i] for i in rows],
                 textposition="none",
-                customdata=info[mask],
+                customdata=info[rows],
                 hovertemplate=hover,
             )
         )
 
-    waited = admit > arrive
-    add(waited, arrive, admit, "waiting", state_label("waiting"))
-    running = end > admit
-    add(running & finished & ~preempted, admit, end, "running", state_label("running"))
-    add(running & finished & preempted, admit, end, "running", "running, preempted at least once", "x")
-    add(running & ~finished, admit, end, "unfinished", state_label("unfinished"))
+    phase = bars["phase"].to_numpy()
+    is_open = bars["open"].to_numpy()
+    running = phase == "running"
+    was_preempted = preempted[row]
+    add(phase == "waiting", "waiting", state_label("waiting"))
+    add(running & ~is_open & ~was_preempted, "running", state_label("running"))
+    add(running & ~is_open & was_preempted, "running", "running, preempted at least once", "x")
+    add(running & is_open, "unfinished", state_label("unfinished"))
+    add(phase == "swapped", "swapped", SWAPPED_LABEL)
     base_layout(
         fig,
         f"{title} ({_what(df)})",
@@ -159,7 +177,7 @@ def _gantt(df: pd.DataFrame, title: str, last_step: float) -> go.Figure:
         legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0.3),
     )
     if len(df) <= 40:
-        fig.update_yaxes(tickmode="array", tickvals=rows, ticktext=ids)
+        fig.update_yaxes(tickmode="array", tickvals=np.arange(len(df)), ticktext=ids)
     return fig
 
 
@@ -171,22 +189,25 @@ def _occupancy(start: np.ndarray, stop: np.ndarray, edges: np.ndarray) -> np.nda
     return np.diff(cover)
 
 
-def _aggregated(df: pd.DataFrame, title: str, last_step: float) -> go.Figure:
-    arrive, admit, end, _ = _intervals(df, last_step)
+def _aggregated(df: pd.DataFrame, bars: pd.DataFrame, title: str, last_step: float) -> go.Figure:
     n = len(df)
     groups = min(_MAX_GROUPS, n)
     bounds = np.linspace(0, n, groups + 1).round().astype(int)
-    first = float(np.nanmin(arrive))
+    first = float(bars["start"].min()) if len(bars) else 0.0
     width = max(1, int(np.ceil((last_step + 1 - first) / _MAX_STEP_BINS)))
     edges = np.arange(first, last_step + 1 + width, width, dtype=float)
     bin_len = np.diff(edges)
-    running = np.empty((groups, len(edges) - 1))
-    waiting = np.empty_like(running)
+    running = np.zeros((groups, len(edges) - 1))
+    waiting = np.zeros_like(running)
+    group_of = np.searchsorted(bounds, bars["row"].to_numpy(), side="right") - 1
+    phase = bars["phase"].to_numpy()
+    start, stop = bars["start"].to_numpy(), bars["stop"].to_numpy()
     for g in range(groups):
-        a, b = bounds[g], bounds[g + 1]
-        size = (b - a) * bin_len
-        running[g] = _occupancy(admit[a:b], end[a:b], edges) / size
-        waiting[g] = _occupancy(arrive[a:b], admit[a:b], edges) / size
+        size = (bounds[g + 1] - bounds[g]) * bin_len
+        mine = group_of == g
+        for name, out in (("running", running), ("waiting", waiting)):
+            m = mine & (phase == name)
+            out[g] = _occupancy(start[m], stop[m], edges) / size
     percents = np.stack([np.rint(100 * running), np.rint(100 * waiting)], axis=2).astype("uint8")
     fig = go.Figure(
         go.Heatmap(
