@@ -475,3 +475,25 @@ def test_every_request_finishes_or_is_rejected_with_exact_lengths(options, workl
     if stats.rejected_requests == 0:
         assert stats.generated_tokens == sum(r.output_len * r.n for r in requests)
     np.testing.assert_array_equal(kind(ev, Kind.STEP)["step"].to_numpy(), np.arange(stats.steps))
+
+
+def test_teardown_closes_the_backend_even_when_the_allocator_close_fails(monkeypatch):
+    """A failed unmap at the allocator's close must not leave the backend's reservations behind."""
+    from kvscope.alloc.vmm import VMMAllocator
+    from kvscope.backends.sim import SimMemory
+
+    closed = []
+    real_close = SimMemory.close
+
+    def boom(self):
+        raise RuntimeError("injected: unmap failed at close")
+
+    def track(self):
+        closed.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(VMMAllocator, "close", boom)
+    monkeypatch.setattr(SimMemory, "close", track)
+    with pytest.raises(RuntimeError, match="injected"):
+        run(reqs((5, 2)), allocator="vmm", page_size=4096)
+    assert len(closed) == 1

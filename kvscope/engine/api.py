@@ -10,6 +10,7 @@ whoever made it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
@@ -263,16 +264,23 @@ def record_run(
         recorder.abort()
         raise
     finally:
-        if executor is not None:
-            executor.close()
-        if isinstance(allocator, Closable):
-            allocator.recorder = NullRecorder()  # teardown (unmapping, releasing) is not part of the run
-            allocator.close()
-        if backend is not None:
-            backend.close()
+        _tear_down(executor, allocator, backend)
     return RunResult(
         stats=stats, meta=dict(recorder.meta), path=Path(path) if path is not None else None, recorder=recorder
     )
+
+
+def _tear_down(executor: Any, allocator: Any, backend: Any) -> None:
+    """Close the executor, then the allocator, then the backend, each even if an earlier one raised (a failed
+    unmap must not leave the backend's reservations behind); an error is raised once all three have run."""
+    with contextlib.ExitStack() as stack:
+        if backend is not None:
+            stack.callback(backend.close)
+        if isinstance(allocator, Closable):
+            allocator.recorder = NullRecorder()  # teardown (unmapping, releasing) is not part of the run
+            stack.callback(allocator.close)
+        if executor is not None:
+            stack.callback(executor.close)
 
 
 __all__ = ["RunConfig", "RunResult", "make_allocator", "make_backend", "record_run", "requests_table"]
