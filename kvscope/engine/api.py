@@ -276,8 +276,9 @@ def _tear_down(executor: Any, allocator: Any, backend: Any) -> None:
     with contextlib.ExitStack() as stack:
         if backend is not None:
             stack.callback(backend.close)
-        if isinstance(allocator, Closable):
+        if allocator is not None:
             allocator.recorder = NullRecorder()  # teardown (unmapping, releasing) is not part of the run
+        if isinstance(allocator, Closable):
             stack.callback(allocator.close)
         if executor is not None:
             stack.callback(executor.close)
