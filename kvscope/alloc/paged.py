@@ -36,14 +36,26 @@ sequences by recompute instead (`can_swap_out` says which way to go). Swapped se
 (their tokens are not in GPU memory). vLLM v1 has no swapping (nor forks and copy-on-write); those paths keep the
 rules above for the blocks they free and take.
 
+Eviction policy (`eviction`, `--eviction`; off by default): a policy of kvscope.policies that needs nothing but the
+order of releases and hits replaces the LRU order of `_idle` (kvscope.policies.engine.IdleQueue); only which
+cached-idle block an allocation evicts changes. Without it the books above are vLLM's, block for block.
+
+CPU tier (`cpu_cache_bytes`, `--cpu-cache`; Pensieve's second tier, off by default): a block evicted from the GPU
+prefix cache is copied to a CPU block (BLOCK_OFFLOAD after its BLOCK_EVICT; the tier drops its least recently used
+block when full, BLOCK_TIER_DROP) and a prefix lookup that misses on the GPU continues in the tier: a block found
+there is copied back into a newly taken GPU block (BLOCK_ALLOC, BLOCK_CACHE, BLOCK_RELOAD) and counts as a hit. The
+tier's CPU blocks come after the swap pool's in `num_cpu_blocks`, the CPU pool the executors' layouts allocate, and
+its copies are queued as 'swap_out' / 'swap_in', so cpu and cuda runs move the real K/V; the sim clock charges PCIe
+time for them (kvscope.engine.api.PCIeClock). Without a tier no code path changes.
+
 Data movement is queued in `pending_copies` (Copy 'block' for copy-on-write, 'swap_out' GPU->CPU, 'swap_in'
 CPU->GPU) and the executor must drain it, in order, before the next forward pass writes K/V: a block freed by a
 swap-out may be handed to another sequence in the same step.
 """
 
 # This module is longer than 400 lines: vLLM's block pool rules (lookup, revival, free queue, eviction order),
-# copy-on-write, swapping and the registry entry share one set of books, and every rule is next to the books it
-# changes; the invariants at the end check them all together.
+# copy-on-write, swapping, the CPU tier and the registry entry share one set of books, and every rule is next to
+# the books it changes; the invariants at the end check them all together.
 
 from __future__ import annotations
 
@@ -59,6 +71,7 @@ import numpy as np
 from kvscope.alloc.base import Copy, HighWater, KVOutOfMemory, Usage
 from kvscope.alloc.registry import AllocatorEntry, BuildContext, Option, register
 from kvscope.events import Kind
+from kvscope.policies.engine import IdleQueue, make_idle_queue
 from kvscope.recorder import NullRecorder, Recorder
 from kvscope.spec import KVSpec
 from kvscope.units import check_host_memory, check_int, format_bytes
@@ -108,7 +121,8 @@ class PagedAllocator:
     """vLLM 0.33's v1 block pool as kvscope's books (the module docstring gives the rules it follows).
 
     Options: `block_size` (tokens per block), `enable_prefix_caching` (on by default in vLLM v1; off here unless
-    asked for), `cpu_swap_bytes` (a CPU block pool for swap preemption, which vLLM v1 does not have).
+    asked for), `cpu_swap_bytes` (a CPU block pool for swap preemption, which vLLM v1 does not have), `eviction`
+    (a prefix-cache eviction policy; None: vLLM's LRU), `cpu_cache_bytes` (the prefix cache's CPU tier).
 
     Deliberate deviations from vLLM:
     - no null block: ids start at 0 (vLLM's id = ours + 1) and all `num_blocks` blocks are usable, so a vLLM pool of
@@ -130,10 +144,16 @@ class PagedAllocator:
         enable_prefix_caching: bool = False,
         cpu_swap_bytes: int = 0,
         hit_prefers_active: bool = False,
+        eviction: str | None = None,
+        cpu_cache_bytes: int = 0,
     ) -> None:
         capacity_bytes = check_int("paged allocator: capacity_bytes", capacity_bytes, 0)
         block_size = check_int("paged allocator: block_size", block_size, 1)
         cpu_swap_bytes = check_int("paged allocator: cpu_swap_bytes", cpu_swap_bytes, 0)
+        cpu_cache_bytes = check_int("paged allocator: cpu_cache_bytes", cpu_cache_bytes, 0)
+        for flag, given in (("--eviction", eviction is not None), ("--cpu-cache", cpu_cache_bytes > 0)):
+            if given and not enable_prefix_caching:
+                raise ValueError(f"{flag} needs --prefix-caching (without it no block stays cached)")
         self.spec = spec
         self.recorder = recorder if recorder is not None else NullRecorder()
         self.block_size = block_size
@@ -147,7 +167,14 @@ class PagedAllocator:
                 f"paged allocator: capacity {capacity_bytes} bytes is less than one block "
                 f"({block_size} tokens x {self.bytes_per_token} bytes = {self.block_bytes} bytes)"
             )
-        self.num_cpu_blocks = cpu_swap_bytes // self.block_bytes
+        self.num_swap_blocks = cpu_swap_bytes // self.block_bytes
+        self.num_tier_blocks = cpu_cache_bytes // self.block_bytes
+        if cpu_cache_bytes and not self.num_tier_blocks:
+            raise ValueError(
+                f"--cpu-cache {format_bytes(cpu_cache_bytes)}: less than one block ({format_bytes(self.block_bytes)})"
+            )
+        # The CPU pool the layouts allocate (kvscope.engine.layout): the swap blocks, then the CPU tier's.
+        self.num_cpu_blocks = self.num_swap_blocks + self.num_tier_blocks
         # Every block is a Python object in lists: refuse a pool whose books alone would not fit in RAM.
         check_host_memory(
             self.num_blocks * _BLOCK_BOOKKEEPING_BYTES + self.num_cpu_blocks * _CPU_BLOCK_BOOKKEEPING_BYTES,
@@ -160,9 +187,20 @@ class PagedAllocator:
         self._blocks = [_Block(i) for i in range(self.num_blocks)]
         # vLLM's one free queue, split where it always splits: never-hashed blocks in front, cached-idle ones behind.
         self._free: deque[int] = deque(range(self.num_blocks))
-        self._idle: OrderedDict[int, None] = OrderedDict()  # cached-idle blocks, least recently used first
+        self._idle: OrderedDict[int, None] | IdleQueue = OrderedDict()  # cached-idle blocks, least recently used first
+        self.eviction = eviction
+        if eviction is not None:  # an eviction policy picks _take's victim (kvscope.policies.engine); None: vLLM's LRU
+            self._idle = make_idle_queue(eviction, self.num_blocks, lambda b: self._blocks[b].hash)
         self._cached: dict[bytes, dict[int, None]] = {}  # hash -> blocks carrying it (active or idle), oldest first
-        self._cpu_free: list[int] = list(range(self.num_cpu_blocks - 1, -1, -1))  # stack: lowest id on top
+        self._cpu_free: list[int] = list(range(self.num_swap_blocks - 1, -1, -1))  # stack: lowest id on top
+        # The CPU tier (Pensieve's second tier; None without --cpu-cache): hash -> CPU block, least recently used
+        # first. Blocks evicted from the GPU prefix cache are copied here; a lookup that misses on the GPU finds them
+        # and copies them back. Exclusive: a block moves back, it is not kept in both (a hash sealed again on the GPU
+        # while a copy sits here is the exception; offloading it later only refreshes the copy).
+        self._tier: OrderedDict[bytes, int] | None = OrderedDict() if self.num_tier_blocks else None
+        self._tier_free: list[int] = list(range(self.num_cpu_blocks - 1, self.num_swap_blocks - 1, -1))
+        self.tier_in_bytes = 0  # bytes copied CPU tier -> GPU so far (the sim clock charges PCIe time for them)
+        self.tier_out_bytes = 0  # bytes copied GPU -> CPU tier so far
         self._seqs: dict[int, _Seq] = {}
         # Prompt length at each sequence's first admission (prefix caching only). A recompute preemption re-admits
         # with prompt + generated tokens; hits on those generated tokens' cached blocks are shared like any other,
@@ -182,9 +220,17 @@ class PagedAllocator:
             "block_size": self.block_size,
             "num_blocks": self.num_blocks,
             "prefix_caching": self.prefix_caching,
-            "cpu_blocks": self.num_cpu_blocks,
+            "cpu_blocks": self.num_swap_blocks,
             "block_bytes": self.block_bytes,
-        } | ({"hit_prefers_active": True} if self.hit_prefers_active else {})  # default configs stay as they were
+        } | {  # default configs stay as they were
+            k: v
+            for k, v in (
+                ("hit_prefers_active", self.hit_prefers_active or None),
+                ("eviction", self.eviction),
+                ("cpu_cache_blocks", self.num_tier_blocks or None),
+            )
+            if v is not None
+        }
 
     @property
     def num_free_blocks(self) -> int:
@@ -267,9 +313,12 @@ class PagedAllocator:
         return hit
 
     def _share_cached_prefix(self, seq: int, s: _Seq, prompt: np.ndarray) -> int:
-        for h, block in self._lookup(prompt):  # chain order, head first, as vLLM's touch
-            self._share(seq, s, block)
-            s.hashes.append(h)
+        if self._tier is None:
+            for h, block in self._lookup(prompt):  # chain order, head first, as vLLM's touch
+                self._share(seq, s, block)
+                s.hashes.append(h)
+        else:
+            self._share_tiered(seq, s, prompt)
         hit = len(s.table) * self.block_size
         s.tokens = hit
         self._logical += hit
@@ -277,6 +326,60 @@ class PagedAllocator:
         if prompt_hit:
             self.recorder.emit(Kind.PREFIX_HIT, seq=seq, n=prompt_hit)
         return hit
+
+    def _share_tiered(self, seq: int, s: _Seq, prompt: np.ndarray) -> None:
+        """The longest prefix cached on the GPU or in the CPU tier, block by block in chain order: a GPU block is
+        shared, a CPU one copied back into a new block (which may evict, and offload, another: looked up again at
+        each block, so a block that this moved to the CPU is found there). Stops at the first block in neither, and
+        never covers the last prompt token."""
+        bs = self.block_size
+        tier = self._tier
+        assert tier is not None
+        parent = _ROOT_HASH
+        for i in range((len(prompt) - 1) // bs):
+            h = block_hash(parent, prompt[i * bs : (i + 1) * bs])
+            block = self._cached_block(h)
+            if block is not None:
+                self._share(seq, s, block)
+            elif h in tier:
+                self._reload(seq, s, h)
+            else:
+                break
+            s.hashes.append(h)
+            parent = h
+
+    def _reload(self, seq: int, s: _Seq, h: bytes) -> None:
+        """A CPU-tier hit: a new GPU block, the copy back queued, the block cached under its hash again."""
+        assert self._tier is not None
+        cpu = self._tier.pop(h)  # its slot is reused only after the copy back is queued (copies run in order)
+        block = self._alloc(seq, s)
+        block.fill = self.block_size
+        self._active_fill += self.block_size
+        self.pending_copies.append(Copy("swap_in", cpu, block.id))
+        self._tier_free.append(cpu)
+        self.tier_in_bytes += self.block_bytes
+        self._register(seq, block, h)
+        self.recorder.emit(
+            Kind.BLOCK_RELOAD, seq=seq, block=block.id, addr=cpu, bytes=self.block_bytes, aux=hash_prefix(h)
+        )
+
+    def _offload(self, block_id: int, h: bytes) -> None:
+        """A block just evicted from the GPU prefix cache goes to the CPU tier, whose least recently used block is
+        dropped when it is full (BLOCK_TIER_DROP). A hash already there is only refreshed: the copy is the same."""
+        tier = self._tier
+        assert tier is not None
+        if h in tier:
+            tier.move_to_end(h)
+            return
+        if not self._tier_free:
+            old, slot = tier.popitem(last=False)
+            self.recorder.emit(Kind.BLOCK_TIER_DROP, addr=slot, bytes=self.block_bytes, aux=hash_prefix(old))
+            self._tier_free.append(slot)
+        cpu = self._tier_free.pop()
+        tier[h] = cpu
+        self.pending_copies.append(Copy("swap_out", block_id, cpu))
+        self.tier_out_bytes += self.block_bytes
+        self.recorder.emit(Kind.BLOCK_OFFLOAD, block=block_id, addr=cpu, bytes=self.block_bytes, aux=hash_prefix(h))
 
     # ---- growth --------------------------------------------------------------------------------------------------
     def _blocks_needed(self, s: _Seq, n: int) -> tuple[int, bool]:
@@ -362,6 +465,10 @@ class PagedAllocator:
             self._evict(block)
             block.fill = 0
             self._free.append(block.id)
+        while self._tier:  # the CPU tier is forgotten too (nothing is offloaded on a reset)
+            old, slot = self._tier.popitem(last=False)
+            self.recorder.emit(Kind.BLOCK_TIER_DROP, addr=slot, bytes=self.block_bytes, aux=hash_prefix(old))
+            self._tier_free.append(slot)
         self._note()
         return True
 
@@ -427,7 +534,10 @@ class PagedAllocator:
         if self._free:
             return self._blocks[self._free.popleft()]
         block = self._blocks[self._idle.popitem(last=False)[0]]
+        h = block.hash
         self._evict(block)
+        if self._tier is not None and h is not None:
+            self._offload(block.id, h)
         return block
 
     def _evict(self, block: _Block) -> None:
@@ -608,7 +718,14 @@ class PagedAllocator:
         assert self._logical == logical, "logical token count out of step"
         assert len(cpu_held) == len(set(cpu_held)), "a CPU block is held twice"
         assert not set(cpu_held) & set(self._cpu_free), "a held CPU block is also free"
-        assert len(cpu_held) + len(self._cpu_free) == self.num_cpu_blocks, "CPU blocks lost"
+        assert len(cpu_held) + len(self._cpu_free) == self.num_swap_blocks, "CPU blocks lost"
+        if self._tier is not None:
+            slots = list(self._tier.values())
+            assert len(set(slots)) == len(slots), "a CPU tier block holds two hashes"
+            assert not set(slots) & set(self._tier_free), "a CPU tier block is both held and free"
+            assert sorted(slots + self._tier_free) == list(range(self.num_swap_blocks, self.num_cpu_blocks)), (
+                "CPU tier blocks lost"
+            )
         self.usage().check()
 
 
@@ -633,6 +750,8 @@ def _build(context: BuildContext, options: Mapping[str, Any]) -> PagedAllocator:
         block_size=16 if options["block_size"] is None else options["block_size"],
         enable_prefix_caching=options["prefix_caching"],
         cpu_swap_bytes=swap_bytes(options, context.capacity_bytes),
+        eviction=options.get("eviction"),
+        cpu_cache_bytes=options.get("cpu_cache") or 0,
     )
 
 
@@ -647,6 +766,8 @@ ENTRY = register(
             Option("prefix_caching", "--prefix-caching", False),
             Option("preemption", "--preemption swap", "recompute"),
             Option("swap_space", "--swap-space"),
+            Option("eviction", "--eviction"),
+            Option("cpu_cache", "--cpu-cache"),
         ),
         legacy_label=lambda config: f"paged b{config['block_size']}",
     )
