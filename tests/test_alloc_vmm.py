@@ -234,8 +234,8 @@ def test_without_deferred_reclaim_free_unmaps_at_once():
     assert events(alloc, Kind.RECLAIM) == []
 
 
-def test_fork_takes_a_new_slot_and_queues_a_row_copy():
-    alloc = make()
+def test_fork_without_page_sharing_takes_a_new_slot_and_queues_a_row_copy():
+    alloc = make(page_sharing=False)
     alloc.admit(1, toks(40), 100)
     alloc.append(1, toks(40))
     alloc.fork(1, 2)
@@ -443,3 +443,96 @@ def test_config():
     assert cfg["megacache"] and cfg["eager_pages"] == 1 and cfg["deferred_reclaim"]
     assert (cfg["backend"], cfg["pages"], cfg["buffers"], cfg["page_size"]) == ("sim", 8, 1, PAGE)
     assert cfg["tokens_per_page"] == 8 and cfg["rows_per_slot"] == 128
+
+
+# ---- page sharing (issue 11) ---------------------------------------------------------------------------------------
+def test_a_fork_maps_the_parents_pages_and_the_first_write_copies_the_shared_half_page():
+    alloc = make()
+    alloc.admit(1, toks(40), 100)
+    alloc.append(1, toks(40))  # a full group (32 tokens a page) and 8 tokens of the next
+    alloc.fork(1, 2)
+    assert alloc.pending_copies == [] and alloc.slot_of(2) == 1
+    assert alloc.page_refs()[:8] == [2] * 8 and sum(alloc.page_refs()) == 16 and alloc.shared_pages() == 8
+    child_maps = [e for e in events(alloc, Kind.PAGE_MAP) if e["seq"] == 2]
+    assert sorted(e["block"] for e in child_maps) == list(range(8)) and {e["aux"] for e in child_maps} == {1}
+    u = checked(alloc)
+    assert (u.used, u.logical, u.reserved, u.internal) == (40 * BPT, 80 * BPT, 2 * GROUP, 2 * GROUP - 40 * BPT)
+    alloc.append(2, toks(1))  # into the shared half-full group: a fresh page per buffer first
+    cows = events(alloc, Kind.PAGE_COW)
+    assert [(e["seq"], e["aux"], e["n"]) for e in cows] == [(2, 7, 3), (2, 6, 2), (2, 5, 1), (2, 4, 0)]
+    assert alloc.pending_copies == [Copy("rows", 32, 128 + 32, 8)]  # the half page's 8 rows, from the parent
+    u = checked(alloc)
+    # Distinct: the shared full group once, each half group with its own tokens.
+    assert (u.used, u.logical, u.reserved) == ((32 + 8 + 9) * BPT, 81 * BPT, 3 * GROUP)
+    alloc.append(1, toks(1))  # the parent holds its half page alone now: no copy
+    assert len(events(alloc, Kind.PAGE_COW)) == 4 and alloc.shared_pages() == 4
+    checked(alloc)
+
+
+def test_free_unmaps_from_the_first_shared_group_and_waits_for_copies_that_read_it():
+    alloc = make()
+    alloc.admit(1, toks(40), 100)
+    alloc.append(1, toks(40))
+    alloc.fork(1, 2)
+    alloc.append(2, toks(1))  # copies the parent's half page: the parent's rows are the copy's source
+    alloc.free(1)
+    assert alloc.mapped_groups(0) == 2  # kept as it is until the executor ran the copy
+    alloc.admit(3, toks(1), 10)  # not reclaimed meanwhile: a new sequence takes another slot
+    assert alloc.slot_of(3) == 2 and not [e for e in events(alloc, Kind.RECLAIM) if e["addr"] == 0]
+    alloc.free(3)
+    alloc.pending_copies.clear()
+    checked(alloc)  # drained: the teardown runs (its first group is the child's too: everything goes)
+    assert alloc.mapped_groups(0) == 0 and alloc.page_refs()[:4] == [1] * 4
+    unmaps = [e for e in events(alloc, Kind.PAGE_UNMAP) if e["aux"] == 0]
+    assert len(unmaps) == 8
+    alloc.free(2)  # nothing shared any more: deferred reclamation keeps its pages
+    assert alloc.mapped_groups(1) == 2
+    u = checked(alloc)
+    assert u.mapped_idle == (2 + 1) * GROUP and u.used == 0  # slot 1, and slot 2 from seq 3
+
+
+@pytest.mark.parametrize(("megacache", "shared_pages"), [(False, 0), (True, 2)], ids=["per-layer", "megacache"])
+def test_only_whole_pages_stay_shared(megacache, shared_pages):
+    """The page-size trade-off: a 20-token prompt fills no 32-token page of a per-layer buffer, so once the samples
+    write, nothing is shared; megacache pages hold 8 tokens, so two of its three pages stay shared."""
+    alloc = make(megacache=megacache)
+    alloc.admit(1, toks(20), 100)
+    alloc.append(1, toks(20))
+    alloc.fork(1, 2)
+    alloc.append(1, toks(1))
+    alloc.append(2, toks(1))
+    assert alloc.shared_pages() == shared_pages
+    u = checked(alloc)
+    assert u.logical - u.used == shared_pages * (alloc.tokens_per_page * BPT if megacache else 0)
+
+
+def test_prefix_sharing_maps_the_full_page_groups_a_live_sequence_holds():
+    alloc = make(prefix_sharing=True)
+    prompt = np.arange(70)
+    assert alloc.admit(1, prompt, 100) == 0
+    alloc.append(1, prompt)  # groups 0 and 1 full (64 tokens), 6 tokens in group 2
+    other = np.concatenate([prompt[:64], np.arange(1000, 1010)])
+    assert alloc.admit(2, other, 100) == 64
+    (hit,) = events(alloc, Kind.PREFIX_HIT)
+    assert (hit["seq"], hit["n"]) == (2, 64)
+    assert alloc.num_tokens(2) == 64 and alloc.page_refs()[:8] == [2] * 8
+    alloc.append(2, other[64:])
+    u = checked(alloc)
+    assert (u.used, u.logical) == ((70 + 10) * BPT, (70 + 74) * BPT)
+    assert alloc.admit(3, np.concatenate([prompt[:40], np.arange(2000, 2030)]), 100) == 32  # differs in group 1
+    assert alloc.admit(4, prompt[:64], 100) == 32  # the last prompt token is always computed
+    alloc.free(1)  # the others keep the shared pages
+    alloc.free(3)
+    alloc.free(4)
+    assert alloc.num_tokens(2) == 74 and alloc.page_refs()[:8] == [1] * 8
+    assert alloc.admit(5, prompt, 100) == 64  # seq 2 holds the same groups: still findable
+    checked(alloc)
+
+
+def test_prefix_sharing_needs_pages_of_whole_rows():
+    spec = KVSpec("odd", 1, 3, 16, "float32", 6, 96, 128, 256)  # 192-byte rows: 4096 is not a multiple
+    with pytest.raises(ValueError, match="whole rows"):
+        VMMAllocator(spec, 1 << 20, backend=SimMemory(4096), max_batch=2, max_len=100, page_size=4096,
+                     prefix_sharing=True)  # fmt: skip
+    alloc = VMMAllocator(spec, 1 << 20, backend=SimMemory(4096), max_batch=2, max_len=100, page_size=4096)
+    assert alloc.page_sharing is False  # forks copy rows instead

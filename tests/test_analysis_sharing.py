@@ -115,3 +115,119 @@ def test_no_block_sharing_outside_paged(kind):
     assert len(fork_tree(trace)) == int(
         trace.events.loc[trace.events["kind"] == Kind.FORK.name.lower(), "seq"].nunique()
     )
+
+
+# ---- the PagedAttention paper's saving (issue 11) ------------------------------------------------------------------
+def _sim_trace(requests, **options):
+    from kvscope.engine import RunConfig, record_run
+
+    options.setdefault("model", "tiny")
+    options.setdefault("kv_memory", 1 << 20)
+    return record_run(requests, RunConfig(max_len=64, check_invariants=True, **options)).trace()
+
+
+def _parallel():
+    from kvscope.workload import Request
+
+    return [Request("a", 0.0, 20, 3, n=2)]
+
+
+@pytest.mark.parametrize(
+    ("allocator", "options", "by_step", "mean"),
+    [
+        # 16-token blocks: step 0 the two samples hold 20 tokens each in 2 + 2 blocks, shared: 2 held; step 1 the
+        # first writer copies the shared half block: 3 held of 4; step 2 they finish (nothing held at its end).
+        ("paged", {}, [(0, 2, 4), (1, 3, 4)], 1 - 5 / 8),
+        # 32-token pages per layer buffer (4 KiB, tiny's 128-byte rows): one page-group each, shared until the
+        # first write copies it (the whole prompt sits in one partly filled page).
+        ("vmm", {"page_size": 4096}, [(0, 1, 2), (1, 2, 2)], 1 - 3 / 4),
+        # megacache pages hold 8 tokens: 3 pages each, then the two full ones stay shared.
+        ("vmm", {"page_size": 4096, "megacache": True}, [(0, 3, 6), (1, 4, 6)], 1 - 7 / 12),
+        ("static", {}, [(0, 40, 40), (1, 42, 42)], 0.0),
+    ],
+    ids=["paged", "vmm", "vmm-megacache", "static"],
+)
+def test_sharing_saving_by_hand(allocator, options, by_step, mean):
+    from kvscope.analysis.sharing import sharing_saving_mean, sharing_savings
+
+    trace = _sim_trace(_parallel(), allocator=allocator, **options)
+    frame = sharing_savings(trace)
+    assert list(frame[["step", "units_with", "units_without"]].itertuples(index=False, name=None)) == by_step
+    assert sharing_saving_mean(trace) == pytest.approx(mean)
+    assert summarize(trace)["sharing_saving_mean"] == pytest.approx(mean)
+
+
+def test_sharing_saving_counts_swapped_out_sequences_as_holding_nothing_and_is_none_without_tokens():
+    from kvscope.analysis.sharing import SharingUnit, _held_units, sharing_saving_mean
+    from kvscope.workload import Request
+
+    trace = _sim_trace([Request("a", 0.0, 5, 1)])  # finishes in its prefill step: nothing held at any step end
+    assert sharing_saving_mean(trace) is None
+    assert summarize(trace)["sharing_saving_mean"] is None
+    # Swapping takes the tokens out of device memory until SWAP_IN: a forced run that swaps.
+    requests = [Request(f"r{i}", 0.0, 30, 30) for i in range(4)]
+    trace = _sim_trace(requests, preemption="swap", kv_memory=9 * 16 * 512, block_size=16)
+    ev = trace.events
+    assert (ev["kind"] == "swap_out").any()
+    held = _held_units(trace, SharingUnit("token", 512, 1, 1), memory_timeline(trace)["step"].to_numpy())
+    tl = memory_timeline(trace)
+    assert held.tolist() == (tl["logical"] // 512).tolist()  # the allocator's own count of tokens on the device
+
+
+def test_beam_search_saves_more_than_parallel_sampling_and_the_fork_tree_has_the_beams():
+    from kvscope.analysis.sharing import sharing_saving_mean
+    from kvscope.workload import Request
+
+    beams = _sim_trace([Request("a", 0.0, 20, 30, beam=4)], block_size=8)
+    samples = _sim_trace([Request("a", 0.0, 20, 30, n=4)], block_size=8)
+    assert sharing_saving_mean(beams) > sharing_saving_mean(samples) > 0
+    tree = fork_tree(beams)
+    assert (tree["depth"] > 1).any()  # beams forked from beams forked from the request: a tree, not a star
+    assert (tree["step"] > 0).any() and set(tree["root"]) == {0}
+
+
+def test_pruned_beams_end_their_lifetime_and_hold_nothing_after():
+    from kvscope.analysis.requests import request_occupancy
+    from kvscope.workload import Request
+
+    trace = _sim_trace([Request("a", 0.0, 12, 10, beam=3)], allocator="paged", block_size=4)
+    lt = request_lifetimes(trace).set_index("seq")
+    pruned = set(trace.events.loc[trace.events["kind"] == "prune", "seq"])
+    assert pruned and set(lt.index[lt["status"] == "pruned"]) == pruned
+    assert (lt["status"] == "finished").sum() == 3
+    # In a step, the beams it pruned ran in it and the beams forked at its end count from it (their first token came
+    # out of it), as parallel samples do: at most 2K - 1, never every beam ever forked; the last step has the K.
+    running = request_occupancy(trace)["running"]
+    assert running.max() <= 5 and running.iloc[-1] == 3 and len(lt) > 5
+    states = block_states(trace, int(trace.events["step"].max()) - 1)
+    assert not set(states["seqs"].str.split(",").explode()) & {str(s) for s in pruned}
+
+
+@pytest.mark.parametrize(
+    ("allocator", "options"), [("paged", {}), ("vmm", {"page_size": 4096, "kv_memory": 1 << 22}), ("static", {})]
+)
+def test_beams_count_the_tokens_they_generated_not_those_they_were_forked_with(allocator, options):
+    """K beams of O output tokens generate K x O tokens: a beam forked mid-decode inherits its parent's generated
+    tokens in its memory, but not in the run's output count (which once counted them again for every fork)."""
+    from kvscope.workload import Request
+
+    requests = [Request("a", 0.0, 20, 30, beam=4), Request("b", 0.0, 7, 12, beam=3)]
+    trace = _sim_trace(requests, allocator=allocator, **options)
+    assert (trace.events["kind"] == "fork").sum() > 7  # beams forked from beams, not only at the prefill
+    assert summarize(trace)["generated_tokens"] == 4 * 30 + 3 * 12
+
+
+@pytest.mark.slow
+def test_bench_sharing_runs_every_setting_and_writes_its_table(tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, "benchmarks")
+    import bench_sharing
+
+    out = tmp_path / "s.json"
+    assert bench_sharing.main(["--requests", "3", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert len(runs) == 2 * 6 * 3 + 3
+    by = {(r["workload"], r["setting"], r["allocator_label"]): r["sharing_saving_mean"] for r in runs}
+    assert by[("alpaca", "beam K=4", "paged")] == by[("alpaca", "beam K=4", "vmm megacache")]

@@ -48,7 +48,7 @@ SLOT_GROUPS = 3  # max_len = 3 pages' worth of tokens
 # ---- the workload ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Op:
-    kind: str  # admit | append | fork | free | ensure_room
+    kind: str  # admit | append | fork | free | ensure_room | drain (the executor runs the pending copies)
     seq: int
     pages: float = 0  # admit: the prompt, append: new tokens, ensure_room: room in all; in pages' worth of tokens
     parent: int = -1  # fork
@@ -68,11 +68,33 @@ WORKLOAD = (
     Op("admit", 5, 0.1),
     Op("free", 4),  # seq 5 stays live: close() drops it
 )
+# Page sharing (issue 11): forks map the parent's pages, the first write into a shared partly filled page copies
+# it (COW), a freed source of a pending copy waits for the drain, prompts of zeros share their full page-groups.
+SHARED_WORKLOAD = (
+    Op("admit", 1, 1.5),  # slot 0: 2 groups, the second half full
+    Op("fork", 2, parent=1),  # slot 1 maps those 8 pages: no new page
+    Op("append", 2, 0.25),  # copy-on-write of the shared half-full group (4 fresh pages), copy from slot 0
+    Op("free", 1),  # slot 0 is the pending copy's source: it waits, mapped
+    Op("drain", 0),  # the executor ran the copy: slot 0's teardown (its first group is still shared) runs
+    Op("admit", 3, 1.25),  # with prefix sharing: seq 2's first full group; else 2 fresh groups
+    Op("fork", 4, parent=3),
+    Op("append", 3, 0.5),  # copy-on-write again (seq 4 shares the group)
+    Op("append", 4, 0.5),  # seq 4 holds its group alone now: no copy
+    Op("free", 2),
+    Op("drain", 0),
+    Op("append", 3, 1),  # the pool is dry: an idle slot gives up pages
+    Op("ensure_room", 4, 2.5),
+    Op("free", 4),
+)
 CONFIGS = {
-    "deferred": {},
-    "eager": {"eager_pages": 1},
-    "no-reclaim": {"deferred_reclaim": False},
+    "deferred": {"page_sharing": False},
+    "eager": {"eager_pages": 1, "page_sharing": False},
+    "no-reclaim": {"deferred_reclaim": False, "page_sharing": False},
+    "shared": {},
+    "shared-no-reclaim": {"deferred_reclaim": False},
+    "shared-prefix": {"prefix_sharing": True, "eager_pages": 1},
 }
+WORKLOADS = {name: SHARED_WORKLOAD if name.startswith("shared") else WORKLOAD for name in CONFIGS}
 
 
 def toks(n: int) -> np.ndarray:
@@ -101,7 +123,9 @@ class ReplayCheck:
         events = Events(codes[keep], *columns)
         self.replay.apply(events, 0, len(events))
         a, r = self.alloc, self.replay
-        replayed = {p: (r.slot[p], r.offset[p], r.buffer[p]) for p in range(r.n) if r.slot[p] >= 0}
+        replayed = {
+            p: {(r.slot[p], r.offset[p], r.buffer[p]), *r.more.get(p, [])} for p in range(r.n) if r.slot[p] >= 0
+        }
         assert replayed == book_places(a), "the trace and the books disagree on mapped pages"
         assert [p for p in range(r.n) if r.live[p]] == list(range(len(a._handles))), "live pages disagree"
         owners = {a.slot_of(seq): seq for seq in a.live_sequences()}
@@ -113,22 +137,37 @@ class ReplayCheck:
         want = {pid: 2 for pid in book_places(a)}
         for seq in owners.values():
             slot = a.slot_of(seq)
-            want.update({pid: 1 for pid in a._slot_pages[slot]})
+            want.update({pid: 1 for _, pid in mapped_places(a, slot)})
             want.update({pid: 1 for g in a._strays.values() if g.slot == slot for pid in g.pages[: g.mapped]})
         assert states == want, "page states disagree"
 
 
-def book_places(a: VMMAllocator) -> dict[int, tuple[int, int, int]]:
-    """page -> (slot, byte offset in the slot's region, buffer) for every page the books say is mapped."""
+def mapped_places(a: VMMAllocator, slot: int) -> list[tuple[int, int]]:
+    """(flat index, page mapped there) for a slot's places: where a failed copy-on-write left a hole, what the
+    driver has there (nothing: left out)."""
+    out = []
+    for i, pid in enumerate(a._slot_pages[slot]):
+        hole = a._holes.get((slot, i))
+        if hole is not None:
+            if hole.current < 0:
+                continue
+            pid = hole.current
+        out.append((i, pid))
+    return out
+
+
+def book_places(a: VMMAllocator) -> dict[int, set[tuple[int, int, int]]]:
+    """page -> {(slot, byte offset in the slot's region, buffer)} for every page the books say is mapped (a shared
+    page at several places)."""
     nbuf, page = a.num_buffers, a.page_size
-    places = {}
-    for slot, pages in enumerate(a._slot_pages):
-        for i, pid in enumerate(pages):
+    places: dict[int, set[tuple[int, int, int]]] = {}
+    for slot in range(a.max_batch):
+        for i, pid in mapped_places(a, slot):
             group, b = divmod(i, nbuf)
-            places[pid] = (slot, group * page, b)
+            places.setdefault(pid, set()).add((slot, group * page, b))
     for g in a._strays.values():
         for b in range(g.mapped):
-            places[g.pages[b]] = (g.slot, g.index * page, b)
+            places.setdefault(g.pages[b], set()).add((g.slot, g.index * page, b))
     return places
 
 
@@ -177,7 +216,11 @@ def _cpu_before_close(backend: HostMemory) -> dict:
 
 def _cpu_check_closed(backend: HostMemory, before: dict) -> None:
     """After the backend's close: the memfd is closed (its number may have been reused, not by it) and unmapped."""
-    assert all(inode != before["inode"] for *_rest, inode in _proc_maps()), "a mapping of the memfd is left"
+    # Compare the inode of memfd mappings only: inode numbers are per filesystem, and a mapped library on another
+    # filesystem can carry the same number (seen once on the GPU machine's image).
+    with open("/proc/self/maps") as f:
+        memfd_inodes = {int(line.split()[4]) for line in f if "memfd:" in line}
+    assert before["inode"] not in memfd_inodes, "a mapping of the memfd is left"
     try:
         reused = os.fstat(before["fd"]).st_ino
     except OSError:
@@ -278,10 +321,12 @@ def _fits(run: Run, op: Op) -> bool:
     """Whether the op is one the workload may make: live sequences, within max_len and memory (can_admit /
     can_append). Ops that would fail for lack of memory anyway are skipped, so that every error is the fault's."""
     a, tpp = run.alloc, run.tpp
+    if op.kind == "drain":
+        return True
     if op.kind == "admit":
         return op.seq not in run.live and a.can_admit(int(op.pages * tpp), a.max_len)
     if op.kind == "fork":
-        return op.seq not in run.live and op.parent in run.live and a.can_admit(run.live[op.parent], a.max_len)
+        return op.seq not in run.live and op.parent in run.live and a.can_fork(op.parent)
     if op.seq not in run.live:
         return False
     if op.kind == "append":
@@ -301,11 +346,13 @@ def apply(run: Run, op: Op) -> None:
     before = snapshot(run)
     events_before = a.recorder.to_table().num_rows
     try:
-        if op.kind == "admit":
+        if op.kind == "drain":
+            a.pending_copies.clear()  # what an executor does once it applied them
+        elif op.kind == "admit":
             prompt = int(op.pages * tpp)
-            a.admit(op.seq, toks(prompt), a.max_len)
-            run.live[op.seq] = 0
-            a.append(op.seq, toks(prompt))  # the prefill: admit took the room, so this never needs the driver
+            hit = a.admit(op.seq, toks(prompt), a.max_len)  # prefix sharing: the full groups others hold
+            run.live[op.seq] = hit
+            a.append(op.seq, toks(prompt - hit))  # the prefill: admit took the room, so this never needs the driver
             run.live[op.seq] = prompt
         elif op.kind == "fork":
             a.fork(op.parent, op.seq)
@@ -428,12 +475,12 @@ def _close_backend(spec: Backend, backend: Any) -> None:
     spec.check_closed(backend, before)
 
 
-def call_counts(config: dict) -> Counter[str]:
+def call_counts(name: str) -> Counter[str]:
     """How often the workload makes each driver call (the same on every backend: the allocator decides)."""
-    return Counter(run_case(BACKENDS["sim"], config, None).backend.calls)
+    return Counter(run_case(BACKENDS["sim"], CONFIGS[name], None, WORKLOADS[name]).backend.calls)
 
 
-COUNTS = {name: call_counts(config) for name, config in CONFIGS.items()}
+COUNTS = {name: call_counts(name) for name in CONFIGS}
 # Each op with its natural error (OOM for reserve/create/map/set_access, BackendError for the teardown calls), plus
 # a map and a set-access that fail for another reason than memory (a bad argument, a lost context).
 FAULTS = [(op, None) for op in FAULT_OPS] + [("map", False), ("set_access", False)]
@@ -454,6 +501,16 @@ def test_the_workload_reaches_every_driver_call_and_the_interesting_paths():
     assert (table["kind"] == "reclaim").any(), "no slot reclaimed idle pages"
     assert ((table["kind"] == "page_unmap") & (table["seq"] == -1)).any(), "no idle slot gave pages up"
     assert len(case.run.alloc.live_sequences()) == 0 and case.run.errors == []
+    for name in ("shared", "shared-no-reclaim", "shared-prefix"):
+        case = run_case(BACKENDS["sim"], CONFIGS[name], None, WORKLOADS[name])
+        table = case.run.alloc.recorder.to_table().to_pandas()
+        assert (table["kind"] == "page_cow").sum() == 8, f"{name}: not two copy-on-writes of a 4-page group"
+        maps = table[table["kind"] == "page_map"]
+        assert maps.duplicated(["block"]).any(), f"{name}: no page mapped twice"
+        assert case.run.errors == []
+    table = run_case(BACKENDS["sim"], CONFIGS["shared-prefix"], None, WORKLOADS["shared-prefix"]).run
+    hits = table.alloc.recorder.to_table().to_pandas()
+    assert (hits["kind"] == "prefix_hit").any(), "no prompt shared a page-group"
     assert case_count(list(BACKENDS)) > 1000
 
 
@@ -463,7 +520,7 @@ def test_the_workload_reaches_every_driver_call_and_the_interesting_paths():
 def test_one_failure_at_every_call_index(backend, op, oom, config):
     for nth in range(1, COUNTS[config][op] + 1):
         try:
-            case = run_case(BACKENDS[backend], CONFIGS[config], (op, nth, oom))
+            case = run_case(BACKENDS[backend], CONFIGS[config], (op, nth, oom), WORKLOADS[config])
         except AssertionError as e:
             raise AssertionError(f"{backend}, {config}: {op} call {nth} fails (oom={oom}): {e}") from e
         assert case.fired, f"{op} call {nth} never failed"
@@ -476,7 +533,7 @@ def _sim_run(config: dict) -> Run:
 
 
 def test_a_failed_unmap_halfway_through_a_group_leaves_a_stray_that_a_retry_finishes():
-    run = _sim_run({})
+    run = _sim_run({"page_sharing": False})
     a = run.alloc
     for op in WORKLOAD[:4]:
         apply(run, op)
@@ -487,7 +544,8 @@ def test_a_failed_unmap_halfway_through_a_group_leaves_a_stray_that_a_retry_fini
     assert (stray.slot, stray.index, stray.mapped) == (2, 1, 3)
     assert a.mapped_groups(2) == 1 and a.num_tokens(2) == int(0.25 * run.tpp)
     run.check()  # the books say which 3 of its 4 pages are still mapped; the backend and the trace agree
-    assert a.usage().mapped_idle == 2 * a.group_bytes  # still held: slot 2's first group and the stray
+    # Still held: slot 2's first group and the stray's 3 mapped pages (the one unmapped is back in the pool).
+    assert a.usage().mapped_idle == a.group_bytes + 3 * a.page_size
     a.append(2, toks(run.tpp))  # the retry: the stray is finished first, its pages then mapped for seq 2
     run.live[2] += run.tpp
     assert not a._strays
@@ -496,7 +554,7 @@ def test_a_failed_unmap_halfway_through_a_group_leaves_a_stray_that_a_retry_fini
 
 
 def test_free_without_deferred_reclaim_frees_even_when_an_unmap_fails():
-    run = _sim_run({"deferred_reclaim": False})
+    run = _sim_run({"deferred_reclaim": False, "page_sharing": False})
     a = run.alloc
     apply(run, WORKLOAD[0])  # seq 1: 2 groups on slot 0
     run.backend.inject_fault("unmap", 6)  # the tail group goes (4 unmaps), then the first group tears after 1
@@ -512,7 +570,7 @@ def test_free_without_deferred_reclaim_frees_even_when_an_unmap_fails():
 
 
 def test_a_failed_release_at_close_is_retried_once_and_only_for_what_is_left():
-    run = _sim_run({})
+    run = _sim_run({"page_sharing": False})
     a, backend = run.alloc, run.backend
     for op in WORKLOAD[:3]:
         apply(run, op)
@@ -542,7 +600,7 @@ def test_a_failed_construction_gives_back_what_it_took():
         assert sorted(table.loc[table["kind"] == "page_release", "block"]) == created  # the trace says so too
 
 
-OPS = st.sampled_from(["admit", "append", "fork", "free", "ensure_room"])
+OPS = st.sampled_from(["admit", "append", "fork", "free", "ensure_room", "drain"])
 
 
 @settings(max_examples=60, deadline=None)
@@ -605,7 +663,7 @@ def test_gpu_one_failure_at_every_call_index_leaves_nothing_on_the_device():
             for op, oom in FAULTS:
                 for nth in range(1, COUNTS[config][op] + 1):
                     try:
-                        case = run_case(spec, CONFIGS[config], (op, nth, oom))
+                        case = run_case(spec, CONFIGS[config], (op, nth, oom), WORKLOADS[config])
                     except AssertionError as e:
                         raise AssertionError(f"cuda, {config}: {op} call {nth} fails (oom={oom}): {e}") from e
                     assert case.fired

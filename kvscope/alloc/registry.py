@@ -128,9 +128,12 @@ def label_of(allocator: str, config: Mapping[str, Any]) -> str:
 
 def check_options(allocator: str, source: Any) -> None:
     """One-line ValueError when an option of another allocator is given for `allocator`."""
+    own = entries().get(allocator)
+    own_fields = {o.field for o in own.options} if own is not None else set()  # shared options (prefix caching)
     for entry in entries().values():
         if entry.name == allocator:
             continue
         for option in entry.options:
-            if option.given(getattr(source, option.field)):
-                raise ValueError(f"{option.flag} applies to --allocator {entry.name}, not {allocator}")
+            if option.field not in own_fields and option.given(getattr(source, option.field)):
+                takers = [e.name for e in entries().values() if any(o.field == option.field for o in e.options)]
+                raise ValueError(f"{option.flag} applies to --allocator {' or '.join(takers)}, not {allocator}")
