@@ -4,7 +4,7 @@
     %kvscope show paged.kvtrace              summary table + the report's figures
     %kvscope compare paged.kvtrace vmm.kvtrace
     %kvscope report paged.kvtrace -o report.html
-    %kvscope explore paged.kvtrace           the step-slider widget (kvscope.widgets)
+    %kvscope explore paged.kvtrace           the explorer widget: map, tree, timeline on one cursor (kvscope.widgets)
 
     %%kvscope                                records every kvscope allocator built in the cell, then shows it
     alloc = PagedAllocator(get_spec("llama-3-8b"), 64 << 20, block_size=16)
@@ -32,21 +32,25 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import FileLink, display
 
 from kvscope.capture import ALLOCATOR_CLASSES, CELL_COMMAND, capture_allocators, traces_from_captured
+from kvscope.commands import lab as lab_cmd
 from kvscope.commands import report as report_cmd
 from kvscope.commands import run as run_cmd
 from kvscope.commands.summary import load_traces
 from kvscope.errors import EXIT_INTERRUPTED, describe
+from kvscope.present.explorer import TREE_KINDS
+from kvscope.present.lab import show_lab
 from kvscope.present.notebook import compare_traces, show_allocator_state, show_traces
 from kvscope.present.views import VIEWS
 from kvscope.trace import Trace
-from kvscope.widgets import EXPLORED, explore
+from kvscope.widgets import explore
 
 SUBCOMMANDS = {
     "run": "run a workload through an allocator and record a trace (options of `kvscope run`)",
     "show": "summary table and figures of trace(s)",
     "compare": "compare traces side by side",
     "report": "write a self-contained HTML report (options of `kvscope report`)",
-    "explore": "step-slider explorer widget for a trace",
+    "explore": "explorer widget: block map, sharing tree and memory timeline on one step cursor",
+    "lab": "eviction-policy lab: hit rate per policy and capacity (options of `kvscope lab`)",
 }
 CELL_HELP = (
     "%%kvscope [--no-show] [--name NAME]: run the cell, recording every kvscope allocator "
@@ -89,6 +93,7 @@ class MagicResult:
     traces: list[Trace] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
     explorer: Any = None
+    rows: Any = None  # %kvscope lab: the lab's rows (a DataFrame)
 
     @property
     def trace(self) -> Trace | None:
@@ -117,8 +122,10 @@ def build_parser() -> MagicArgumentParser:
     report_cmd.add_parser(p)
     p = sub.add_parser("explore", help=SUBCOMMANDS["explore"], description=SUBCOMMANDS["explore"])
     p.add_argument("trace", metavar="TRACE")
-    p.add_argument("--view", choices=tuple(EXPLORED), default="blocks")
     p.add_argument("--step", type=int, help="start at this step (default: the peak of reserved memory)")
+    p.add_argument("--tree", choices=tuple(TREE_KINDS), help="sharing tree (default: the first the run has)")
+    p = sub.add_parser("lab", help=SUBCOMMANDS["lab"], description=SUBCOMMANDS["lab"])
+    lab_cmd.add_parser(p)
     return parser
 
 
@@ -182,9 +189,13 @@ class KVScopeMagics(Magics):
             display(FileLink(args.output))
             return MagicResult([], [Path(args.output)])
         if args.command == "explore":
-            explorer = explore(_load([args.trace])[0], view=args.view, step=args.step)
+            explorer = explore(_load([args.trace])[0], step=args.step, tree=args.tree)
             display(explorer)
             return MagicResult([explorer.trace], [Path(args.trace)], explorer=explorer)
+        if args.command == "lab":
+            rows = lab_cmd.run_rows(args)
+            show_lab(rows)
+            return MagicResult([], [Path(args.output)] if args.output else [], rows=rows)
         build_parser().print_help()
         return None
 

@@ -1,142 +1,137 @@
-"""Notebook explorer for one trace: a step slider driving the block grid, the fragmentation map and the sharing
-graph, with a view selector.
+"""The notebook explorer of one trace: one anywidget showing the block map, the sharing tree and the memory timeline
+on one step cursor (a slider and a play button; moving the cursor redraws all three).
 
-    from kvscope.widgets import explore
-    explore("out/paged.kvtrace")          # or a loaded Trace; in a notebook the last expression displays it
+    import kvscope
+    kvscope.explore("out/paged.kvtrace")     # or a loaded Trace; a notebook displays it as a cell's result
+    %kvscope explore out/paged.kvtrace       # the same, from the magic
 
-Figures go into an ipywidgets Output (plotly's FigureWidget would need anywidget, an extra dependency); each step
-change redraws the selected view through the catalog of kvscope.present.views, the builders the report and the
-dashboard draw with.
+It works wherever anywidget does (JupyterLab, Jupyter Notebook 7, VS Code, Colab, marimo): the front end is one ES
+module (kvscope/templates/explorer.js, plain canvas and SVG drawing, nothing fetched from a CDN) and its CSS, shipped
+inside the package. Data flows one way: kvscope.present.explorer computes every payload from kvscope.analysis; the
+front end only draws. The whole-run parts (the timeline, the map's cell ranges, the prefix tree's layout) are sent
+once; moving the cursor sets the `step` trait, and this object answers with that step's `step_data` (~15 KB for a
+2,048-cell map), so a big trace never travels whole. Clicking a map cell sets `probe`; `probe_text` says what the
+cell holds at the step.
 """
 
 from __future__ import annotations
 
-import html
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
-import ipywidgets as w
-import plotly.graph_objects as go
-from IPython.display import clear_output, display
+import anywidget
+import traitlets
 
-from kvscope.analysis.memory import memory_at, step_range
-from kvscope.present.rows import format_value
-from kvscope.present.views import VIEWS as CATALOG
-from kvscope.present.views import View, start_step
+from kvscope.present.explorer import ExplorerData, default_tree
+from kvscope.present.figures import rich_frontend
 from kvscope.trace import Trace, load_trace
-from kvscope.units import format_bytes
 
-# The explorer's views (its own keys, kept from before the catalog) -> the catalog's; stepped views redraw at the
-# slider's step, whole-run views are drawn once and get a marker at it.
-EXPLORED: dict[str, str] = {"blocks": "blocks", "map": "fragmentation", "sharing": "sharing"}
-
-
-def view_label(view: View) -> str:
-    return f"{view.label} at the step" if view.stepped else f"{view.label} (whole run)"
-
-
-VIEWS: dict[str, str] = {key: view_label(CATALOG[name]) for key, name in EXPLORED.items()}
+ASSETS = Path(__file__).resolve().parent / "templates"
+ESM_PATH = ASSETS / "explorer.js"
+CSS_PATH = ASSETS / "explorer.css"
 
 
 def as_trace(trace_or_path: Trace | str | os.PathLike) -> Trace:
     return trace_or_path if isinstance(trace_or_path, Trace) else load_trace(trace_or_path)
 
 
-class TraceExplorer:
-    """The widget tree and its state. `widget` is what a notebook shows; `figure` the figure now drawn. The view
-    selector offers the views that apply to the trace (no sharing graph for a run that shared nothing)."""
+class TraceExplorer(anywidget.AnyWidget):
+    """The explorer widget. Traits the front end reads once: `meta` (title, step range, the map's states),
+    `blocks` (the map's cells), `timeline`, `tree` (the sharing tree's kind, legend and fixed layout). Traits
+    that move: `step` (the cursor; set it from Python too), `step_data` (what the cursor's step shows, answered
+    to every `step` change), `tree_kind` (prefix tree or fork families, when a run has both), `probe` /
+    `probe_text` (a clicked cell and what it holds)."""
 
-    def __init__(self, trace: Trace, *, view: str = "blocks", step: int | None = None) -> None:
-        if view not in VIEWS:
-            raise ValueError(f"view: {view!r} is not one of {', '.join(VIEWS)}")
-        offered = [key for key in VIEWS if CATALOG[EXPLORED[key]].applies(trace)]
-        if view not in offered:
-            raise ValueError(f"view: {view!r} does not apply to {trace.name}: {CATALOG[EXPLORED[view]].absent}")
+    _esm = ESM_PATH.read_text(encoding="utf-8")
+    _css = CSS_PATH.read_text(encoding="utf-8")
+
+    meta = traitlets.Dict().tag(sync=True)
+    blocks = traitlets.Dict().tag(sync=True)
+    timeline = traitlets.Dict().tag(sync=True)
+    tree = traitlets.Dict().tag(sync=True)
+    tree_kind = traitlets.Unicode("").tag(sync=True)
+    step = traitlets.Int(0).tag(sync=True)
+    step_data = traitlets.Dict().tag(sync=True)
+    probe = traitlets.Int(-1).tag(sync=True)
+    probe_text = traitlets.Unicode("").tag(sync=True)
+
+    def __init__(self, trace: Trace, *, step: int | None = None, tree: str | None = None) -> None:
+        data = ExplorerData(trace)
+        kind = default_tree(data) if tree is None else tree
+        if kind and kind not in data.tree_kinds:
+            offered = ", ".join(data.tree_kinds) or "none: the run shared nothing"
+            raise ValueError(f"explore: tree {kind!r} does not apply to {trace.name} (offered: {offered})")
         self.trace = trace
-        first, last = step_range(trace)
-        step = start_step(trace) if step is None else step  # like the dashboard's fragmentation page
-        self._whole_run: dict[str, go.Figure] = {}
-        self.figure: go.Figure | None = None
-
-        self.slider = w.IntSlider(
-            value=min(max(int(step), first), last),
-            min=first,
-            max=last,
-            description="step",
-            continuous_update=False,  # redraw when the handle is released, not on every pixel
-            layout=w.Layout(width="60%"),
+        self.data = data
+        start = data.snap(data.start if step is None else step)
+        super().__init__(
+            meta=data.header(),
+            blocks=data.blocks(),
+            timeline=data.timeline(),
+            tree=data.tree(kind),
+            tree_kind=kind,
+            step=start,
+            step_data=data.step(start, kind),
         )
-        self.play = w.Play(min=first, max=last, step=max(1, (last - first) // 100), interval=400)
-        w.jslink((self.play, "value"), (self.slider, "value"))
-        self.view = w.ToggleButtons(options=[(VIEWS[key], key) for key in offered], value=view)
-        self.info = w.HTML()
-        self.output = w.Output()
-        self.widget = w.VBox(
-            [
-                w.HTML(f"<b>{_escape(trace.label)}</b> — {_escape(trace.name)}"),
-                self.view,
-                w.HBox([self.play, self.slider]),
-                self.info,
-                self.output,
-            ]
-        )
-        self.slider.observe(self._on_change, names="value")
-        self.view.observe(self._on_change, names="value")
-        self.refresh()
 
-    # ---- figures -------------------------------------------------------------------------------------------
-    def figure_for(self, view: str, step: int) -> go.Figure:
-        """The explorer's `view` at `step`: a stepped view drawn at it, or a whole-run view with a marker there."""
-        if view not in VIEWS:
-            raise ValueError(f"view: {view!r} is not one of {', '.join(VIEWS)}")
-        entry = CATALOG[EXPLORED[view]]
-        if entry.stepped:
-            return entry.figure(self.trace, step)
-        if view not in self._whole_run:
-            self._whole_run[view] = entry.figure(self.trace)
-        fig = go.Figure(self._whole_run[view])  # a copy: the step marker moves, the figure stays
-        fig.add_vline(x=step, line=dict(color="black", width=1.5, dash="dot"))
-        fig.add_annotation(x=step, y=1.02, yref="paper", text=f"step {step}", showarrow=False)
-        return fig
+    # ---- the cursor and the choices, from the front end or from Python -----------------------------------------
+    @traitlets.validate("step")
+    def _clamp(self, proposal: dict[str, Any]) -> int:
+        return self.data.snap(min(max(int(proposal["value"]), self.data.first), self.data.last))
 
-    def refresh(self) -> None:
-        """Redraw the selected view at the slider's step."""
-        step = int(self.slider.value)
-        self.figure = self.figure_for(self.view.value, step)
-        self.info.value = self._info_html(step)
-        with self.output:
-            clear_output(wait=True)
-            display(self.figure)
+    @traitlets.observe("step")
+    def _on_step(self, change: dict[str, Any]) -> None:
+        self.step_data = self.data.step(int(change["new"]), self.tree_kind)
+        self._on_probe()
 
-    def _on_change(self, _change: dict[str, Any]) -> None:
-        self.refresh()
+    @traitlets.validate("tree_kind")
+    def _check_tree(self, proposal: dict[str, Any]) -> str:
+        kind = str(proposal["value"])
+        return kind if kind in self.data.tree_kinds else default_tree(self.data)
 
-    def _info_html(self, step: int) -> str:
-        r = memory_at(self.trace, step)
-        if r is None:
-            return f"step {step}: no memory sample"
-        parts = [
-            f"reserved {format_bytes(int(r['reserved']))}",
-            f"used {format_bytes(int(r['used']))}",
-            f"waste {format_bytes(int(r['waste']))} ({format_value(r, 'waste_frac', 'pct')} of reserved)",
-            f"cached-idle {format_bytes(int(r['cached_idle']))}",
-            f"free {format_bytes(int(r['free']))}",
-        ]
-        if int(r.get("sharing_saved", 0) or 0) > 0:
-            parts.append(f"saved by sharing {format_bytes(int(r['sharing_saved']))}")
-        return f"step {step}: " + " · ".join(parts)
+    @traitlets.observe("tree_kind")
+    def _on_tree(self, change: dict[str, Any]) -> None:
+        self.tree = self.data.tree(str(change["new"]))
+        self.step_data = self.data.step(self.step, str(change["new"]))
+
+    @traitlets.observe("probe")
+    def _on_probe(self, _change: dict[str, Any] | None = None) -> None:
+        self.probe_text = self.data.cell_text(self.step, self.probe) if self.probe >= 0 else ""
 
     # ---- display -------------------------------------------------------------------------------------------
-    def _ipython_display_(self) -> None:
-        display(self.widget)
+    def text(self) -> str:
+        """The explorer in words: what a terminal, or a notebook exported without widget state, shows."""
+        return (
+            f"kvscope explorer of {self.trace.name}: {self.step_data.get('readout', '')}\n"
+            f"(widgets need a notebook frontend; in a terminal try `kvscope dashboard {self.trace.name}`)"
+        )
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict, dict] | None:
+        if not rich_frontend() and not in_marimo():  # a terminal cannot draw widgets: say where the explorer works
+            return {"text/plain": self.text()}, {}
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if bundle is not None:
+            bundle[0]["text/plain"] = self.text()
+        return bundle
+
+    def __repr__(self) -> str:
+        return f"<kvscope explorer of {self.trace.name} at step {self.step}>"
+
+
+def in_marimo() -> bool:
+    """True inside a marimo notebook, which draws anywidgets itself (it has no Jupyter kernel)."""
+    marimo = sys.modules.get("marimo")
+    try:
+        return bool(marimo is not None and marimo.running_in_notebook())
+    except Exception:  # an old or partial marimo: not one to draw widgets for
+        return False
 
 
 def explore(
-    trace_or_path: Trace | str | os.PathLike, *, view: str = "blocks", step: int | None = None
+    trace_or_path: Trace | str | os.PathLike, *, step: int | None = None, tree: str | None = None
 ) -> TraceExplorer:
-    """An explorer for a trace (a Trace or a .kvtrace path); a notebook displays it when it is a cell's result."""
-    return TraceExplorer(as_trace(trace_or_path), view=view, step=step)
-
-
-def _escape(text: str) -> str:
-    return html.escape(str(text), quote=False)
+    """The explorer of a trace (a Trace or a .kvtrace path), starting at `step` (default: where the most memory
+    was reserved) with the sharing tree `tree` ("prefix" or "forks"; default: the first the run has)."""
+    return TraceExplorer(as_trace(trace_or_path), step=step, tree=tree)

@@ -43,7 +43,12 @@ def shell():
     # Outside a kernel plotly renders nothing; the mimetype renderer makes figures real display outputs.
     saved = pio.renderers.default
     pio.renderers.default = "plotly_mimetype"
-    yield sh
+    # A plain InteractiveShell has no kernel: kvscope would print text (its terminal mode, tested apart in
+    # test_magic_terminal.py); these tests read the rich outputs a notebook gets, without the PNG's Chromium.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVSCOPE_FRONTEND", "rich")
+        mp.setenv("KVSCOPE_STATIC_FIGURES", "0")
+        yield sh
     pio.renderers.default = saved
 
 
@@ -133,7 +138,7 @@ def test_show_displays_summary_and_report_views(shell, traces):
     assert result.trace.name == "paged"
     assert "sharing savings" in tables(cap)[0]
     found = titles(cap)
-    assert any(t.startswith("Block sharing") for t in found)  # parallel sampling: the report's sharing view
+    assert any(t.startswith("Who shares which blocks") for t in found)  # parallel sampling: the sharing view
     assert len(found) >= 5
     with capture_output() as cap:
         shell.run_line_magic("kvscope", f"show {traces['paged']} --views memory")
@@ -156,8 +161,8 @@ def test_show_names_the_views_a_run_lacks_and_refuses_unknown_ones(shell, traces
     assert "%kvscope show: error: views: 'nope' not among memory, fragmentation" in cap.stderr
     assert not cap.outputs and "Traceback" not in cap.stderr  # refused before anything is shown
     with capture_output() as cap:
-        assert shell.run_line_magic("kvscope", f"explore {traces['static']} --view sharing") is None
-    assert VIEWS["sharing"].absent in cap.stderr
+        assert shell.run_line_magic("kvscope", f"explore {traces['static']} --tree forks") is None
+    assert "tree 'forks' does not apply to static" in cap.stderr
 
 
 def test_compare_two_traces(shell, traces):
@@ -166,7 +171,11 @@ def test_compare_two_traces(shell, traces):
     assert [t.name for t in result.traces] == ["paged", "static"]
     table = tables(cap)[0]
     assert "paged b16 (paged)" in table and "static max (static)" in table
-    assert titles(cap) == ["Runs compared"]
+    assert titles(cap) == ["Runs compared", "Runs over time"]
+    prose = " ".join(o.data.get("text/markdown", "") for o in cap.outputs)
+    # The verdict, from kvscope.analysis.compare: the runs had different workloads, and it names a better run.
+    assert "Warning:" in prose and "different workloads" in prose
+    assert "Memory:" in prose and "Throughput:" in prose and "is better" in prose
 
 
 def test_report_writes_a_file(shell, traces, tmp_path):
@@ -183,8 +192,8 @@ def test_report_writes_a_file(shell, traces, tmp_path):
 
 def test_explore_gives_the_widget(shell, traces):
     with capture_output():
-        result = shell.run_line_magic("kvscope", f"explore {traces['paged']} --view sharing --step 3")
-    assert result.explorer.view.value == "sharing" and result.explorer.slider.value == 3
+        result = shell.run_line_magic("kvscope", f"explore {traces['paged']} --tree forks --step 3")
+    assert result.explorer.tree_kind == "forks" and result.explorer.step == result.explorer.step_data["step"] == 3
 
 
 # ---- %%kvscope ----------------------------------------------------------------------------------------------------
@@ -221,7 +230,7 @@ def test_cell_records_an_allocator_built_without_a_recorder(shell):
     # Shown: the allocator's books (no engine: no requests or steps to summarise), its blocks, the sharing graph.
     books = tables(cap)[0]
     assert "allocator's books at the end of the cell" in books and "6.38 MiB" in books  # used: 51 x 128 KiB
-    assert titles(cap) == ["Blocks and pages at step 0", "Block sharing at step 0"]
+    assert titles(cap) == ["Blocks and pages at step 0", "Who shares which blocks at step 0"]
 
 
 def test_cell_records_an_engine_run(shell):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import streamlit as st
 from kvscope.app import state
 
+from kvscope.analysis.replay import pool_geometry
 from kvscope.present.rows import format_value
-from kvscope.present.views import VIEWS
+from kvscope.present.views import VIEWS, fragmentation_map
 from kvscope.units import format_bytes
 
 st.title("Fragmentation")
@@ -32,5 +33,25 @@ if row is not None:
     cols[4].metric("free", format_bytes(int(row["free"])))
 
 state.show_view(lt, VIEWS["blocks"], key="frag_grid", step=step)
+st.subheader("Block tables at this step")
+state.show_view(lt, VIEWS["tables"], key="frag_tables", step=step)
+
 st.subheader("The whole run")
-state.show_view(lt, VIEWS["fragmentation"], key="frag_map")
+view = VIEWS["fragmentation"]
+if not view.applies(lt.trace):
+    st.info(view.absent, icon="ℹ️")
+else:
+    # Zoom: the map re-bins the chosen window at the same resolution, so its cells get finer (drag-zooming a
+    # binned picture only enlarges the bins).
+    first, last = state.step_bounds(lt)
+    units = pool_geometry(lt.trace).units or 1
+    zoom_steps, zoom_units = None, None
+    with st.expander("Zoom into a step and block range", expanded=False):
+        if last > first:
+            zoom_steps = st.slider("steps", first, last, (first, last), key=f"frag_zoom_steps:{lt.key}")
+        if units > 1:
+            zoom_units = st.slider(
+                "blocks / pages / rows", 0, units - 1, (0, units - 1), key=f"frag_zoom_units:{lt.key}"
+            )
+    st.caption(view.caption)
+    state.show_figure(fragmentation_map(lt.trace, zoom_steps, zoom_units), key="frag_map")

@@ -30,12 +30,23 @@ if not chosen:
 
 st.subheader("Summary")
 st.caption("The same rows as `kvscope summary` and the HTML report.")
-st.dataframe(state.summary_frame(chosen), key="overview_summary")
+# height="content": every summary row on the page, no inner scroll.
+st.dataframe(state.summary_frame(chosen), height="content", key="overview_summary")
 
 if len(chosen) > 1:
+    compared = [lt.trace for lt in chosen]
+    verdict = COMPARISON.verdict(compared)
+    st.subheader(COMPARISON.verdict_title)
+    for warning in verdict.warnings:
+        st.warning(state.plain(f"Warning: {warning}"), icon="⚠️")
+    for sentence in verdict.sentences:
+        st.markdown(state.plain(sentence))
     st.subheader(COMPARISON.title)
     st.caption(COMPARISON.caption)
-    state.show_figure(COMPARISON.figure([lt.trace for lt in chosen]), key="overview_compare")
+    state.show_figure(COMPARISON.figure(compared), key="overview_compare")
+    st.subheader(COMPARISON.timelines_title)
+    st.caption(COMPARISON.timelines_caption)
+    state.show_figure(COMPARISON.timelines(compared), key="overview_timelines")
 
 st.subheader("Run metadata")
 for lt in chosen:

@@ -12,13 +12,23 @@ declares): checkpoints make any step cheap to reach after the first pass, which 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
 from kvscope.analysis._events import recorded_steps
 from kvscope.analysis.replay import STATE_COLUMNS, Timeline, replay_class, timeline
 
-__all__ = ["MATRIX_COLUMNS", "STATE_COLUMNS", "block_states", "state_matrix", "unit_states"]
+__all__ = [
+    "FILL_COLUMNS",
+    "MATRIX_COLUMNS",
+    "STATE_COLUMNS",
+    "block_states",
+    "fill_matrix",
+    "state_matrix",
+    "unit_states",
+]
 
 MATRIX_COLUMNS = ["step_bin", "step_end", "unit_bin", "unit_end", "state", "fraction"]
 # state_matrix samples at most this many unit-states in all (each sample converts the whole pool once).
@@ -47,7 +57,57 @@ def block_states(trace, step: int) -> pd.DataFrame:
     return timeline(trace).at_step(int(step), lambda replay: replay.frame())
 
 
-def state_matrix(trace, max_units: int = 256, max_steps: int = 200) -> pd.DataFrame:
+def _check_bins(fn: str, max_units: int, max_steps: int) -> None:
+    for name, value in (("max_units", max_units), ("max_steps", max_steps)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{fn}: {name} must be a positive integer, got {value!r}")
+
+
+def _window(fn: str, window: tuple[int, int] | None, lo: int, hi: int, what: str) -> tuple[int, int]:
+    """[a, b] (inclusive) of `window` clipped to [lo, hi]; the whole range when None; a ValueError when empty."""
+    if window is None:
+        return lo, hi
+    a, b = (int(v) for v in window)
+    a, b = max(a, lo), min(b, hi)
+    if a > b:
+        raise ValueError(f"{fn}: {what} {tuple(window)} holds nothing (the trace has {lo}..{hi})")
+    return a, b
+
+
+@dataclass(frozen=True)
+class _Bins:
+    step_chunks: list[np.ndarray]  # recorded steps of each step bin
+    unit_edges: np.ndarray  # unit bin edges (absolute unit ids)
+    unit_bin_of: np.ndarray  # per unit of the pool: its bin, -1 outside the window
+    n_units: int
+
+
+def _bins(fn: str, trace, tl: Timeline, max_units: int, max_steps: int, steps_window, units_window) -> _Bins | None:
+    steps = recorded_steps(trace)
+    steps = steps[steps >= 0]
+    n_units = _unit_count(tl)
+    if not len(steps) or n_units == 0:
+        return None
+    s0, s1 = _window(fn, steps_window, int(steps[0]), int(steps[-1]), "steps")
+    u0, u1 = _window(fn, units_window, 0, n_units - 1, "units")
+    steps = steps[(steps >= s0) & (steps <= s1)]
+    if not len(steps):
+        raise ValueError(f"{fn}: no step recorded in steps {s0}..{s1}")
+    width = u1 - u0 + 1
+    edges = np.unique(np.linspace(u0, u1 + 1, min(max_units, width) + 1).round().astype(np.int64))
+    bin_of = np.full(n_units, -1, np.int64)
+    bin_of[u0 : u1 + 1] = np.repeat(np.arange(len(edges) - 1), np.diff(edges))
+    return _Bins(np.array_split(steps, min(max_steps, len(steps))), edges, bin_of, n_units)
+
+
+def state_matrix(
+    trace,
+    max_units: int = 256,
+    max_steps: int = 200,
+    *,
+    steps: tuple[int, int] | None = None,
+    units: tuple[int, int] | None = None,
+) -> pd.DataFrame:
     """The fragmentation map in long form: step_bin (first step of the bin), step_end (last step), unit_bin (first
     unit of the bin: block / page id or arena row), unit_end (one past the last), state, fraction (share of the
     bin's units in that state, averaged over the bin's sampled steps; rows with fraction 0 are left out, so the
@@ -55,19 +115,15 @@ def state_matrix(trace, max_units: int = 256, max_steps: int = 200) -> pd.DataFr
 
     At most max_units x max_steps cells: the units are cut into max_units equal ranges and the recorded steps into
     max_steps runs of consecutive steps. A bin's state is sampled at the end of up to a few of its steps (the last
-    one always), as many as SAMPLE_BUDGET allows for the pool's size."""
-    for name, value in (("max_units", max_units), ("max_steps", max_steps)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"state_matrix: {name} must be a positive integer, got {value!r}")
+    one always), as many as SAMPLE_BUDGET allows for the pool's size. `steps` and `units` (inclusive (first, last)
+    pairs) zoom in: only that window is binned, so a zoomed map has finer cells."""
+    _check_bins("state_matrix", max_units, max_steps)
     tl = timeline(trace)
     states = list(tl.cls.states)
-    steps = recorded_steps(trace)
-    steps = steps[steps >= 0]
-    n_units = _unit_count(tl)
-    if not len(steps) or n_units == 0:
+    bins = _bins("state_matrix", trace, tl, max_units, max_steps, steps, units)
+    if bins is None:
         return _empty(states)
-
-    step_chunks = np.array_split(steps, min(max_steps, len(steps)))
+    step_chunks, unit_edges, n_units = bins.step_chunks, bins.unit_edges, bins.n_units
     per_bin = int(max(1, min(SAMPLE_BUDGET // (n_units * len(step_chunks)), max(len(c) for c in step_chunks))))
     samples: list[int] = []  # sampled steps, ascending
     sample_bin: list[int] = []
@@ -77,10 +133,9 @@ def state_matrix(trace, max_units: int = 256, max_steps: int = 200) -> pd.DataFr
         samples.extend(sorted(picks.tolist()))
         sample_bin.extend([b] * len(picks))
 
-    unit_edges = np.linspace(0, n_units, min(max_units, n_units) + 1).round().astype(np.int64)
-    unit_edges = np.unique(unit_edges)
     n_ubins = len(unit_edges) - 1
-    unit_bin_of = np.repeat(np.arange(n_ubins), np.diff(unit_edges))
+    inside = bins.unit_bin_of >= 0
+    unit_bin_of = bins.unit_bin_of[inside]
     n_states = len(states)
     counts = np.zeros((len(step_chunks), n_ubins, n_states), np.float64)
     indices = [tl.index_of_step(s) for s in samples]
@@ -89,6 +144,7 @@ def state_matrix(trace, max_units: int = 256, max_steps: int = 200) -> pd.DataFr
         c = np.zeros(n_units, np.int64)
         m = min(len(codes), n_units)
         c[:m] = codes[:m]
+        c = c[inside]
         return np.bincount(unit_bin_of * n_states + c, minlength=n_ubins * n_states).reshape(n_ubins, n_states)
 
     for b, hist in zip(sample_bin, tl.scan(indices, lambda replay: accumulate(replay.codes())), strict=True):
@@ -109,6 +165,79 @@ def state_matrix(trace, max_units: int = 256, max_steps: int = 200) -> pd.DataFr
         }
     )
     return frame[MATRIX_COLUMNS]
+
+
+# States that hold no memory reserved for a sequence: left out of the fill level (cached-idle prefix blocks are
+# neither waste nor free, and are reported apart).
+UNRESERVED_STATES = ("free", "pool", "cached_idle")
+FILL_COLUMNS = ["step_bin", "step_end", "unit_bin", "unit_end", "tokens", "slots", "fill"]
+
+
+def fill_matrix(
+    trace,
+    max_units: int = 256,
+    max_steps: int = 200,
+    *,
+    steps: tuple[int, int] | None = None,
+    units: tuple[int, int] | None = None,
+) -> pd.DataFrame:
+    """How full the reserved units of each cell of the map are, with the same bins as state_matrix (same arguments):
+    step_bin, step_end, unit_bin, unit_end, tokens (tokens held in the cell's reserved units at the end of the
+    bin's last step), slots (token slots of those units), fill (tokens / slots; NaN when nothing in the cell is
+    reserved). Reserved units are the states not in UNRESERVED_STATES: a partly filled last block, a page mapped
+    for tokens not generated yet and a mapped-idle page lower the fill; free units do not count. One row per cell."""
+    _check_bins("fill_matrix", max_units, max_steps)
+    tl = timeline(trace)
+    bins = _bins("fill_matrix", trace, tl, max_units, max_steps, steps, units)
+    if bins is None:
+        return pd.DataFrame({c: pd.Series([], dtype="int64") for c in FILL_COLUMNS}).astype({"fill": "float64"})
+    n_ubins = len(bins.unit_edges) - 1
+    rows = tl.cls.addressing == "rows"  # arena rows: a row is one token slot, filled when it is `used`
+    states = list(tl.cls.states)
+    skip = np.array([states.index(s) for s in UNRESERVED_STATES if s in states], np.int64)
+    used_code = states.index("used") if "used" in states else -1
+
+    def measure(replay) -> np.ndarray:
+        out = np.zeros((2, n_ubins), np.float64)
+        if rows:
+            codes = np.asarray(replay.codes(), np.int64)[: bins.n_units]
+            bin_of = bins.unit_bin_of[: len(codes)]
+            keep = (bin_of >= 0) & ~np.isin(codes, skip)
+            out[0] = np.bincount(bin_of[keep & (codes == used_code)], minlength=n_ubins)
+            out[1] = np.bincount(bin_of[keep], minlength=n_ubins)
+            return out
+        f = replay.frame()
+        unit = f["unit"].to_numpy(np.int64)
+        ok = unit < bins.n_units
+        unit = unit[ok]
+        bin_of = bins.unit_bin_of[unit]
+        codes = f["state"].cat.codes.to_numpy(np.int64)[ok]
+        keep = (bin_of >= 0) & ~np.isin(codes, skip)
+        out[0] = np.bincount(bin_of[keep], weights=f["fill"].to_numpy(np.float64)[ok][keep], minlength=n_ubins)
+        out[1] = np.bincount(
+            bin_of[keep], weights=f["capacity_tokens"].to_numpy(np.float64)[ok][keep], minlength=n_ubins
+        )
+        return out
+
+    last = [tl.index_of_step(int(c[-1])) for c in bins.step_chunks]
+    measured = np.stack(tl.scan(last, measure))  # (step bins, 2, unit bins)
+    tokens, slots = measured[:, 0, :], measured[:, 1, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fill = np.where(slots > 0, tokens / slots, np.nan)
+    grid_sb, grid_ub = np.meshgrid(np.arange(len(bins.step_chunks)), np.arange(n_ubins), indexing="ij")
+    sb, ub = grid_sb.ravel(), grid_ub.ravel()
+    frame = pd.DataFrame(
+        {
+            "step_bin": np.array([c[0] for c in bins.step_chunks], np.int64)[sb],
+            "step_end": np.array([c[-1] for c in bins.step_chunks], np.int64)[sb],
+            "unit_bin": bins.unit_edges[:-1][ub],
+            "unit_end": bins.unit_edges[1:][ub],
+            "tokens": tokens.ravel().astype(np.int64),
+            "slots": slots.ravel().astype(np.int64),
+            "fill": fill.ravel(),
+        }
+    )
+    return frame[FILL_COLUMNS]
 
 
 def _unit_count(tl: Timeline) -> int:

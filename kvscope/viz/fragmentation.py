@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from kvscope.viz._common import MAX_GRID_CELLS, base_layout, empty_figure, esc, numeric, truncate
 from kvscope.viz._common import require_columns as _require
@@ -48,42 +49,158 @@ def _state_heatmap(z: np.ndarray, states: list[str], **kwargs) -> go.Heatmap:
     return go.Heatmap(z=z, zmin=-0.5, zmax=k - 0.5, colorscale=_discrete_colorscale(states), showscale=False, **kwargs)
 
 
-def fragmentation_map_figure(matrix: pd.DataFrame, *, title: str = "Fragmentation map: units x steps") -> go.Figure:
+MAP_BANDS = 5  # a cell of the map is drawn as this many horizontal bands, shared out by its states' shares
+FILL_SCALE = [[0.0, "#d62728"], [0.5, "#f7b267"], [1.0, "#1f77b4"]]  # empty (red) .. full (the "used" blue)
+
+
+def _bands(shares: np.ndarray, k: int, free: np.ndarray) -> np.ndarray:
+    """shares (cells x states, rows sum to 1) -> (cells x k) state index per band. Bands go to states by largest
+    remainder, but every state present in a cell that is not free gets at least one band: a few scattered blocks
+    in a big binned cell must stay visible (a winner-takes-the-cell colouring hid them)."""
+    cells, n = shares.shape
+    want = shares * k
+    count = np.floor(want).astype(np.int64)
+    present = (shares > 0) & ~free[None, :]
+    count = np.where(present & (count == 0), 1, count)
+    # Bring each row to exactly k bands: take from (or give to) the states with the most bands / largest remainder.
+    for _ in range(n * k):
+        total = count.sum(axis=1)
+        over, under = total > k, total < k
+        if not (over.any() or under.any()):
+            break
+        rem = want - count
+        if over.any():
+            # Take a band from the state with the most bands beyond its share (never the last band of a present state).
+            key = np.where(count > np.where(present, 1, 0), count - want, -np.inf)
+            i = np.flatnonzero(over)
+            j = key[i].argmax(axis=1)
+            count[i, j] -= 1
+        if under.any():
+            i = np.flatnonzero(under)
+            j = np.where(shares[i] > 0, rem[i], -np.inf).argmax(axis=1)
+            count[i, j] += 1
+    out = np.zeros((cells, k), np.int64)
+    for c in range(cells):
+        out[c] = np.repeat(np.arange(n), np.clip(count[c], 0, None))[:k]
+    return out
+
+
+def fragmentation_map_figure(
+    matrix: pd.DataFrame,
+    fill: pd.DataFrame | None = None,
+    *,
+    title: str = "Fragmentation map: units x steps",
+    bands: int = MAP_BANDS,
+) -> go.Figure:
     """Input: analysis.fragmentation.state_matrix(trace, max_units, max_steps) (long form: step_bin, unit_bin,
-    state, fraction). Each cell is coloured by the state holding the largest share of its units and steps; the
-    hover lists every state's share. The analysis layer already bins big runs, so cells stay bounded."""
+    state, fraction; unit_end when present) and, optionally, analysis.fragmentation.fill_matrix with the same
+    bins (tokens, slots, fill). Each cell shows the MIX of states it covers: it is cut into `bands` horizontal
+    bands shared out by the states' shares (any state that is present and not free gets at least one band, so
+    scattered allocations stay visible). With `fill`, a second panel shows the fill level of each cell's reserved
+    units (tokens held / token slots): partly filled last blocks, pages mapped ahead and idle mapped pages show as
+    low fill. Hover: every state's share and the fill."""
     _require(matrix, MATRIX_COLUMNS, "fragmentation map")
     if matrix.empty:
         return empty_figure(title, "no block, page or segment states in this trace")
     matrix = matrix.assign(state=matrix["state"].astype(str))  # a categorical would add every unused state
-    wide = matrix.pivot_table(index="unit_bin", columns="step_bin", values="fraction", aggfunc="sum", fill_value=0.0)
     by_state = matrix.pivot_table(
         index=["unit_bin", "step_bin"], columns="state", values="fraction", aggfunc="sum", fill_value=0.0
     )
     states = ordered_states(by_state.columns)
     by_state = by_state[states]
-    units, steps = wide.index.to_numpy(), wide.columns.to_numpy()
+    units = np.sort(matrix["unit_bin"].unique())
+    steps = np.sort(matrix["step_bin"].unique())
     full = pd.MultiIndex.from_product([units, steps], names=["unit_bin", "step_bin"])
-    by_state = by_state.reindex(full, fill_value=0.0)
-    shares = by_state.to_numpy().reshape(len(units), len(steps), len(states))
-    dominant = shares.argmax(axis=2).astype(float)
-    dominant[shares.sum(axis=2) <= 0] = np.nan
-    # Hover shares travel as whole percents in one byte each (base64 in the JSON): ~1 byte per cell and state,
-    # where preformatted hover strings would cost ~80.
+    shares = by_state.reindex(full, fill_value=0.0).to_numpy().reshape(len(units), len(steps), len(states))
+    if "unit_end" in matrix.columns:
+        ends = matrix.groupby("unit_bin")["unit_end"].max().reindex(units).to_numpy(np.float64)
+    else:
+        ends = np.r_[units[1:], units[-1] + (units[-1] - units[0]) / max(len(units) - 1, 1) + 1].astype(float)
+    free = np.array([s in ("free", "pool") for s in states])
+    band = _bands(shares.reshape(-1, len(states)), bands, free).reshape(len(units), len(steps), bands)
+    empty = shares.sum(axis=2) <= 0
+    k = len(states)
+    # Rows of the heatmap: every unit bin split into `bands` rows, laid at unit coordinates, first band at the top of
+    # the bin (the unit axis grows downwards, like a memory map). z is one byte per band (index k: nothing there,
+    # drawn white), so a 128 x 300 map with 5 bands is ~200 KB of base64.
+    z = np.transpose(band, (0, 2, 1)).reshape(len(units) * bands, len(steps)).astype(np.int8)
+    z[np.repeat(empty, bands, axis=0)] = k
+    height = (ends - units) / bands
+    y = (units[:, None] + height[:, None] * (np.arange(bands)[None, :] + 0.5)).ravel()
+    # The share of each band's own state in its cell, one byte per band; the whole mix is on the fill panel.
     percents = np.clip(np.rint(100 * shares), 0, 100).astype("uint8")
-    hover = "steps from %{x}, units from %{y}<br>" + "<br>".join(
-        f"{state_label(s)}: %{{customdata[{k}]}}%" for k, s in enumerate(states)
+    own_share = np.take_along_axis(np.repeat(percents, bands, axis=0), z.astype(np.int64).clip(0, k - 1)[..., None], 2)
+    fill_pct = None
+    if fill is not None and not fill.empty:
+        _require(fill, ["step_bin", "unit_bin", "fill"], "fragmentation fill")
+        f = fill.set_index(["unit_bin", "step_bin"])["fill"].reindex(full).to_numpy(np.float64)
+        fill_pct = f.reshape(len(units), len(steps))
+    mix = "<br>".join(f"{state_label(s)}: %{{customdata[{i}]}}%" for i, s in enumerate(states))
+    rows = 2 if fill_pct is not None else 1
+    fig = make_subplots(
+        rows=rows,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.1,
+        subplot_titles=(
+            ["mix of states (each cell banded by its states' shares)", "fill of reserved units (tokens / slots)"]
+            if rows == 2
+            else None
+        ),
     )
-    fig = go.Figure(_state_heatmap(dominant, states, x=steps, y=units, customdata=percents, hovertemplate=hover))
+    scale = _discrete_colorscale(states)
+    scale = [[v * k / (k + 1), c] for v, c in scale] + [[k / (k + 1), "#ffffff"], [1.0, "#ffffff"]]
+    band_hover = "steps from %{x}, units near %{y:.0f}<br>this band's state: %{customdata[0]}% of the cell"
+    if fill_pct is None:
+        band_hover = "steps from %{x}, units near %{y:.0f}<br>" + mix
+        custom = np.repeat(percents, bands, axis=0)
+    else:
+        band_hover += "<br>(hover the fill panel below for every state's share)"
+        custom = own_share
+    fig.add_trace(
+        go.Heatmap(
+            z=z,
+            x=steps,
+            y=y,
+            zmin=-0.5,
+            zmax=k + 0.5,
+            colorscale=scale,
+            showscale=False,
+            customdata=custom,
+            hovertemplate=band_hover + "<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    if fill_pct is not None:
+        fig.add_trace(
+            go.Heatmap(
+                z=(100 * fill_pct).astype(np.float32),
+                x=steps,
+                y=(units + ends) / 2,
+                zmin=0,
+                zmax=100,
+                colorscale=FILL_SCALE,
+                colorbar=dict(title=dict(text="fill %"), len=0.42, y=0.0, yanchor="bottom"),
+                customdata=percents,
+                hovertemplate="steps from %{x}, units near %{y:.0f}<br>fill of reserved units: %{z:.1f}%<br>"
+                + mix
+                + "<extra></extra>",
+            ),
+            row=2,
+            col=1,
+        )
     _legend_swatches(fig, states)
+    unit_title = "block / page / token slot"
+    fig.update_yaxes(title=dict(text=unit_title), autorange="reversed", showgrid=False)
+    fig.update_xaxes(showgrid=False)
+    fig.update_xaxes(title=dict(text="engine step (bin start)"), row=rows, col=1)
     base_layout(
         fig,
         title,
-        height=480,
-        xaxis=dict(title=dict(text="engine step (bin start)"), showgrid=False),
-        yaxis=dict(title=dict(text="block / page / token slot (bin start)"), showgrid=False),
+        height=760 if rows == 2 else 480,
         showlegend=True,
-        legend=dict(title=dict(text="dominant state")),
+        legend=dict(title=dict(text="state"), y=1.0, yanchor="top"),
     )
     return fig
 
@@ -149,21 +266,44 @@ def block_grid_figure(
         xgap=gap,
         ygap=gap,
     )
-    return _grid_figure(heat, present, title, rows, cols, row_px=18, unit="unit id", legend="state")
+    return _grid_figure(heat, present, title, rows, cols, row_px=18, unit="block / page", legend="state")
 
 
 def _grid_figure(
-    heat: go.Heatmap, states: list[str], title: str, rows: int, cols: int, *, row_px: int, unit: str, legend: str
+    heat: go.Heatmap,
+    states: list[str],
+    title: str,
+    rows: int,
+    cols: int,
+    *,
+    row_px: int,
+    unit: str,
+    legend: str,
+    per_cell: int = 1,
 ) -> go.Figure:
-    """A state heatmap laid out as a rows x cols memory map (row-major, first unit top left) with a state legend."""
+    """A state heatmap laid out as a rows x cols memory map (row-major, first unit top left) with a state legend.
+    The y ticks name the first block / page id of a row, so the axes read as ids, not as arithmetic."""
     fig = go.Figure(heat)
     _legend_swatches(fig, states)
+    step = max(1, math.ceil(rows / 12))
+    ticks = list(range(0, rows, step))
     base_layout(
         fig,
         title,
         height=min(700, max(260, row_px * rows + 140)),
-        xaxis=dict(title=dict(text=f"{unit} mod {cols}"), showgrid=False),
-        yaxis=dict(title=dict(text=f"{unit} // {cols}"), autorange="reversed", showgrid=False),
+        xaxis=dict(
+            title=dict(text=f"{unit}s in id order, {cols * per_cell:,} per row"),
+            showgrid=False,
+            showticklabels=False,
+            ticks="",
+        ),
+        yaxis=dict(
+            title=dict(text=f"first {unit} id of the row"),
+            autorange="reversed",
+            showgrid=False,
+            tickvals=ticks,
+            ticktext=[f"{r * cols * per_cell:,}" for r in ticks],
+        ),
         showlegend=True,
         legend=dict(title=dict(text=legend)),
     )
@@ -192,7 +332,9 @@ def _range_grid(df: pd.DataFrame, codes: np.ndarray, present: list[str], title: 
         hovertemplate=hover,
     )
     title = f"{title} ({per} units per cell, coloured by majority)"
-    return _grid_figure(heat, present, title, rows, cols, row_px=6, unit="unit range (cell)", legend="majority state")
+    return _grid_figure(
+        heat, present, title, rows, cols, row_px=6, unit="block / page", legend="majority state", per_cell=per
+    )
 
 
 def _segment_strip(df: pd.DataFrame, title: str) -> go.Figure:

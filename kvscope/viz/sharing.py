@@ -4,6 +4,7 @@ tree (chains of cached blocks, coloured by how often each was hit)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -219,5 +220,113 @@ def prefix_tree_figure(
         yaxis=_HIDDEN_AXIS,
         hovermode="closest",
         showlegend=False,
+    )
+    return fig
+
+
+# ---- the prefix tree as an icicle ----------------------------------------------------------------------------------
+ICICLE_COLUMNS = ["node", "parent", "block", "depth", "hits", "cached", "evictions"]
+EVICTED_COLOR = "#c7c7c7"
+MAX_ICICLE_NODES = 120  # more boxes than this are slivers too thin for a label (clicking zooms in anyway)
+
+
+def prefix_icicle_figure(
+    tree: pd.DataFrame, *, title: str = "Prefix-cache tree", max_nodes: int = MAX_ICICLE_NODES, maxdepth: int = 8
+) -> go.Figure:
+    """Input: analysis.sharing.prefix_tree(trace). An icicle: the root is every cached prefix, each level more blocks
+    of a prompt prefix (a chain of block hashes; a chain without branches is one box), a box's label the
+    admissions that were served it from the cache (its hits), its height the distinct cached prompts below it.
+    Teal: some block still carries the prefix at the end of the run (cached); grey: it was evicted. Click a box to
+    zoom into its subtree. Past `max_nodes` the most hit nodes and their ancestors are kept."""
+    _require(tree, ICICLE_COLUMNS, "prefix tree")
+    if tree.empty:
+        return empty_figure(title, "no cached prefix blocks in this trace")
+    df = tree.drop_duplicates("node").set_index("node", drop=False)
+    parent = pd.to_numeric(df["parent"], errors="coerce")
+    total = len(df)
+    if total > max_nodes:
+        keep: set = set()
+        for node in df.sort_values("hits", ascending=False, kind="stable").index:
+            if len(keep) >= max_nodes:
+                break
+            while node in df.index and node not in keep:
+                keep.add(node)
+                node = parent.get(node)
+        df = df[df.index.isin(keep)]
+        title += f" (the {len(df)} most hit of {total} nodes, with their ancestors)"
+    # A chain of blocks with no branch (a long system prompt) is one box, "blocks 1-32": the icicle then spends its
+    # levels on where prompts diverge. The box shows its first block's hits and its last block's cached state.
+    parent_of = {int(n): (int(p) if p in df.index else -1) for n, p in parent.reindex(df.index).items()}
+    children: dict[int, list[int]] = {}
+    for n, p in parent_of.items():
+        children.setdefault(p, []).append(n)
+    head_of: dict[int, int] = {}
+    for n in df.index:  # parents before children: node ids grow along a chain (analysis numbers them in order)
+        p = parent_of[int(n)]
+        head_of[int(n)] = head_of.get(p, p) if p >= 0 and len(children.get(p, [])) == 1 else int(n)
+    heads = [int(n) for n in df.index if head_of[int(n)] == int(n)]
+    members: dict[int, list[int]] = {h: [] for h in heads}
+    for n in df.index:
+        members[head_of[int(n)]].append(int(n))
+    ids = ["all"] + [f"n{h}" for h in heads]
+    parents = [""] + [f"n{head_of[parent_of[h]]}" if parent_of[h] >= 0 else "all" for h in heads]
+    labels, colors, values = ["every cached prefix"], ["#ffffff"], [0]
+    custom: list[list[Any]] = [["", "", "", "", ""]]
+    for h in heads:
+        chain = df.loc[members[h]]
+        first, last = chain.iloc[0], chain.iloc[-1]
+        depth0, depth1 = int(first["depth"]), int(last["depth"])
+        hits = int(first["hits"])
+        cached = bool(last["cached"])
+        span = f"block {depth0}" if depth0 == depth1 else f"blocks {depth0}–{depth1}"
+        labels.append(f"{span}: {hits:,} hits")
+        colors.append(STATE_COLORS["cached_idle"] if cached else EVICTED_COLOR)
+        tokens = int(last["tokens"]) if "tokens" in chain.columns else depth1
+        custom.append([int(last["block"]), tokens, "cached" if cached else "evicted", int(chain["evictions"].sum()),
+                       len(chain)])  # fmt: skip
+        values.append(0 if children.get(members[h][-1]) else 1)  # a leaf counts once: height = prompts below
+    fig = go.Figure(
+        go.Icicle(
+            ids=ids,
+            parents=parents,
+            labels=labels,
+            values=values,
+            branchvalues="remainder",
+            marker=dict(colors=colors, line=dict(color="white", width=1)),
+            leaf=dict(opacity=1.0),
+            customdata=custom,
+            maxdepth=maxdepth,
+            tiling=dict(orientation="h"),
+            hovertemplate="%{label}<br>%{customdata[4]} block(s), the prefix ends after %{customdata[1]} tokens "
+            "(last block %{customdata[0]})<br>%{customdata[2]} at the end; %{customdata[3]} evictions"
+            "<extra></extra>",
+            textinfo="label",
+        )
+    )
+    for name, color in (("cached at the end", STATE_COLORS["cached_idle"]), ("evicted", EVICTED_COLOR)):
+        fig.add_trace(
+            go.Scatter(x=[None], y=[None], mode="markers", name=name, hoverinfo="skip",
+                       marker=dict(symbol="square", size=12, color=color, line=dict(color="#888", width=0.5)))
+        )  # fmt: skip
+    base_layout(
+        fig,
+        title,
+        height=520,
+        xaxis=_HIDDEN_AXIS,
+        yaxis=_HIDDEN_AXIS,
+        showlegend=True,
+        legend=dict(title=dict(text="prefix"), orientation="h", y=1.0, yanchor="bottom", x=1.0, xanchor="right"),
+        margin=dict(l=20, r=20, t=90, b=20),
+    )
+    fig.add_annotation(
+        text="left to right: deeper into the prompt (a chain without branches is one box); height: the distinct "
+        "cached prompts below a box; click a box to zoom",
+        x=0,
+        y=1.0,
+        xref="paper",
+        yref="paper",
+        yanchor="bottom",
+        showarrow=False,
+        font=dict(size=11, color="#555"),
     )
     return fig
