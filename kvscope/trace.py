@@ -33,6 +33,7 @@ import os
 import struct
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +43,7 @@ import pandas as pd
 import pyarrow as pa
 
 from kvscope.alloc.registry import label_of
+from kvscope.event_store import EventStore, StoreBuilder
 from kvscope.events import (
     BATCH_CRC_KEY,
     COLUMNS,
@@ -71,11 +73,30 @@ class DamagedTraceWarning(TruncatedTraceWarning):
 
 @dataclass
 class Trace:
-    meta: dict[str, Any]
-    events: pd.DataFrame
+    """One loaded trace: its run metadata and its events.
+
+    The events are held by kind in an EventStore (kvscope.event_store: a few hundred MB for a 21-million-event
+    trace), which is what kvscope.analysis reads, a kind at a time. `events`, the DataFrame of every event (int
+    columns, `kind` a categorical over the kind dictionary), is built from it on first use and kept; a Trace made
+    from a DataFrame keeps that frame as its `events` and builds its store from it when the analysis asks."""
+
+    # what the `events` and `store` properties below read and set (set first: __init__ assigns in this order)
+    _events: pd.DataFrame | None = field(default=None, init=False, repr=False, compare=False)
+    _store: EventStore | None = field(default=None, init=False, repr=False, compare=False)
+    meta: dict[str, Any]  # (the fields __init__ does not take may come first)
+    events: pd.DataFrame = field(default=None, repr=False)  # a property: see below
     path: Path | None = None
     truncated: bool = False  # the stream ended mid-batch or without the RUN_END event, or was salvaged
     _cache: dict = field(default_factory=dict, repr=False)
+    store: EventStore = field(default=None, repr=False)  # type: ignore[assignment]  # a property: see below
+
+    def __post_init__(self) -> None:
+        if self._events is None and self._store is None:
+            raise TypeError("Trace needs events (a DataFrame) or a store")
+
+    @property
+    def num_events(self) -> int:
+        return len(self._store) if self._store is not None else len(self.events)
 
     @property
     def name(self) -> str:
@@ -93,6 +114,38 @@ class Trace:
     @property
     def bytes_per_token(self) -> int:
         return int((self.meta.get("spec") or {}).get("bytes_per_token", 0))
+
+
+def _events(self: Trace) -> pd.DataFrame:
+    """Every event as a DataFrame (built from the store on first use: for a large trace, gigabytes)."""
+    if self._events is None:
+        assert self._store is not None
+        self._events = self._store.frame()
+    return self._events
+
+
+def _set_events(self: Trace, frame: pd.DataFrame | None) -> None:
+    self._events = frame
+    self._store = None
+
+
+def _store(self: Trace) -> EventStore:
+    """The events by kind (what the analysis reads)."""
+    if self._store is None:
+        assert self._events is not None
+        self._store = EventStore.from_frame(self._events)
+    return self._store
+
+
+def _set_store(self: Trace, store: EventStore | None) -> None:
+    if store is not None:
+        self._store = store
+
+
+# `events` and `store` are dataclass fields (Trace(meta, events=...) and dataclasses.replace keep working) read
+# through properties, so that a loaded trace builds its DataFrame only when asked.
+Trace.events = property(_events, _set_events)
+Trace.store = property(_store, _set_store)  # type: ignore[assignment]
 
 
 def _fail(path: Path, problem: str) -> TraceError:
@@ -161,7 +214,7 @@ def _requests_problem(requests: dict[str, Any]) -> str | None:
             return _type_problem(f"requests.{key}", column, "a list (one value per request)")
         lengths.add(len(column))
         minimum = _REQUEST_INT_COLUMNS.get(key)
-        if minimum is not None and not all(_is_int(v, minimum) for v in column):
+        if minimum is not None and not _all_ints(column, minimum):
             bad = next(v for v in column if not _is_int(v, minimum))
             return _type_problem(f"requests.{key}[...]", bad, f"an integer >= {minimum}")
         if key == "arrival" and not all(_is_number(v) for v in column):
@@ -170,6 +223,13 @@ def _requests_problem(requests: dict[str, Any]) -> str | None:
     if len(lengths) > 1:
         return f"metadata requests columns have different lengths ({', '.join(map(str, sorted(lengths)))})"
     return None
+
+
+def _all_ints(column: list, minimum: int) -> bool:
+    """Whether every value is an int (not a bool) in [minimum, 2**53): _is_int on each, in one pass of C loops."""
+    if not all(type(v) is int for v in column):  # JSON gives plain ints; bool, a subclass, is not one
+        return all(_is_int(v, minimum) for v in column)
+    return not column or (min(column) >= minimum and max(column) < _JSON_INT_LIMIT)
 
 
 def _is_number(value: Any) -> bool:
@@ -373,10 +433,11 @@ def _runs_past_end(raw: BinaryIO, pos: int, size: int, max_header: int = _MAX_HE
 
 @dataclass
 class _Stream:
-    """What reading a trace's stream found."""
+    """What reading a trace's stream found: the verified batches, as an EventStore or (read_table) an Arrow table."""
 
     meta: dict[str, Any]
-    table: pa.Table
+    store: EventStore | None = None
+    table: pa.Table | None = None
     cut: bool = False  # the stream stops mid-message
     damage: str | None = None  # salvaged: 'batch <i> is damaged (...)'
 
@@ -403,19 +464,24 @@ def _open_stream(f: pa.NativeFile, raw: BinaryIO, path: Path, size: int) -> pa.i
 
 
 def _read_batches(
-    reader: pa.ipc.RecordBatchStreamReader, f: pa.NativeFile, raw: BinaryIO, size: int, version: int
-) -> tuple[list[pa.RecordBatch], str | None, bool]:
-    """(the verified batches, what is wrong with the next one or None at a clean end, whether the stream is cut
-    off there). Only a message pyarrow could not read can be a cut; one that decoded and then failed its checks was
-    complete, so that is damage."""
-    batches: list[pa.RecordBatch] = []
+    reader: pa.ipc.RecordBatchStreamReader,
+    f: pa.NativeFile,
+    raw: BinaryIO,
+    size: int,
+    version: int,
+    keep: Callable[[pa.RecordBatch], None],
+) -> tuple[int, str | None, bool]:
+    """Hands every verified batch to `keep`, in order, and returns (how many, what is wrong with the next one or
+    None at a clean end, whether the stream is cut off there). Only a message pyarrow could not read can be a cut;
+    one that decoded and then failed its checks was complete, so that is damage."""
+    kept = 0
     while True:
         pos = f.tell()  # the reader takes exactly one message at a time: the next one starts here
         try:
             batch, custom = reader.read_next_batch_with_custom_metadata()
         except StopIteration:
             if f.tell() >= size:
-                return batches, None, False
+                return kept, None, False
             # an end-of-stream marker before the end of the file: a damaged length, unless a cut explains it
             problem: str | None = f"the stream ends {size - f.tell()} bytes before the file does"
         except _READ_ERRORS as e:
@@ -423,37 +489,43 @@ def _read_batches(
         else:
             problem = batch_problem(batch, custom, version)
             if problem is None:
-                batches.append(batch)
+                keep(batch)
+                kept += 1
                 continue
-            return batches, problem, False
-        return batches, problem, _runs_past_end(raw, pos, size)
+            return kept, problem, False
+        return kept, problem, _runs_past_end(raw, pos, size)
 
 
-def _read_stream(path: Path, *, salvage: bool) -> _Stream:
+def _read_stream(path: Path, *, salvage: bool, as_table: bool = False) -> _Stream:
+    """The verified batches go straight into an EventStore (one decoded batch in memory at a time), or, with
+    as_table, into an Arrow table."""
     size = path.stat().st_size
+    builder = StoreBuilder()
+    batches: list[pa.RecordBatch] = []
     with pa.OSFile(str(path), "rb") as f, open(path, "rb") as raw:
         reader = _open_stream(f, raw, path, size)
         version = format_version(reader.schema, path)
         meta = read_meta(reader.schema, path)
-        batches, problem, cut = _read_batches(reader, f, raw, size, version)
-        table = _table(batches, reader.schema)
+        kept, problem, cut = _read_batches(reader, f, raw, size, version, batches.append if as_table else builder.add)
+        schema = reader.schema
+    store, table = (None, _table(batches, schema)) if as_table else (builder.finish(), None)
     if problem is None or cut:
-        return _Stream(meta, table, cut=cut)
-    damage = f"batch {len(batches)} is damaged ({problem})"
+        return _Stream(meta, store, table, cut=cut)
+    damage = f"batch {kept} is damaged ({problem})"
     if not salvage:
-        keep = f"load_trace(..., salvage=True) or --salvage keeps the {len(batches)} batches before it"
+        keep = f"load_trace(..., salvage=True) or --salvage keeps the {kept} batches before it"
         raise _fail(path, f"{damage}; {keep}")
-    return _Stream(meta, table, damage=damage)
+    return _Stream(meta, store, table, damage=damage)
 
 
 def _table(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_batches(batches, schema=schema)
 
 
-def _load_stream(path: Path, *, salvage: bool) -> _Stream:
+def _load_stream(path: Path, *, salvage: bool, as_table: bool = False) -> _Stream:
     _check_file(path)
     try:
-        return _read_stream(path, salvage=salvage)
+        return _read_stream(path, salvage=salvage, as_table=as_table)
     except TraceError:
         raise
     except (pa.ArrowException, OSError) as e:
@@ -462,7 +534,8 @@ def _load_stream(path: Path, *, salvage: bool) -> _Stream:
 
 def read_table(path: str | os.PathLike, *, salvage: bool = False) -> tuple[dict[str, Any], pa.Table, bool]:
     """(meta, Arrow table, cut off mid-stream or salvaged) for a trace file; raises TraceError."""
-    stream = _load_stream(Path(path), salvage=salvage)
+    stream = _load_stream(Path(path), salvage=salvage, as_table=True)
+    assert stream.table is not None
     return stream.meta, stream.table, stream.cut or stream.damage is not None
 
 
@@ -489,14 +562,13 @@ def load_trace(path: str | os.PathLike, *, warn: bool = True, salvage: bool = Fa
     damaged file loads its verified batches before the damage instead, warning with DamagedTraceWarning."""
     path = Path(path)
     stream = _load_stream(path, salvage=salvage)
-    try:
-        events = table_to_frame(stream.table)
-    except (pa.ArrowException, ValueError) as e:  # validated batches convert; this is a last line of defence
-        raise _fail(path, f"unreadable events ({_first_line(e)})") from None
-    ended = bool(len(events)) and events["kind"].iloc[-1] == "run_end"
+    store = stream.store
+    assert store is not None
+    n_events = len(store)
+    ended = bool(n_events) and store.names[int(store.index[-1])] == "run_end"
     truncated = stream.cut or stream.damage is not None or not ended
     if warn and stream.damage is not None:
-        message = f"{path}: {stream.damage}; salvaged {len(events)} events from the batches before it"
+        message = f"{path}: {stream.damage}; salvaged {n_events} events from the batches before it"
         warnings.warn(message, DamagedTraceWarning, stacklevel=2)
     elif warn and truncated:
         how = (
@@ -504,11 +576,12 @@ def load_trace(path: str | os.PathLike, *, warn: bool = True, salvage: bool = Fa
             if stream.cut
             else "without RUN_END (an interrupted or killed run); loaded its {} events"
         )
-        warnings.warn(f"{path}: trace is cut off {how.format(len(events))}", TruncatedTraceWarning, stacklevel=2)
-    return Trace(meta=stream.meta, events=events, path=path, truncated=truncated)
+        warnings.warn(f"{path}: trace is cut off {how.format(n_events)}", TruncatedTraceWarning, stacklevel=2)
+    return Trace(meta=stream.meta, path=path, truncated=truncated, store=store)
 
 
 def trace_from_recorder(recorder) -> Trace:
     """An in-memory Trace from a Recorder created with path=None (notebooks, tests)."""
-    table = recorder.to_table()
-    return Trace(meta=dict(recorder.meta), events=table_to_frame(table), path=None, truncated=False)
+    builder = StoreBuilder()
+    builder.add(recorder.to_table())
+    return Trace(meta=dict(recorder.meta), path=None, truncated=False, store=builder.finish())

@@ -1,0 +1,526 @@
+"""A trace's events held by kind, compactly: what kvscope.trace loads and kvscope.analysis reads.
+
+A large trace is mostly a few kinds of rows (one APPEND per generated token, a BLOCK_ALLOC / BLOCK_FREE per block),
+and most columns of a kind hold one value throughout (an APPEND's `block`, `bytes`, `addr` and `dur_ns` are -1 or 0).
+So the store keeps, per kind, each column either as that single value or as a numpy array of the narrowest integer
+type that holds its values, in row order; plus, for every row, the index of its kind in the trace's kind dictionary
+(int16). A 21-million-event trace (1.6 GB as ten int64-ish columns) takes about 0.4 GB so; nothing is lost: every
+value reads back exactly, with the column's own dtype (`values`, `column`, `frame`).
+
+The analysis asks for the rows of some kinds (`values(name, kinds)`) and never for the whole table; the pandas
+DataFrame of every event (`frame()`, what `Trace.events` returns) is built only when a surface asks for it.
+
+Built batch by batch (`StoreBuilder.add`), so that loading never holds more than one decoded batch besides the
+store; or at once from a DataFrame of events (`EventStore.from_frame`).
+"""
+
+# This module is longer than 400 lines: loading (StoreBuilder) and reading (EventStore) share one representation of
+# a kind's column (an int, an array or Chunks); kept together, the two sides cannot disagree on it.
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from kvscope.events import COLUMNS, INT_COLUMNS, KIND_BY_NAME, KIND_NAMES
+
+VALUE_COLUMNS: list[str] = [c for c in COLUMNS if c != "kind"]  # the nine integer columns, in schema order
+_NARROW = (np.int8, np.int16, np.int32, np.int64)
+_INFO = [np.iinfo(t) for t in _NARROW]
+
+Part = dict[str, Any]  # column name -> numpy array (the kind's rows, in row order) or one int (all rows agree)
+
+
+def narrow_dtype(lo: int, hi: int) -> type:
+    """The narrowest signed integer type holding every value in [lo, hi]."""
+    for t, info in zip(_NARROW, _INFO, strict=True):
+        if info.min <= lo and hi <= info.max:
+            return t
+    return np.int64
+
+
+_BIG = 4096  # a kind with at least this many rows in a batch appends that batch's rows to buffers of its own
+
+
+def _compact(values: np.ndarray) -> Any:
+    """One int when every value agrees, else the values in the narrowest integer type that holds them."""
+    if not len(values):
+        return 0
+    lo, hi = int(values.min()), int(values.max())
+    return lo if lo == hi else values.astype(narrow_dtype(lo, hi))
+
+
+class Chunks(list):
+    """A column of one kind kept as the chunks it was loaded in (one per batch where the kind is big), each an
+    array of the narrowest type holding its own values or (value, rows) for a run of one value: never copied into
+    one array while loading, so loading holds each value once. `EventStore` joins them when a caller reads."""
+
+    @property
+    def rows(self) -> int:
+        return sum(c[1] if isinstance(c, tuple) else len(c) for c in self)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self if isinstance(c, np.ndarray))
+
+    def join(self, dtype: Any = None) -> np.ndarray:
+        if dtype is None:
+            dtype = np.result_type(*[c.dtype if isinstance(c, np.ndarray) else narrow_dtype(c[0], c[0]) for c in self])
+        out = np.empty(self.rows, dtype)
+        at = 0
+        for c in self:
+            n = c[1] if isinstance(c, tuple) else len(c)
+            out[at : at + n] = c[0] if isinstance(c, tuple) else c
+            at += n
+        return out
+
+    def max(self) -> int:
+        return max(int(c[0]) if isinstance(c, tuple) else int(c.max()) for c in self)
+
+
+class _Buffer:
+    """A growing column of one kind while loading: one value while every value agrees, else Chunks."""
+
+    __slots__ = ("chunks", "hi", "lo", "rows")
+
+    def __init__(self) -> None:
+        self.chunks: Chunks | None = None
+        self.lo = 0
+        self.hi = -1  # lo > hi: empty
+        self.rows = 0
+
+    def add(self, values: np.ndarray, lo: int, hi: int) -> None:
+        n = len(values)
+        if self.chunks is None:
+            if self.lo > self.hi:
+                self.lo, self.hi = lo, hi
+            if lo == hi == self.lo == self.hi:  # still one value
+                self.rows += n
+                return
+            self.chunks = Chunks([(self.lo, self.rows)] if self.rows else [])
+        if lo == hi:
+            self.chunks.append((lo, n))
+        else:
+            self.chunks.append(values.astype(narrow_dtype(lo, hi)))
+        self.rows += n
+
+    def finish(self) -> Any:
+        if self.chunks is None:
+            return int(self.lo) if self.rows else 0
+        if len(self.chunks) == 1 and isinstance(self.chunks[0], np.ndarray):
+            return self.chunks[0]
+        return self.chunks
+
+
+class StoreBuilder:
+    """Collects record batches of the trace schema into an EventStore, one batch at a time. The rows of the kinds
+    that are big in a batch go to buffers per kind and column; the rows of the other kinds (a batch holds some
+    thirty kinds, most with a row or two per step) to one set of buffers, split by kind once, at the end."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._where: dict[str, int] = {}
+        self._index: list[np.ndarray] = []
+        self._counts = np.zeros(0, np.int64)
+        self._big: dict[int, dict[str, _Buffer]] = {}
+        self._small = {c: _Buffer() for c in (*VALUE_COLUMNS, "kind", "batch")}
+        self._batches = 0
+        self.rows = 0
+
+    def _remap(self, dictionary: list[str]) -> np.ndarray:
+        out = np.empty(len(dictionary), np.int16)
+        for i, name in enumerate(dictionary):
+            if name not in self._where:
+                self._where[name] = len(self.names)
+                self.names.append(name)
+            out[i] = self._where[name]
+        return out
+
+    def add(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Add a validated batch (no nulls, kind dictionary-encoded)."""
+        if isinstance(batch, pa.Table):
+            for b in batch.to_batches():
+                self.add(b)
+            return
+        if not batch.num_rows:
+            return
+        batch_no = self._batches
+        self._batches += 1
+        kind = batch.column("kind")
+        remap = self._remap(kind.dictionary.to_pylist())
+        gidx = remap[kind.indices.to_numpy(zero_copy_only=False)]
+        self._index.append(gidx)
+        self.rows += len(gidx)
+        counts = np.bincount(gidx, minlength=len(self.names))
+        if len(self._counts) < len(counts):
+            self._counts = np.r_[self._counts, np.zeros(len(counts) - len(self._counts), np.int64)]
+        self._counts[: len(counts)] += counts
+        present = np.flatnonzero(counts)
+        order = np.argsort(gidx, kind="stable") if len(present) > 1 else None
+        sorted_kinds = gidx[order] if order is not None else gidx
+        ends = np.cumsum(counts[present])
+        starts = ends - counts[present]
+        # once big, a kind stays big: its rows from then on go to its own buffers, however few
+        big = [i for i, k in enumerate(present.tolist()) if counts[k] >= _BIG or k in self._big]
+        small_rows: np.ndarray | None = None
+        if len(big) < len(present):
+            small_rows = np.ones(len(gidx), bool)
+            for i in big:
+                small_rows[starts[i] : ends[i]] = False
+            rest_kinds = sorted_kinds[small_rows]
+            self._small["kind"].add(rest_kinds, 0, len(self.names))  # (the ranges keep them arrays)
+            self._small["batch"].add(np.full(len(rest_kinds), batch_no, np.int32), -1, batch_no)
+        for name in VALUE_COLUMNS:
+            values = batch.column(name).to_numpy(zero_copy_only=False)
+            if order is not None:
+                values = values[order]
+            if big:
+                los = np.minimum.reduceat(values, starts)
+                his = np.maximum.reduceat(values, starts)
+                for i in big:
+                    k = int(present[i])
+                    part = self._big.get(k)
+                    if part is None:
+                        part = self._big[k] = {c: _Buffer() for c in VALUE_COLUMNS}
+                    part[name].add(values[starts[i] : ends[i]], int(los[i]), int(his[i]))
+            if small_rows is not None:
+                rest = values[small_rows] if big else values
+                self._small[name].add(rest, int(rest.min()), int(rest.max()))
+
+    def _split_small(self) -> tuple[dict[int, Part], dict[int, np.ndarray]]:
+        """The rows gathered from the batches where their kind was small, by kind: (kind position -> its columns,
+        compact; kind position -> the batch number of each row), in row order. One column at a time, so that the
+        gathered rows are never held twice over."""
+        n = self._small["batch"].rows
+        if not n:
+            return {}, {}
+        kinds = _join(self._small.pop("kind").finish(), n).astype(np.int16)
+        order = np.argsort(kinds, kind="stable")
+        counts = np.bincount(kinds[order], minlength=len(self.names))
+        del kinds
+        present = np.flatnonzero(counts).tolist()
+        ends = np.cumsum(counts[present]).tolist()
+        bounds = list(zip(present, [0, *ends[:-1]], ends, strict=True))
+        parts: dict[int, Part] = {k: {} for k in present}
+        batches: dict[int, np.ndarray] = {}
+        for name in [*VALUE_COLUMNS, "batch"]:
+            values = _join(self._small.pop(name).finish(), n)[order]
+            for k, s, e in bounds:
+                if name == "batch":
+                    batches[k] = values[s:e].copy()
+                else:
+                    parts[k][name] = _compact(values[s:e])
+            del values
+        return parts, batches
+
+    def finish(self, dtypes: dict[str, np.dtype] | None = None) -> EventStore:
+        index = np.concatenate(self._index) if self._index else np.zeros(0, np.int16)
+        self._index = []
+        small, small_batches = self._split_small()
+        parts: dict[int, Part] = {}
+        for k in sorted(set(self._big) | set(small)):
+            rows = small.get(k)
+            big = self._big.pop(k, None)
+            if big is None:
+                assert rows is not None
+                parts[k] = rows
+            elif rows is None:
+                parts[k] = {c: b.finish() for c, b in big.items()}
+            else:
+                n_small = len(small_batches[k])
+                parts[k] = {c: _merge(b.finish(), b.rows, rows[c], n_small) for c, b in big.items()}
+        names = self.names or list(KIND_NAMES)
+        counts = np.r_[self._counts, np.zeros(len(names) - len(self._counts), np.int64)]
+        return EventStore(names, index, parts, dtypes, counts=counts)
+
+
+def _join(value: Any, rows: int, dtype: Any = None) -> np.ndarray:
+    """A part's column (one int, an array or Chunks) as one array."""
+    if isinstance(value, Chunks):
+        return value.join(dtype)
+    if isinstance(value, np.ndarray):
+        return value if dtype is None or value.dtype == dtype else value.astype(dtype)
+    return np.full(rows, value, dtype=dtype if dtype is not None else narrow_dtype(value, value))
+
+
+def _merge(big: Any, big_rows: int, small: Any, small_rows: int) -> Any:
+    """A kind's column in row order, from its rows of the batches where it was small (which come first: a kind
+    stays big once it is) and those where it was big."""
+    if not isinstance(big, np.ndarray) and not isinstance(small, np.ndarray) and big == small:
+        return big  # both one int (Chunks is a list, never equal to an int)
+    head = [small] if isinstance(small, np.ndarray) else [(small, small_rows)]
+    tail = list(big) if isinstance(big, Chunks) else [big] if isinstance(big, np.ndarray) else [(big, big_rows)]
+    return Chunks(head + tail)
+
+
+_SCHEMA_DTYPES: dict[str, np.dtype] = {c: np.dtype(t.to_pandas_dtype()) for c, t in INT_COLUMNS.items()}
+
+
+class EventStore:
+    """Events by kind (see the module docstring). `names`: the kind dictionary; `index`: each row's position in it
+    (int16); `parts`: dictionary position -> column -> array or int; `dtypes`: each column's dtype as read."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        index: np.ndarray,
+        parts: dict[int, Part],
+        dtypes: dict[str, np.dtype] | None = None,
+        counts: np.ndarray | None = None,
+    ) -> None:
+        self.names = list(names)
+        self.index = index
+        self.parts = parts
+        self.dtypes = dict(dtypes or _SCHEMA_DTYPES)
+        self.lookup = np.array([int(KIND_BY_NAME.get(n, -1)) for n in self.names] + [-1], np.int16)
+        if counts is None:
+            counts = np.bincount(index, minlength=len(self.names)) if len(index) else np.zeros(len(self.names), int)
+        self.counts = np.asarray(counts, np.int64)
+        self._codes: np.ndarray | None = None
+        self._selected: tuple[tuple[int, ...], np.ndarray] | None = None
+
+    # ---- what the store holds ------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [v for part in self.parts.values() for v in part.values() if isinstance(v, np.ndarray | Chunks)]
+        return int(self.index.nbytes + sum(a.nbytes for a in arrays))
+
+    @property
+    def codes(self) -> np.ndarray:
+        """Kind value (int16) of every row; -1 for a kind name this kvscope does not know."""
+        if self._codes is None:
+            present = np.flatnonzero(self.counts)
+            if np.array_equal(self.lookup[present], present):
+                self._codes = self.index  # the file's dictionary is kvscope's own: positions are Kind values
+            else:
+                self._codes = self.lookup[self.index]
+        return self._codes
+
+    def positions(self, kinds: Iterable[int]) -> list[int]:
+        """Dictionary positions of the rows of these Kind values that occur in the trace."""
+        wanted = {int(k) for k in kinds}
+        return [k for k in np.flatnonzero(self.counts).tolist() if int(self.lookup[k]) in wanted]
+
+    def count(self, kinds: Iterable[int]) -> int:
+        return int(sum(int(self.counts[k]) for k in self.positions(kinds)))
+
+    def kind_counts(self) -> list[tuple[str, int]]:
+        """(kind name, rows) for every name of the dictionary, in dictionary order."""
+        return list(zip(self.names, self.counts.tolist(), strict=True))
+
+    # ---- reading -------------------------------------------------------------------------------------------------
+    def member(self, ks: Sequence[int], index: np.ndarray | None = None) -> np.ndarray:
+        """Whether each row's kind (dictionary position) is among `ks`: one table lookup a row (np.isin sorts)."""
+        table = np.zeros(len(self.names) + 1, bool)
+        table[np.asarray(ks, np.int64)] = True
+        return table[self.index if index is None else index]
+
+    def _part_values(self, k: int, name: str, dtype: np.dtype | None) -> np.ndarray:
+        return _join(self.parts[k][name], int(self.counts[k]), self.dtypes[name] if dtype is None else dtype)
+
+    def selection(self, ks: list[int]) -> np.ndarray:
+        """The dictionary position of each row of these kinds, in row order (the last one asked for is kept)."""
+        key = tuple(ks)
+        if self._selected is None or self._selected[0] != key:
+            self._selected = (key, self.index[self.member(ks)])
+        return self._selected[1]
+
+    def values(self, name: str, kinds: Iterable[int], dtype: Any = None) -> np.ndarray:
+        """Column `name` of the rows of these kinds, in row order, as `dtype` (default: the column's own)."""
+        ks = self.positions(kinds)
+        want = np.dtype(self.dtypes[name] if dtype is None else dtype)
+        if not ks:
+            return np.zeros(0, want)
+        if len(ks) == 1:
+            return self._part_values(ks[0], name, want)
+        sel = self.selection(ks)
+        out = np.empty(len(sel), want)
+        for k in ks:
+            value = self.parts[k][name]
+            out[sel == k] = value.join() if isinstance(value, Chunks) else value
+        return out
+
+    def _slice(self, k: int, name: str, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) of kind position k's column, in its stored (narrow) dtype."""
+        value = self.parts[k][name]
+        if isinstance(value, np.ndarray):
+            return value[a:b]
+        if not isinstance(value, Chunks):
+            return np.full(b - a, value, narrow_dtype(value, value))
+        pieces, at = [], 0
+        for c in value:
+            n = c[1] if isinstance(c, tuple) else len(c)
+            lo, hi = max(a, at), min(b, at + n)
+            if lo < hi:
+                pieces.append(
+                    np.full(hi - lo, c[0], narrow_dtype(c[0], c[0])) if isinstance(c, tuple) else c[lo - at : hi - at]
+                )
+            at += n
+            if at >= b:
+                break
+        return np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
+
+    def pieces(
+        self, kinds: Iterable[int], names: Sequence[str], size: int = 1 << 21
+    ) -> Iterable[dict[str, np.ndarray]]:
+        """The rows of these kinds in row order, `size` rows at a time: per piece, {"code": Kind values, name:
+        values (the narrowest dtype holding them) for each name}. Memory stays bounded by the piece size."""
+        ks = self.positions(kinds)
+        if not ks:
+            return
+        sel = self.selection(ks) if len(ks) > 1 else None
+        total = int(sum(int(self.counts[k]) for k in ks))
+        done = dict.fromkeys(ks, 0)  # rows of each kind handed out so far
+        for a in range(0, total, size):
+            b = min(a + size, total)
+            if sel is None:
+                k = ks[0]
+                piece = {name: self._slice(k, name, a, b) for name in names}
+                piece["code"] = np.full(b - a, self.lookup[k], np.int16)
+                yield piece
+                continue
+            here = sel[a:b]
+            piece = {"code": self.lookup[here]}
+            masks = {k: here == k for k in ks}
+            counts = {k: int(m.sum()) for k, m in masks.items()}
+            for name in names:
+                parts = {k: self._slice(k, name, done[k], done[k] + counts[k]) for k in ks if counts[k]}
+                out = np.empty(b - a, np.result_type(*[v.dtype for v in parts.values()]))
+                for k, v in parts.items():
+                    out[masks[k]] = v
+                piece[name] = out
+            for k in ks:
+                done[k] += counts[k]
+            yield piece
+
+    def value_range(self, name: str, kinds: Iterable[int]) -> tuple[int, int] | None:
+        """(min, max) of a column over the rows of these kinds; None when there are none."""
+        lo: int | None = None
+        hi: int | None = None
+        for k in self.positions(kinds):
+            value = self.parts[k][name]
+            if isinstance(value, Chunks):
+                a = min(int(c[0]) if isinstance(c, tuple) else int(c.min()) for c in value)
+                b = value.max()
+            elif isinstance(value, np.ndarray):
+                a, b = int(value.min()), int(value.max())
+            else:
+                a = b = int(value)
+            lo, hi = (a, b) if lo is None or hi is None else (min(lo, a), max(hi, b))
+        return None if lo is None or hi is None else (lo, hi)
+
+    def count_before(self, kinds: Iterable[int], positions: np.ndarray, block: int = 1 << 22) -> np.ndarray:
+        """For each row position of a non-decreasing array: how many rows of these kinds come before it."""
+        ks = self.positions(kinds)
+        positions = np.asarray(positions, np.int64)
+        out = np.zeros(len(positions), np.int64)
+        base = 0
+        for a in range(0, len(self.index), block):
+            b = min(a + block, len(self.index))
+            lo, hi = np.searchsorted(positions, [a + 1, b], side="left")[0], np.searchsorted(positions, b, side="right")
+            hits = self.member(ks, self.index[a:b])
+            if hi > lo:
+                c = np.cumsum(hits, dtype=np.int64)
+                out[lo:hi] = base + c[positions[lo:hi] - 1 - a]
+            base += int(hits.sum())
+        out[positions >= len(self.index)] = base
+        return out
+
+    def rows(self, kinds: Iterable[int]) -> np.ndarray:
+        """Row positions (int64) of the rows of these kinds, ascending."""
+        ks = self.positions(kinds)
+        if not ks:
+            return np.zeros(0, np.int64)
+        if len(ks) == 1:
+            return np.flatnonzero(self.index == ks[0])
+        return np.flatnonzero(self.member(ks))
+
+    def take(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Column `name` at the given row positions, with the column's dtype."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty(len(rows), self.dtypes[name])
+        if not len(rows):
+            return out
+        at = self.index[rows]
+        for k in np.unique(at).tolist():
+            here = at == k
+            value = self.parts[k][name]
+            value = value.join() if isinstance(value, Chunks) else value
+            if isinstance(value, np.ndarray):
+                upto = int(rows[here].max()) + 1
+                rank = np.cumsum(self.index[:upto] == k, dtype=np.int32) - 1  # the row's place among its kind's
+                out[here] = value[rank[rows[here]]]
+            else:
+                out[here] = value
+        return out
+
+    def column(self, name: str) -> np.ndarray:
+        """A whole column in row order (its dtype as read): n_rows values, so only for what needs every row."""
+        out = np.empty(len(self.index), self.dtypes[name])
+        present = np.flatnonzero(self.counts).tolist()
+        for k in present:
+            value = self.parts[k][name]
+            value = value.join() if isinstance(value, Chunks) else value
+            if len(present) == 1:
+                out[:] = value
+            else:
+                out[self.index == k] = value
+        return out
+
+    def max(self, name: str) -> int | None:
+        """The largest value of a column over every row (None for an empty trace)."""
+        best: int | None = None
+        for k in np.flatnonzero(self.counts).tolist():
+            value = self.parts[k][name]
+            top = int(value.max()) if isinstance(value, np.ndarray | Chunks) else int(value)
+            best = top if best is None else max(best, top)
+        return best
+
+    def frame(self) -> pd.DataFrame:
+        """Every event as a DataFrame (Trace.events): the schema's columns in order, `kind` a categorical over the
+        kind dictionary."""
+        data: dict[str, Any] = {}
+        for name in COLUMNS:
+            if name == "kind":
+                data[name] = pd.Categorical.from_codes(self.index.astype(np.int16), categories=self.names)
+            else:
+                data[name] = self.column(name)
+        return pd.DataFrame(data)
+
+    # ---- other sources -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_frame(cls, events: pd.DataFrame) -> EventStore:
+        """A store over an events DataFrame built by hand or by an older API: its columns keep their dtypes."""
+        kind = events["kind"] if "kind" in events.columns else pd.Series([], dtype=object)
+        if isinstance(kind.dtype, pd.CategoricalDtype):
+            names = [str(c) for c in kind.cat.categories]
+            codes = kind.cat.codes.to_numpy()
+            if (codes < 0).any():  # a missing kind: a name of its own, unknown to kvscope
+                names = [*names, ""]
+                codes = np.where(codes < 0, len(names) - 1, codes)
+        else:
+            uniq, codes = np.unique(kind.astype(str).to_numpy(), return_inverse=True)
+            names = [str(u) for u in uniq]
+        index = np.asarray(codes, np.int16)
+        dtypes: dict[str, np.dtype] = {}
+        parts: dict[int, Part] = {}
+        present = np.flatnonzero(np.bincount(index, minlength=len(names))).tolist() if len(index) else []
+        masks = {k: index == k for k in present} if len(present) > 1 else {}
+        for name in VALUE_COLUMNS:
+            values = events[name].to_numpy() if name in events.columns else np.zeros(len(events), np.int64)
+            dtypes[name] = values.dtype
+            for k in present:
+                chunk = values[masks[k]] if masks else values
+                part = parts.setdefault(k, {})
+                if values.dtype.kind == "i" and len(chunk):
+                    part[name] = _compact(chunk)
+                else:
+                    part[name] = np.array(chunk)
+        return cls(names, index, parts, dtypes)
