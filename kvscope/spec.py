@@ -103,6 +103,9 @@ PRESETS: dict[str, KVSpec] = {
         KVSpec("yi-6b", 32, 4, 128, "bfloat16", 32, 4096, 11008, 64000),
         KVSpec("llama-3-70b", 80, 8, 128, "bfloat16", 64, 8192, 28672, 128256),
         KVSpec("opt-13b", 40, 40, 128, "bfloat16", 40, 5120, 20480, 50272),
+        # Multi-query attention, one KV head (bigcode/starcoder): tensor parallelism replicates it on every rank.
+        # Its two-matrix MLP of 24576 is written as the gated shape with the same weights (3 x 16384 = 2 x 24576).
+        KVSpec("starcoder-15b", 40, 1, 128, "bfloat16", 48, 6144, 16384, 49152),
         # Small enough for real attention on a CPU in tests: 2 layers, GQA 2:1, float32.
         KVSpec("tiny", 2, 2, 16, "float32", 4, 64, 128, 256),
     ]
