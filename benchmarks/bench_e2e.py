@@ -59,7 +59,18 @@ def step_figures(trace) -> dict[str, Any]:
     kern = ev[ev["kind"] == "step_kernel"]
     kernel_s = float(kern["dur_ns"].sum()) / 1e9
     kv_bytes = int(kern["bytes"].sum())
+    attn = ev[ev["kind"] == "step_attention"]
+    attn_s = float(attn["dur_ns"].sum()) / 1e9
+    decode_steps = steps["step"].isin(ev[(ev["kind"] == "step_prefill") & (ev["n"] == 0)]["step"])
+    steady = steps[decode_steps & (steps["step"] > 0)]
+    ceiling = (trace.meta.get("warmup") or {}).get("copy_ceiling_tbps")
     return {
+        "attention_gpu_s": attn_s,
+        "attention_kv_tbps": int(attn["bytes"].sum()) / attn_s / 1e12 if attn_s else None,
+        "copy_ceiling_tbps": ceiling,
+        "first_step_ms": float(steps["dur_ns"].iloc[0]) / 1e6 if len(steps) else None,
+        "decode_step_ms_median": float(steady["dur_ns"].median()) / 1e6 if len(steady) else None,
+        "decode_step_ms_max": float(steady["dur_ns"].max()) / 1e6 if len(steady) else None,
         "max_batch_reached": int(steps["n"].max()) if len(steps) else 0,
         "step_ms_median": float(steps["dur_ns"].median()) / 1e6 if len(steps) else None,
         "forward_gpu_s": kernel_s,
@@ -95,12 +106,10 @@ def run_one(name: str, args: argparse.Namespace, requests, description: dict, ou
         static_variant=args.static_variant if name == "static" else None,
         attention=attention,
         background_map=not args.no_background if name == "vmm" else True,
+        cuda_graphs=not args.eager,
     )
-    # Warm-up: the same layout and kernels on a few short requests (Triton compiles on first use).
-    warm = replace(base, kv_memory=min(args.kv_memory, 1 << 30), max_batch=8)
-    record_run(requests[:8], warm, path=None, progress=False, command="bench_e2e warm-up")
-    if cuda:
-        torch.cuda.empty_cache()
+    # Warm-up: every run's executor does the same before its first step (kvscope.engine.warmup: copy ceiling,
+    # every kernel variant compiled, decode graphs captured), recorded in the trace's meta["warmup"].
     before = nvml_used(torch.cuda.current_device()) if cuda else None
     path = out_dir / f"{name}.kvtrace"
     grabbed: dict[str, Any] = {}
@@ -146,6 +155,10 @@ def run_one(name: str, args: argparse.Namespace, requests, description: dict, ou
     if ex is not None:
         out["mapping"] = ex.mapping.to_dict()
         out["executor_memory"] = ex.memory
+        out["compiles_since_warmup"] = ex.compiles_since_warmup() if hasattr(ex, "compiles_since_warmup") else None
+        out["graph_steps"] = getattr(ex, "graph_steps", None)
+        out["eager_steps"] = getattr(ex, "eager_steps", None)
+    out["warmup"] = trace.meta.get("warmup")
     return out
 
 
@@ -169,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--static-variant", default="max", choices=("max", "pow2", "oracle"))
     p.add_argument("--attention", choices=("triton", "sdpa"), default="triton", help="static and vmm")
     p.add_argument("--no-background", action="store_true", help="vmm: map pages on the engine thread only")
+    p.add_argument("--eager", action="store_true", help="decode steps eagerly (default: CUDA graphs where possible)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help=argparse.SUPPRESS)  # cpu: plumbing check
     args = p.parse_args(argv)
     if args.quick:
@@ -222,13 +236,16 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"{result['device']}: {result['args']['model']} x{result['args']['layers']} layers, "
           f"KV budget {result['args']['kv_memory'] / gib:.2f} GiB, {result['args']['requests']} requests")  # fmt: skip
     head = f"{'allocator':<10}{'max batch':>10}{'tok/s':>10}{'peak waste GiB':>16}{'preempt':>9}{'finished':>10}"
-    print(head + f"{'fwd GPU s':>11}{'map on ms':>11}{'map off ms':>12}")
+    print(head + f"{'fwd GPU s':>11}{'attn TB/s':>10}{'dec ms p50':>11}{'dec ms max':>11}{'compiles':>9}"
+          f"{'map on ms':>11}{'map off ms':>12}")  # fmt: skip
     for name, r in result["runs"].items():
         m = r.get("mapping") or {}
         print(
             f"{name:<10}{r['max_batch_reached']:>10}{(r['tokens_per_s'] or 0):>10.0f}"
             f"{(r['peak_waste_bytes'] or 0) / gib:>16.3f}{(r['preemptions'] or 0):>9}{r['finished_requests']:>10}"
-            f"{r['forward_gpu_s']:>11.2f}{m.get('on_path_driver_ns', 0) / 1e6:>11.2f}"
+            f"{r['forward_gpu_s']:>11.2f}{(r['attention_kv_tbps'] or 0):>10.2f}"
+            f"{(r['decode_step_ms_median'] or 0):>11.2f}{(r['decode_step_ms_max'] or 0):>11.2f}"
+            f"{r.get('compiles_since_warmup')!s:>9}{m.get('on_path_driver_ns', 0) / 1e6:>11.2f}"
             f"{m.get('ahead_driver_ns', 0) / 1e6:>12.2f}"
         )
 

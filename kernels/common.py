@@ -40,12 +40,17 @@ class DecodeConfig:
 
     block_n: tokens per loop iteration (independent of the KV block size: with 1-token blocks a tile still gathers
     block_n tokens). num_splits: context partitions per (sequence, kv head); None lets the heuristic fill the SMs.
+    fused: the last split to finish merges the partial results (one launch); False (default): a second kernel
+    merges them, one program per (sequence, q head). Measured on an H200 (benchmarks/results/kernels_h200.json):
+    the fused merge, serial in one program per kv head, made small-batch decode slower (1 x 4K: 0.41x SDPA against
+    0.67x with the merge kernel, both graph-captured), so it is off by default.
     """
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
     num_splits: int | None = None
+    fused: bool = False
 
     def __post_init__(self) -> None:
         _check_tile("DecodeConfig.block_n", self.block_n)
@@ -175,10 +180,13 @@ def kernels_available(device: torch.device | str) -> bool:
     return (kind == "cuda" and not INTERPRETED) or (kind == "cpu" and INTERPRETED)
 
 
-def check_runnable(*tensors: torch.Tensor) -> torch.device:
-    """All tensors on one device the kernels can run on; returns that device."""
-    device = tensors[0].device
-    for t in tensors[1:]:
+def check_runnable(first: torch.Tensor, *tensors: torch.Tensor | None) -> torch.device:
+    """All tensors on one device the kernels can run on; returns that device. A None stands for a missing cache
+    index (neither block_tables nor token_base given)."""
+    device = first.device
+    for t in tensors:
+        if t is None:
+            raise ValueError("kvscope.kernels: give block_tables (paged cache) or token_base (contiguous cache)")
         if t.device != device:
             raise ValueError(f"kvscope.kernels: all tensors must be on one device, got {device} and {t.device}")
     if device.type == "cuda" and INTERPRETED:
@@ -236,8 +244,10 @@ def check_cache_index(
 ) -> int:
     """Validate where each sequence's K/V live (block tables, or first rows); returns tokens per page (1 if flat)."""
     if not paged:
+        assert token_base is not None, "token_base is required for a contiguous cache"
         check_index_vector("token_base", token_base, batch)
         return 1
+    assert block_tables is not None, "block_tables is required for a paged cache"
     check_dtype("block_tables", block_tables, INDEX_DTYPES)
     if block_tables.dim() != 2 or block_tables.shape[0] != batch:
         raise ValueError(f"block_tables: expected [batch={batch}, max_blocks], got {tuple(block_tables.shape)}")
@@ -303,7 +313,8 @@ def check_grid_batch(batch: int) -> None:
 
 def cache_strides(paged: bool, t: torch.Tensor) -> tuple[int, int, int]:
     """(block, token, head) strides of a cache; a contiguous buffer is one block of all rows (block stride 0)."""
-    return tuple(t.stride()[:3]) if paged else (0, *t.stride()[:2])
+    s = t.stride()
+    return (s[0], s[1], s[2]) if paged else (0, s[0], s[1])
 
 
 @dataclass(frozen=True)
@@ -328,11 +339,12 @@ def cache_args(
     """Check where each sequence's K/V live (see `check_cache_index`) and lay out the matching kernel arguments;
     `placeholder` (any int tensor on the device) stands in for the index tensor the layout does not use."""
     page = check_cache_index(paged, block_tables, token_base, batch, k)
-    stride_bt = block_tables.stride(0) if paged else 0
-    strides = (*cache_strides(paged, k), *cache_strides(paged, v), stride_bt)
     if paged:
+        assert block_tables is not None  # checked above
+        strides = (*cache_strides(paged, k), *cache_strides(paged, v), block_tables.stride(0))
         return CacheArgs(page, block_tables, placeholder, strides)
-    return CacheArgs(page, placeholder, token_base, strides)
+    assert token_base is not None  # checked above
+    return CacheArgs(page, placeholder, token_base, (*cache_strides(paged, k), *cache_strides(paged, v), 0))
 
 
 def output_like(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

@@ -106,11 +106,13 @@ def _variants() -> list[tuple[str, object, dict[str, object], int, int]]:
     def decode_args(dtype, **over):
         args = dict(
             q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, block_tables_ptr=i32, token_base_ptr=i64, seq_lens_ptr=i32,
-            out_ptr=dtype, part_out_ptr=f32, part_lse_ptr=f32, scale_log2=0.1275, tokens_per_split=512,
+            out_ptr=dtype, part_out_ptr=f32, part_lse_ptr=f32, counters_ptr=i32, split_len_ptr=i32,
+            scale_log2=0.1275, tokens_per_split=512,
             stride_qb=hq * d, stride_qh=d, stride_kb=page * hkv * d, stride_kt=hkv * d, stride_kh=d,
             stride_vb=page * hkv * d, stride_vt=hkv * d, stride_vh=d, stride_bt=2048, stride_ob=hq * d, stride_oh=d,
             stride_pb=hq * 64 * d, stride_ph=64 * d, stride_ps=d, stride_lb=hq * 64, stride_lh=64,
             GROUP=hq // hkv, BLOCK_G=16, HEAD_DIM=d, BLOCK_D=d, BLOCK_N=0, PAGE=page, PAGED=True, DIRECT_OUT=False,
+            FUSED=False, DEVICE_SPLIT=False, BLOCK_S=decode.MERGE_SPLITS,
             DOT_PRECISION="ieee" if dtype == f32 else "tf32", UPCAST_DOT=False,
         )  # fmt: skip
         args.update(over)
@@ -121,6 +123,9 @@ def _variants() -> list[tuple[str, object, dict[str, object], int, int]]:
         (bf16, {"PAGE": 1}),
         (bf16, {"PAGE": 256}),
         (bf16, {"DIRECT_OUT": True}),
+        (bf16, {"FUSED": True}),  # the last split merges
+        (bf16, {"DEVICE_SPLIT": True}),  # CUDA-graph captured
+        (bf16, {"PAGED": False, "DEVICE_SPLIT": True, "stride_kt": 2 * 32 * hkv * d, "stride_vt": 2 * 32 * hkv * d}),
         (bf16, {"PAGED": False, "stride_kt": 2 * 32 * hkv * d, "stride_vt": 2 * 32 * hkv * d}),
         (bf16, {"GROUP": 8}),
         (bf16, {"GROUP": 1}),
@@ -138,12 +143,14 @@ def _variants() -> list[tuple[str, object, dict[str, object], int, int]]:
             (_variant_name("decode", dtype, over), decode._decode_split_kernel, args, cfg.num_warps, cfg.num_stages)
         )
 
-    reduce_args = dict(
-        part_out_ptr=f32, part_lse_ptr=f32, seq_lens_ptr=i32, out_ptr=bf16, tokens_per_split=512, num_splits=57,
-        stride_pb=hq * 64 * d, stride_ph=64 * d, stride_ps=d, stride_lb=hq * 64, stride_lh=64, stride_ob=hq * d,
-        stride_oh=d, HEAD_DIM=d, BLOCK_D=d,
-    )  # fmt: skip
-    out.append(("decode reduce", decode._decode_reduce_kernel, reduce_args, 2, 1))
+    for device_split in (False, True):
+        reduce_args = dict(
+            part_out_ptr=f32, part_lse_ptr=f32, seq_lens_ptr=i32, split_len_ptr=i64, out_ptr=bf16,
+            tokens_per_split=512, num_splits=57, stride_pb=hq * 64 * d, stride_ph=64 * d, stride_ps=d,
+            stride_lb=hq * 64, stride_lh=64, stride_ob=hq * d, stride_oh=d, HEAD_DIM=d, BLOCK_D=d,
+            BLOCK_S=decode.MERGE_SPLITS, DEVICE_SPLIT=device_split,
+        )  # fmt: skip
+        out.append((f"decode reduce DEVICE_SPLIT={device_split}", decode._decode_reduce_kernel, reduce_args, 4, 1))
 
     def prefill_args(dtype, **over):
         args = dict(

@@ -8,6 +8,14 @@ writes the normalized output directly; with several, it writes a partial output 
 Paged cache: k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim] with any strides (head_dim contiguous),
 block_tables [batch, max_blocks]. Contiguous cache (static and VMM layouts): k_buf, v_buf [num_rows, kv_heads,
 head_dim], sequence b in rows token_base[b] .. token_base[b] + seq_lens[b] - 1.
+
+Two ways to merge the splits: the merge kernel (default; one program per (sequence, q head), BLOCK_S splits per
+load), or fused into stage 1 (the last split of a (sequence, kv head) to finish merges them, counted with an atomic;
+one launch, but measured slower on an H200 at small batch, see DecodeConfig). For CUDA graphs the split size can be
+read on the device (`split_len`), so that one captured grid serves every context length.
+
+This module is longer than 400 lines: the split kernel, its two merges and the wrapper that plans the split-K grid
+belong together (they share the partial-result layout).
 """
 
 from __future__ import annotations
@@ -36,8 +44,15 @@ from .common import (
 )
 from .tile_ops import online_softmax_tile, row_offsets, token_slots
 
+# Integer arguments that change from call to call (split sizes, partial-buffer strides, the block-table width) are
+# not specialized: Triton would otherwise compile a new variant whenever one of them becomes 1 or changes its
+# divisibility by 16 (a recompile of ~0.5 s in the middle of a measured run). The K/V and partial-output strides stay
+# specialized (constant per run, or multiples of the padded head_dim): their divisibility is what lets Triton prove
+# 16-byte aligned rows and issue vector loads.
+_VARYING = ["tokens_per_split", "stride_bt", "stride_lb", "stride_lh"]
 
-@triton.jit
+
+@triton.jit(do_not_specialize=_VARYING)
 def _decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -48,6 +63,8 @@ def _decode_split_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    counters_ptr,
+    split_len_ptr,
     scale_log2,
     tokens_per_split,
     stride_qb,
@@ -74,6 +91,9 @@ def _decode_split_kernel(
     PAGE: tl.constexpr,
     PAGED: tl.constexpr,
     DIRECT_OUT: tl.constexpr,
+    FUSED: tl.constexpr,
+    DEVICE_SPLIT: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
@@ -83,6 +103,8 @@ def _decode_split_kernel(
     seq = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)
+    if DEVICE_SPLIT:  # CUDA graphs: the grid is fixed at capture, the split size is read each replay
+        tokens_per_split = tl.load(split_len_ptr)
     lo = split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, seq_len)
     # The last split runs to the end even if max_seq_len was underestimated: never silently drop tokens.
@@ -146,13 +168,98 @@ def _decode_split_kernel(
         lse = m_i + tl.log2(l_safe)
         lse_ptrs = part_lse_ptr + seq.to(tl.int64) * stride_lb + q_heads.to(tl.int64) * stride_lh + split
         tl.store(lse_ptrs, lse, mask=g_mask & live)
+        if FUSED:
+            # The last split of this (sequence, kv head) to finish merges all of them: one launch instead of two.
+            # Every thread's partial stores are done (barrier) before one release-ordered increment publishes them.
+            tl.debug_barrier()
+            counter = counters_ptr + seq * tl.num_programs(0) + kv_head
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == tl.num_programs(1) - 1:
+                tl.store(counter, 0)  # ready for the next call (or graph replay)
+                _merge_splits(
+                    part_out_ptr,
+                    part_lse_ptr,
+                    out_ptr,
+                    seq,
+                    kv_head,
+                    tl.minimum(tl.cdiv(seq_len, tokens_per_split), tl.num_programs(1)),
+                    stride_pb,
+                    stride_ph,
+                    stride_ps,
+                    stride_lb,
+                    stride_lh,
+                    stride_ob,
+                    stride_oh,
+                    GROUP,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    BLOCK_S,
+                )
 
 
 @triton.jit
+def _merge_splits(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    seq,
+    kv_head,
+    live_splits,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Merge the partial outputs of one (sequence, kv head)'s splits, BLOCK_S splits per load, for each q head of
+    its group. Loads bypass L1 (.cg): the partials were written by other programs, maybe on other SMs."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, BLOCK_S)
+    d_mask = offs_d < HEAD_DIM
+    for g in tl.static_range(GROUP):
+        q_head = kv_head * GROUP + g
+        row = seq.to(tl.int64) * stride_pb + q_head.to(tl.int64) * stride_ph
+        lse_row = part_lse_ptr + seq.to(tl.int64) * stride_lb + q_head.to(tl.int64) * stride_lh
+        m = tl.full([1], float("-inf"), tl.float32)
+        weight_sum = tl.zeros([1], tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, live_splits, BLOCK_S):
+            s_idx = s0 + offs_s
+            s_mask = s_idx < live_splits
+            lse = tl.load(lse_row + s_idx, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(
+                part_out_ptr + row + s_idx.to(tl.int64)[:, None] * stride_ps + offs_d[None, :],
+                mask=s_mask[:, None] & d_mask[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            m_new = tl.maximum(m, tl.max(lse, 0))
+            alpha = tl.exp2(m - m_new)
+            w = tl.where(s_mask, tl.exp2(lse - m_new), 0.0)
+            acc = acc * alpha + tl.sum(o * w[:, None], 0)
+            weight_sum = weight_sum * alpha + tl.sum(w, 0)
+            m = m_new
+        weight_sum = tl.where(weight_sum == 0.0, 1.0, weight_sum)
+        out = acc / weight_sum
+        tl.store(
+            out_ptr + seq.to(tl.int64) * stride_ob + q_head * stride_oh + offs_d,
+            out.to(out_ptr.dtype.element_ty),
+            mask=d_mask,
+        )
+
+
+@triton.jit(do_not_specialize=["tokens_per_split", "num_splits", "stride_lb", "stride_lh"])
 def _decode_reduce_kernel(
     part_out_ptr,
     part_lse_ptr,
     seq_lens_ptr,
+    split_len_ptr,
     out_ptr,
     tokens_per_split,
     num_splits,
@@ -165,11 +272,17 @@ def _decode_reduce_kernel(
     stride_oh,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    DEVICE_SPLIT: tl.constexpr,
 ):
+    """Merge the splits of one (sequence, q head), BLOCK_S splits per load (a [BLOCK_S, BLOCK_D] tile)."""
     q_head = tl.program_id(0)
     seq = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, BLOCK_S)
     d_mask = offs_d < HEAD_DIM
+    if DEVICE_SPLIT:
+        tokens_per_split = tl.load(split_len_ptr)
 
     seq_len = tl.load(seq_lens_ptr + seq)
     live_splits = tl.minimum(tl.cdiv(seq_len, tokens_per_split), num_splits)
@@ -179,14 +292,20 @@ def _decode_reduce_kernel(
     m = tl.full([1], float("-inf"), tl.float32)
     weight_sum = tl.zeros([1], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for split in range(0, live_splits):
-        lse = tl.load(lse_row + split + tl.zeros([1], tl.int32))
-        o = tl.load(part_out_ptr + row + split * stride_ps + offs_d, mask=d_mask, other=0.0)
-        m_new = tl.maximum(m, lse)
+    for s0 in range(0, live_splits, BLOCK_S):
+        s_idx = s0 + offs_s
+        s_mask = s_idx < live_splits
+        lse = tl.load(lse_row + s_idx, mask=s_mask, other=float("-inf"))
+        o = tl.load(
+            part_out_ptr + row + s_idx.to(tl.int64)[:, None] * stride_ps + offs_d[None, :],
+            mask=s_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        m_new = tl.maximum(m, tl.max(lse, 0))
         alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        acc = acc * alpha + o * w
-        weight_sum = weight_sum * alpha + w
+        w = tl.where(s_mask, tl.exp2(lse - m_new), 0.0)
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
+        weight_sum = weight_sum * alpha + tl.sum(w, 0)
         m = m_new
     weight_sum = tl.where(weight_sum == 0.0, 1.0, weight_sum)
     out = acc / weight_sum
@@ -195,6 +314,40 @@ def _decode_reduce_kernel(
         out.to(out_ptr.dtype.element_ty),
         mask=d_mask,
     )
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The zeroed int32 arrival counters the fused decode kernel needs, one per (sequence, kv head); each call's
+    last program resets its counter, so the buffer is reused by every later call and CUDA-graph replay. It grows
+    only outside a graph capture: warm up with the largest batch before capturing."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"kvscope decode: {n} split counters needed during a CUDA-graph capture; run the largest batch "
+                "once before capturing"
+            )
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def plan_splits(batch: int, kv_heads: int, max_seq_len: int, config: DecodeConfig, device: torch.device) -> int:
+    """Context splits per (sequence, kv head) for a call whose longest sequence has max_seq_len tokens."""
+    num_tiles = max(1, cdiv(max_seq_len, config.block_n))
+    num_splits = config.num_splits or choose_num_splits(batch * kv_heads, num_tiles, sm_count(device))
+    num_splits = min(num_splits, num_tiles)
+    tokens_per_split = cdiv(num_tiles, num_splits) * config.block_n
+    return cdiv(max(max_seq_len, 1), tokens_per_split)
+
+
+def split_length(max_seq_len: int, num_splits: int, block_n: int) -> int:
+    """Tokens per split when num_splits splits share max_seq_len tokens (whole tiles; the last split takes the
+    rest): what a graph-captured decode reads from its split_len tensor each replay."""
+    return cdiv(max(1, cdiv(max_seq_len, block_n)), num_splits) * block_n
 
 
 def _decode(
@@ -208,6 +361,7 @@ def _decode(
     max_seq_len: int | None,
     out: torch.Tensor | None,
     config: DecodeConfig | None,
+    split_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
     paged = block_tables is not None
     device = check_runnable(q, k, v, seq_lens, block_tables if paged else token_base)
@@ -223,22 +377,30 @@ def _decode(
     config = config or default_decode_config(head_dim, q.dtype)
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max()) if batch else 0  # one device sync; pass max_seq_len to avoid it
-    num_tiles = max(1, cdiv(max_seq_len, config.block_n))
-    num_splits = config.num_splits or choose_num_splits(batch * kv_heads, num_tiles, sm_count(device))
-    num_splits = min(num_splits, num_tiles)
-    tokens_per_split = cdiv(num_tiles, num_splits) * config.block_n
-    num_splits = cdiv(max(max_seq_len, 1), tokens_per_split)
+    num_splits = plan_splits(batch, kv_heads, max_seq_len, config, device)
+    tokens_per_split = split_length(max_seq_len, num_splits, config.block_n)
+    device_split = split_len is not None
+    if device_split:
+        # The grid (num_splits) is fixed, the split size is read on the device: a captured graph stays right for any
+        # length up to max_seq_len. Always through partials (the merge kernel reads the same split size).
+        assert split_len is not None
+        check_index_vector("split_len", split_len, 1)
+        num_splits = max(num_splits, 2)
 
     direct = num_splits == 1
+    fused = config.fused and not direct
     block_d = max(16, next_power_of_2(head_dim))
+    counters = seq_lens  # placeholder
     if direct:
         part_out = out  # unused
         part_lse = out
-        stride_p = (0, 0, 0, 0, 0)
+        stride_p: tuple[int, ...] = (0, 0, 0, 0, 0)
     else:
         part_out = torch.empty((batch, shape.num_q_heads, num_splits, block_d), dtype=torch.float32, device=device)
         part_lse = torch.empty((batch, shape.num_q_heads, num_splits), dtype=torch.float32, device=device)
         stride_p = (*part_out.stride()[:3], *part_lse.stride()[:2])
+        if fused:
+            counters = split_counters(device, batch * kv_heads)
 
     _decode_split_kernel[(kv_heads, num_splits, batch)](
         q,
@@ -250,6 +412,8 @@ def _decode(
         out,
         part_out,
         part_lse,
+        counters,
+        split_len if device_split else seq_lens,
         default_scale(scale, head_dim) * LOG2E,
         tokens_per_split,
         *q.stride()[:2],
@@ -264,15 +428,19 @@ def _decode(
         PAGE=cache.page,
         PAGED=paged,
         DIRECT_OUT=direct,
+        FUSED=fused,
+        DEVICE_SPLIT=device_split,
+        BLOCK_S=MERGE_SPLITS,
         **dot_args(q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if not direct:
+    if not direct and not fused:
         _decode_reduce_kernel[(shape.num_q_heads, batch)](
             part_out,
             part_lse,
             seq_lens,
+            split_len if device_split else seq_lens,
             out,
             tokens_per_split,
             num_splits,
@@ -280,9 +448,15 @@ def _decode(
             *out.stride()[:2],
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
-            num_warps=1 if block_d <= 64 else 2,
+            BLOCK_S=MERGE_SPLITS,
+            DEVICE_SPLIT=device_split,
+            num_warps=4 if block_d >= 128 else 2,
         )
     return out
+
+
+#: Splits the fused merge folds per load (a [MERGE_SPLITS, head_dim] fp32 tile per q head).
+MERGE_SPLITS = 16
 
 
 def paged_decode_attention(
@@ -296,6 +470,7 @@ def paged_decode_attention(
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
+    split_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence to its cached context, read through a block table.
 
@@ -305,10 +480,12 @@ def paged_decode_attention(
     new K/V must already be stored). scale defaults to 1/sqrt(head_dim). Returns [batch, q_heads, head_dim] in q's
     dtype (into `out` when given). max_seq_len (max(seq_lens)) sizes the split-K grid (an underestimate stays
     correct, the last split takes the rest, but loses parallelism); without it one device sync reads it. A sequence
-    of length 0 gets zeros.
+    of length 0 gets zeros. split_len (CUDA graphs): a one-element int tensor holding the tokens per split
+    (`split_length(longest, num_splits, block_n)`), read on the device each replay; max_seq_len then fixes the grid
+    (the longest sequence any replay may see).
     """
     check_cache_layout(True, k_cache, v_cache)
-    return _decode(q, k_cache, v_cache, block_tables, None, seq_lens, scale, max_seq_len, out, config)
+    return _decode(q, k_cache, v_cache, block_tables, None, seq_lens, scale, max_seq_len, out, config, split_len)
 
 
 def contiguous_decode_attention(
@@ -322,6 +499,7 @@ def contiguous_decode_attention(
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
+    split_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over a contiguous cache (static and VMM layouts).
 
@@ -330,4 +508,4 @@ def contiguous_decode_attention(
     Otherwise as `paged_decode_attention`.
     """
     check_cache_layout(False, k_buf, v_buf)
-    return _decode(q, k_buf, v_buf, None, token_base, seq_lens, scale, max_seq_len, out, config)
+    return _decode(q, k_buf, v_buf, None, token_base, seq_lens, scale, max_seq_len, out, config, split_len)

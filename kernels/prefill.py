@@ -36,7 +36,8 @@ from .common import (
 from .tile_ops import online_softmax_tile, row_offsets, token_slots
 
 
-@triton.jit
+# The block-table width changes from step to step: not specialized, so that it never triggers a recompile.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr,
     k_ptr,

@@ -24,6 +24,9 @@ THROUGHPUT_COLUMNS = [
     "preemptions",
     "driver_ms",
     "driver_calls",
+    "attention_ms",
+    "attention_tbps",
+    "copy_ceiling_tbps",
 ]
 
 
@@ -33,7 +36,10 @@ def throughput_timeline(trace) -> pd.DataFrame:
     step; recomputation included), tokens (their sum), tokens_per_s (tokens / dur_s), decode_tokens_per_s,
     kernel_ms (GPU time of the forward pass; NaN when not measured), kv_bytes_read (KV bytes attention read; 0
     when not measured), achieved_tbps (kv_bytes_read / kernel time, in TB/s; NaN without kernel time),
-    preemptions, driver_ms / driver_calls (timed VMM driver or OS calls recorded in the step)."""
+    preemptions, driver_ms / driver_calls (timed VMM driver or OS calls recorded in the step), attention_ms (GPU
+    time of the attention kernels alone, STEP_ATTENTION; NaN when not timed), attention_tbps (kv_bytes_read /
+    attention time: the attention kernels' own bandwidth), copy_ceiling_tbps (the device-to-device copy bandwidth
+    the run measured at its start, meta["warmup"]; NaN when not measured), the same on every row."""
     return cached(trace, "throughput_timeline", lambda: _build(trace)).copy()
 
 
@@ -78,6 +84,16 @@ def _build(trace) -> pd.DataFrame:
     has = np.isfinite(kernel_s) & (kernel_s > 0)
     frame["achieved_tbps"] = np.where(has, frame["kv_bytes_read"] / np.where(has, kernel_s, 1.0) / 1e12, np.nan)
     frame["preemptions"] = _count_per_step(trace, Kind.PREEMPT, steps)
+    attn = select(trace, Kind.STEP_ATTENTION)
+    if attn.empty:
+        frame["attention_ms"] = np.nan
+    else:
+        frame["attention_ms"] = attn.groupby("step")["dur_ns"].sum().reindex(steps).to_numpy(np.float64) / 1e6
+    attn_s = frame["attention_ms"].to_numpy(np.float64) / 1e3
+    ok_attn = np.isfinite(attn_s) & (attn_s > 0)
+    frame["attention_tbps"] = np.where(ok_attn, frame["kv_bytes_read"] / np.where(ok_attn, attn_s, 1.0) / 1e12, np.nan)
+    ceiling = (getattr(trace, "meta", None) or {}).get("warmup", {}).get("copy_ceiling_tbps")
+    frame["copy_ceiling_tbps"] = float(ceiling) if ceiling else np.nan
 
     drv = mask(trace, *DRIVER_KINDS)
     run = running_step(trace)[drv]

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from kvscope import runmeta
 from kvscope.alloc import registry
@@ -24,12 +24,13 @@ from kvscope.alloc.registry import BuildContext
 from kvscope.backends.cuda_vmm import CudaMemory
 from kvscope.backends.host import HostMemory
 from kvscope.backends.sim import SimMemory
-from kvscope.engine.base import Executor, ExecutorOptions
-from kvscope.engine.costmodel import GPUCostModel
+from kvscope.engine.base import ExecResult, Executor, ExecutorOptions
+from kvscope.engine.costmodel import GPUCostModel, pcie_time_ns
 from kvscope.engine.cuda_options import CudaOptions
 from kvscope.engine.engine import Engine, RunStats
 from kvscope.engine.executor import check_device, make_executor
 from kvscope.engine.scheduler import SchedulerConfig
+from kvscope.engine.step import StepPlan
 from kvscope.recorder import NullRecorder, Recorder
 from kvscope.spec import KVSpec, get_spec
 from kvscope.trace import Trace, load_trace, trace_from_recorder
@@ -63,10 +64,14 @@ class RunConfig:
     megacache: bool = False
     eager_pages: int | None = None
     deferred_reclaim: bool = True
+    page_sharing: bool = True  # vmm: forks map the parent's full pages (False: copy rows)
     static_variant: str | None = None
+    eviction: str | None = None  # paged: prefix-cache eviction policy (kvscope.policies; None: vLLM's LRU)
+    cpu_cache: int | None = None  # paged: bytes of the prefix cache's CPU tier (None: no tier)
     # cuda executor options (kvscope.engine.cuda_options.CudaOptions; the sim and cpu executors have none)
     attention: str = "triton"  # triton | sdpa (torch SDPA on the contiguous K/V of row-addressed allocators)
     background_map: bool = True  # allocators that map memory (vmm): map the next step's pages during the forward pass
+    cuda_graphs: bool = True  # decode-only steps replay CUDA graphs (paged, static); False: --eager
     # debugging
     shadow: bool = False
     check_invariants: bool = False
@@ -114,7 +119,11 @@ class RunConfig:
     def executor_options(self, allocator: KVAllocator) -> ExecutorOptions:
         """What the executor is built from; background mapping only where the allocator can map ahead."""
         cuda = CudaOptions(
-            attention=self.attention, background_map=self.background_map and isinstance(allocator, MapsAhead)
+            attention=self.attention,
+            background_map=self.background_map and isinstance(allocator, MapsAhead),
+            cuda_graphs=self.cuda_graphs,
+            max_len=self.max_len,
+            max_batch=self.max_batch,
         )
         return ExecutorOptions(seed=self.seed, shadow=self.shadow, cuda=cuda)
 
@@ -132,10 +141,13 @@ class RunConfig:
             "prefix_caching": self.prefix_caching,
             "clock": "simulated" if self.device == "sim" else "measured",
         }
+        if self.cpu_cache:
+            d["cpu_cache"] = self.cpu_cache
         if self.device == "sim":
             d["cost_model"] = self.cost_model.to_dict()
         elif self.device == "cuda":
             d.update(options.cuda.to_dict())
+            d["cuda_graphs"] = options.cuda.cuda_graphs  # decode steps from CUDA graphs (False: --eager)
         return d
 
     def swap_bytes(self) -> int:
@@ -243,6 +255,9 @@ def record_run(
             "workload": workload or {"name": "requests", "source": "python", "requests": len(requests)},
             "requests": requests_table(requests),
         }
+        warmup = getattr(executor, "warmup_info", None)
+        if warmup:  # the cuda executor's warm-up before the first step: copy ceiling, compiles, graph capture
+            meta["warmup"] = warmup
         if path is not None:
             recorder.open(path, meta)
         else:
@@ -257,6 +272,8 @@ def record_run(
             cost_model=cfg.cost_model,
             check_invariants=cfg.check_invariants,
         )
+        if cfg.device == "sim" and isinstance(allocator, TierTraffic) and allocator.num_tier_blocks:
+            engine.executor = PCIeClock(engine, allocator, cfg.cost_model)
         if setup is not None:
             setup(engine)
         stats = engine.run(progress=progress)
@@ -268,6 +285,47 @@ def record_run(
     return RunResult(
         stats=stats, meta=dict(recorder.meta), path=Path(path) if path is not None else None, recorder=recorder
     )
+
+
+@runtime_checkable
+class TierTraffic(Protocol):
+    """An allocator that may copy blocks between the GPU and a CPU tier (paged with --cpu-cache): its size in blocks
+    and the running totals of bytes copied each way."""
+
+    num_tier_blocks: int
+    tier_in_bytes: int
+    tier_out_bytes: int
+
+
+class PCIeClock:
+    """--device sim with a CPU tier: the simulated clock also pays, each step, for the copies between the GPU and
+    the CPU tier that the step queued (GPUCostModel's pcie_* fields, costmodel.pcie_time_ns), on top of the roofline
+    time the engine adds. Wraps the sim executor; everything else is the executor's."""
+
+    measured = False
+
+    def __init__(self, engine: Engine, allocator: TierTraffic, model: GPUCostModel) -> None:
+        self.inner, self.engine, self.allocator, self.model = engine.executor, engine, allocator, model
+        self.device = self.inner.device
+        self._seen = (allocator.tier_in_bytes, allocator.tier_out_bytes)
+        self.pcie_ns = 0  # charged so far
+
+    def execute(self, plan: StepPlan) -> ExecResult:
+        now = (self.allocator.tier_in_bytes, self.allocator.tier_out_bytes)
+        ns = pcie_time_ns(self.model, now[0] - self._seen[0], now[1] - self._seen[1])
+        self._seen = now
+        self.engine.clock_ns += ns
+        self.pcie_ns += ns
+        return self.inner.execute(plan)
+
+    def after_step(self, forked: list[tuple[int, int]], released: list[int]) -> None:
+        self.inner.after_step(forked, released)
+
+    def device_name(self) -> str:
+        return self.inner.device_name()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def _tear_down(executor: Any, allocator: Any, backend: Any) -> None:

@@ -22,6 +22,9 @@ from kvscope.spec import KVSpec
 class ExecResult:
     kernel_ns: int = 0  # device time of the forward pass (CUDA events); 0 when not timed on a device
     kv_bytes_read: int = 0  # K/V bytes attention read
+    attention_ns: int = 0  # device time of the attention kernels alone (CUDA events per layer); 0 when not timed
+    attention_layers: int = 0  # layers whose attention was timed
+    graph: bool = False  # the step replayed a captured CUDA graph
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,9 @@ class GPUCostModel:
     peak_flops: float = 989e12  # dense bf16 tensor-core FLOP/s, datasheet
     flops_efficiency: float = 0.6  # a good prefill reaches ~55-65% of peak
     step_overhead_ns: int = 100_000  # scheduling + kernel launches per step (with CUDA graphs for decode)
+    # Host link, for copies between the GPU and CPU memory (the prefix cache's CPU tier: pcie_time_ns)
+    pcie_bandwidth: float = 64e9  # bytes/s per direction, PCIe 5.0 x16 datasheet (an H100 SXM's host link)
+    pcie_efficiency: float = 0.8  # ~51 GB/s: what large pinned-memory copies reach
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,3 +79,13 @@ def step_time_ns(model: GPUCostModel, costs: ModelCosts, step: StepCost) -> int:
     memory_s = bytes_moved / (model.hbm_bandwidth * model.bandwidth_efficiency)
     compute_s = flops / (model.peak_flops * model.flops_efficiency)
     return int(max(memory_s, compute_s) * 1e9) + model.step_overhead_ns
+
+
+def pcie_time_ns(model: GPUCostModel, bytes_in: int, bytes_out: int) -> int:
+    """Time of one step's copies over the host link: `bytes_in` host -> device (CPU-tier hits copied back),
+    `bytes_out` device -> host (evicted blocks offloaded). PCIe is full duplex, so the two directions overlap each
+    other; they are not overlapped with the step's compute (Pensieve pipelines them layer by layer: this is the
+    conservative end)."""
+    if not (bytes_in or bytes_out):
+        return 0
+    return int(max(bytes_in, bytes_out) / (model.pcie_bandwidth * model.pcie_efficiency) * 1e9)

@@ -16,6 +16,15 @@ first, then prefill chunks); start mapping the next step's memory ahead (kvscope
 map); run the forward pass between two CUDA events (its time is STEP_KERNEL's dur_ns, the K/V bytes attention read
 its bytes); wait for the mapper; move NVML samples into the trace.
 
+Before the first step (issue 14) the executor measures the copy ceiling, compiles every kernel variant the run can
+select (kvscope.engine.warmup) and captures the decode graphs (kvscope.engine.cuda_graphs); `warmup_info` is what
+record_run writes as meta["warmup"], and `compiles_since_warmup()` counts what compiled afterwards (0 expected).
+Decode-only steps replay a graph where the layout allows; other steps run eagerly. Either way each layer's
+attention is timed alone with CUDA events (STEP_ATTENTION).
+
+This module is longer than 400 lines: the step (host batch, eager and graph paths, timing, checks) is one unit
+that shares the executor's state; the warm-up and the graphs live in their own modules.
+
 Options are kvscope.engine.cuda_options.CudaOptions (ExecutorOptions.cuda). On a machine without a GPU the same
 executor runs on CPU tensors (`device="cpu"`): with Triton's interpreter (TRITON_INTERPRET=1 set before
 kvscope.kernels is imported), or with kvscope.kernels.reference (`kernels="reference"`, the same signatures in plain
@@ -25,6 +34,7 @@ torch), which is how its tests and the benchmarks' plumbing checks run.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -34,12 +44,16 @@ import torch
 
 from kvscope.alloc.base import KVAllocator, RowAddressed
 from kvscope.cudainfo import require_cuda
+from kvscope.engine import nvtx
 from kvscope.engine.base import ExecResult, ExecutorOptions
 from kvscope.engine.costmodel import ModelCosts
-from kvscope.engine.layout import KVLayout, make_layout, tensor_bytes
+from kvscope.engine.cuda_graphs import DecodeGraphs, bucket_for
+from kvscope.engine.layout import KVLayout, VmmLayout, make_layout, tensor_bytes
 from kvscope.engine.map_ahead import MapAhead, MappingStats, StepMapping
 from kvscope.engine.model import Attend, LlamaModel, attention
+from kvscope.engine.nvtx import nvtx_range
 from kvscope.engine.step import StepPlan, Work
+from kvscope.engine.warmup import copy_ceiling, warm_kernels
 from kvscope.errors import UserError
 from kvscope.nvml import NvmlSampler
 from kvscope.runmeta import cpu_name
@@ -69,6 +83,25 @@ class _Batch:
     segments: list[tuple[int, int, int, int]] = field(default_factory=list)  # (base, row offset, start, n): sdpa
     row0: int = 0  # contiguous layouts: row of the cache views' first element (bases and slots are relative to it)
     order: list[tuple[int, int, int]] = field(default_factory=list)  # (seq, start, n) per row group, for checks
+
+
+@dataclass
+class _HostBatch:
+    """One step's inputs on the host (numpy), before they become a _Batch or fill a CUDA graph's inputs."""
+
+    ids: np.ndarray
+    positions: np.ndarray
+    new_slots: np.ndarray
+    logits_rows: np.ndarray
+    n_decode: int
+    lens: np.ndarray  # tokens attended per row, the new ones included
+    ctx: np.ndarray  # tokens cached before the row's chunk
+    cu: np.ndarray  # prefill chunk boundaries
+    where: np.ndarray  # base rows [rows], or block tables [rows, max_blocks]
+    prefill_q: list[int]
+    segments: list[tuple[int, int, int, int]]
+    row0: int
+    order: list[tuple[int, int, int]]
 
 
 def _kernel_ops(impl: str) -> ModuleType:
@@ -127,15 +160,91 @@ class CudaExecutor:
             if self.nvml is not None:
                 self.memory["nvml_used_start"] = self.nvml.used_bytes()
         self._check_fits()
+        self.opts = opts
+        # Before the first step (issue 14): the copy ceiling, every kernel variant compiled, the decode graphs
+        # captured. `warmup_info` goes into the trace's metadata (meta["warmup"]).
+        self.warmup_info: dict[str, Any] = {}
+        self.copy_ceiling_tbps: float | None = None
+        if self._cuda and opts.warmup:
+            t0 = time.perf_counter()
+            self.warmup_info.update(copy_ceiling(self.torch_device))
+            self.copy_ceiling_tbps = self.warmup_info["copy_ceiling_tbps"]
+            self.warmup_info["copy_ceiling_s"] = time.perf_counter() - t0
         self._model: LlamaModel | None = LlamaModel(spec, seed=options.seed, device=self.torch_device)
         self._layout: KVLayout | None = make_layout(spec, allocator, self.torch_device)
+        nvtx.enable(self._cuda and opts.nvtx)
+        self.graphs: DecodeGraphs | None = None
+        self.graph_reason = self._graph_reason()
+        self._compiled_after_warmup = 0
+        if self._cuda and opts.warmup:
+            self._warm_up()
         if self.nvml is not None:
             self.memory["nvml_used_ready"] = self.nvml.used_bytes()
+        self.graph_steps = 0
+        self.eager_steps = 0
+        self._timed_layers = 0
+        self._attn_events: list[tuple[Any, Any]] = []  # (start, end) per layer, reused every eager step
+        if self._cuda and opts.attention_timing:
+            self._attn_events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for _ in range(spec.num_layers)
+            ]
         # Last: driver calls made while building the model and the layout are setup, not steps.
         self.mapper = MapAhead(allocator, self.recorder, background=opts.background_map)
         self.background_map = self.mapper.background
         self.mapping: MappingStats = self.mapper.stats
         self.step_mapping: list[StepMapping] = self.mapper.steps  # per step, for steps that had any mapping work
+
+    def _graph_reason(self) -> str | None:
+        """Why decode steps run eagerly in this run (None: they replay CUDA graphs)."""
+        if not self._cuda:
+            return "not on a GPU"
+        if not self.opts.cuda_graphs:
+            return "--eager"
+        if not self.opts.warmup:
+            return "no warm-up"
+        if self.attention_mode != "triton" or self.opts.kernels != "triton":
+            return f"attention {self.attention_mode} / kernels {self.opts.kernels}"
+        if self.check:
+            return "attention checks compare every layer"
+        if isinstance(self.layout, VmmLayout):
+            return "vmm buffers are mapped after the start (Triton checks pointers at capture)"
+        return None
+
+    def _warm_up(self) -> None:
+        from kvscope.kernels.compiles import compiled_variants, total_compiled
+
+        info = self.warmup_info
+        t0 = time.perf_counter()
+        if self.attention_mode == "triton":
+            warm_kernels(self.spec, self.model, self.layout, self.kernels, self.opts.max_len)
+        info["compile_s"] = time.perf_counter() - t0
+        info["compiled_variants"] = compiled_variants()
+        info["graph_capture_s"] = 0.0
+        if self.graph_reason is None:
+            self.graphs = DecodeGraphs(
+                self.spec,
+                self.model,
+                self.layout,
+                self.kernels,
+                max_len=self.opts.max_len,
+                max_batch=self.opts.max_batch,
+                scale=self.scale,
+                time_attention=self.opts.attention_timing,
+            )
+            self.graphs.capture()
+            info["graph_capture_s"] = self.graphs.capture_s
+            info["graph_buckets"] = self.graphs.buckets
+        info["cuda_graphs"] = self.graphs is not None
+        info["graph_reason"] = self.graph_reason
+        self._compiled_after_warmup = total_compiled()
+        info["seconds"] = info.get("copy_ceiling_s", 0.0) + time.perf_counter() - t0
+
+    def compiles_since_warmup(self) -> int:
+        """Kernel variants compiled after the warm-up (0 in a run that compiled nothing while measured)."""
+        from kvscope.kernels.compiles import total_compiled
+
+        return total_compiled() - self._compiled_after_warmup
 
     @property
     def model(self) -> LlamaModel:
@@ -171,25 +280,59 @@ class CudaExecutor:
         if not plan.work:
             self.mapper.finish(on_path, None)
             return ExecResult()
-        batch = self._prepare(plan.work)
+        host = self._host_batch(plan.work)
+        graphs = self.graphs
+        use_graph = (
+            graphs is not None
+            and host.n_decode == len(plan.work)
+            and bucket_for(host.n_decode, graphs.buckets) is not None
+        )
+        batch = None if use_graph else self._to_device(host)
         future = self.mapper.start(plan.work)
         if self._cuda:
             start_ev = torch.cuda.Event(enable_timing=True)
             end_ev = torch.cuda.Event(enable_timing=True)
             start_ev.record()
-        with torch.inference_mode():
-            logits = self.model.forward(batch.token_ids, batch.positions, self._attend_fn(batch), batch.logits_rows)
-            # The next tokens are the workload's (traces stay deterministic); the argmax is computed all the same.
-            self.last_logits = logits.argmax(-1) if logits is not None else None
-        kernel_ns = 0
+        timed_layers = 0
+        bucket = 0
+        if use_graph:
+            assert graphs is not None
+            with nvtx_range("decode (graph)"):
+                where = host.where + host.row0 if self.layout.contiguous else host.where
+                self.last_logits, _, bucket = graphs.run(
+                    host.ids, host.positions, host.new_slots + host.row0, host.lens, where
+                )
+            self.graph_steps += 1
+        else:
+            assert batch is not None
+            kind = "decode" if host.n_decode == len(plan.work) else ("prefill" if host.n_decode == 0 else "mixed")
+            with nvtx_range(kind), torch.inference_mode():
+                attend = self._attend_fn(batch)
+                logits = self.model.forward(batch.token_ids, batch.positions, attend, batch.logits_rows)
+                # The next tokens are the workload's (traces stay deterministic); the argmax is computed all the same.
+                self.last_logits = logits.argmax(-1) if logits is not None else None
+            timed_layers = self._timed_layers
+            self.eager_steps += 1
+        kernel_ns = attention_ns = 0
         if self._cuda:
             end_ev.record()
             end_ev.synchronize()
             kernel_ns = int(start_ev.elapsed_time(end_ev) * 1e6)
+            if use_graph and graphs is not None:
+                attention_ns = graphs.attention_ns(bucket)
+                timed_layers = self.spec.num_layers if attention_ns else 0
+            elif timed_layers:
+                attention_ns = int(sum(s.elapsed_time(e) for s, e in self._attn_events[:timed_layers]) * 1e6)
         self.mapper.finish(on_path, future)
         if self.nvml is not None:
             self.nvml.drain(self.recorder)
-        return ExecResult(kernel_ns=kernel_ns, kv_bytes_read=plan.kv_tokens_read * self.bytes_per_token)
+        return ExecResult(
+            kernel_ns=kernel_ns,
+            kv_bytes_read=plan.kv_tokens_read * self.bytes_per_token,
+            attention_ns=attention_ns,
+            attention_layers=timed_layers,
+            graph=use_graph,
+        )
 
     def after_step(self, forked: list[tuple[int, int]], released: list[int]) -> None:
         pass  # nothing cached per sequence: batches are rebuilt from the allocator every step
@@ -201,6 +344,9 @@ class CudaExecutor:
         """Stop the mapper and the sampler, drop every tensor over allocator memory. Safe to call twice. The
         allocator (and its backend) are closed by their owner afterwards; `memory` records NVML used bytes."""
         self.mapper.close()
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
         if self._layout is not None:
             self._layout.close()
             self._layout = None
@@ -216,8 +362,9 @@ class CudaExecutor:
             self.nvml = None
 
     # ---- the batch --------------------------------------------------------------------------------------------
-    def _prepare(self, work: list[Work]) -> _Batch:
-        """The step's tensors: the layout says where each token goes (kvscope.engine.layout's `place`)."""
+    def _host_batch(self, work: list[Work]) -> _HostBatch:
+        """The step's inputs as host arrays: the layout says where each token goes (kvscope.engine.layout's
+        `place`); rows in order [decodes..., prefill chunks...]."""
         order = [w for w in work if len(w.tokens) == 1] + [w for w in work if len(w.tokens) != 1]
         n_decode = sum(1 for w in order if len(w.tokens) == 1)
         spans = [(w.seq.id, w.start, len(w.tokens)) for w in order]
@@ -234,28 +381,45 @@ class CudaExecutor:
             if n != 1:
                 cu.append(cu[-1] + n)
             off += n
+        return _HostBatch(
+            ids=ids,
+            positions=positions,
+            new_slots=np.asarray(placed.new_slots, dtype=np.int64),
+            logits_rows=np.asarray(logits_rows, dtype=np.int64),
+            n_decode=n_decode,
+            lens=np.asarray(lens, dtype=np.int64),
+            ctx=np.asarray(ctx, dtype=np.int64),
+            cu=np.asarray(cu, dtype=np.int64),
+            where=np.asarray(placed.where, dtype=np.int64),
+            prefill_q=[n for _, _, n in spans[n_decode:]],
+            segments=placed.segments,
+            row0=placed.row0,
+            order=spans,
+        )
+
+    def _to_device(self, h: _HostBatch) -> _Batch:
         dev = self.torch_device
 
         def t(a: Any) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev, non_blocking=True)
 
-        prefill_q = [n for _, _, n in spans[n_decode:]]
+        nd = h.n_decode
         return _Batch(
-            token_ids=t(ids),
-            positions=t(positions),
-            new_slots=t(placed.new_slots),
-            logits_rows=t(logits_rows),
-            n_decode=n_decode,
-            d_lens=t(lens[:n_decode]),
-            d_where=t(placed.where[:n_decode]),
-            d_max_len=max(lens[:n_decode], default=0),
-            p_cu=t(cu),
-            p_ctx=t(ctx[n_decode:]),
-            p_where=t(placed.where[n_decode:]),
-            p_max_q=max(prefill_q, default=0),
-            segments=placed.segments,
-            row0=placed.row0,
-            order=spans,
+            token_ids=t(h.ids),
+            positions=t(h.positions),
+            new_slots=t(h.new_slots),
+            logits_rows=t(h.logits_rows),
+            n_decode=nd,
+            d_lens=t(h.lens[:nd]),
+            d_where=t(h.where[:nd]),
+            d_max_len=int(h.lens[:nd].max()) if nd else 0,
+            p_cu=t(h.cu),
+            p_ctx=t(h.ctx[nd:]),
+            p_where=t(h.where[nd:]),
+            p_max_q=max(h.prefill_q, default=0),
+            segments=h.segments,
+            row0=h.row0,
+            order=h.order,
         )
 
     # ---- attention ------------------------------------------------------------------------------------------------
@@ -270,17 +434,29 @@ class CudaExecutor:
         nd = b.n_decode
         scale = self.scale
 
+        events = self._attn_events
+        self._timed_layers = 0
+
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kc, vc = layout.caches(layer, b.row0)
             store(k, v, kc, vc, b.new_slots)
             out = torch.empty_like(q)
-            if sdpa:
-                self._sdpa(q, kc, vc, b, out)
-            else:
-                if nd:
-                    decode(q[:nd], kc, vc, b.d_where, b.d_lens, scale, max_seq_len=b.d_max_len, out=out[:nd])
-                if q.shape[0] > nd:
-                    prefill(q[nd:], kc, vc, b.p_where, b.p_cu, b.p_ctx, scale, max_query_len=b.p_max_q, out=out[nd:])
+            timed = layer < len(events)
+            if timed:
+                events[layer][0].record()
+            with nvtx_range("attention"):
+                if sdpa:
+                    self._sdpa(q, kc, vc, b, out)
+                else:
+                    if nd:
+                        decode(q[:nd], kc, vc, b.d_where, b.d_lens, scale, max_seq_len=b.d_max_len, out=out[:nd])
+                    if q.shape[0] > nd:
+                        prefill(
+                            q[nd:], kc, vc, b.p_where, b.p_cu, b.p_ctx, scale, max_query_len=b.p_max_q, out=out[nd:]
+                        )
+            if timed:
+                events[layer][1].record()
+                self._timed_layers = layer + 1
             if self.check:
                 self._check(layer, q, out, b)
             return out

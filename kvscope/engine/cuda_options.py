@@ -21,6 +21,13 @@ class CudaOptions:
     check: bool | None = None  # compare every attention call with a reference on the same K/V; None: as shadow
     nvml: bool = True  # sample device memory through NVML during the run (on a GPU)
     nvml_interval_s: float = 0.05
+    # issue 14: GPU runs that mean what they show
+    cuda_graphs: bool = True  # decode-only steps replay CUDA graphs captured per batch bucket (--eager: off)
+    warmup: bool = True  # compile the kernels, measure the copy ceiling and capture graphs before the first step
+    attention_timing: bool = True  # CUDA events around each layer's attention: STEP_ATTENTION per step
+    nvtx: bool = True  # NVTX ranges for Nsight Systems (kvscope.engine.nvtx)
+    max_len: int = 2048  # the engine's limits: size the graphs' inputs and their split-K grid
+    max_batch: int = 256
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_MODES:

@@ -8,8 +8,9 @@ engine jumps the clock to the next arrival.
 Per step k: recorder.step = k; arrivals; scheduler.schedule(); executor.execute(); scheduler.complete() (forks,
 FINISH + free); then STEP (n = sequences in the batch, dur_ns = wall time of the step, aux = simulated clock in ns
 at the END of the step on sim, -1 on real devices), STEP_PREFILL, STEP_DECODE, STEP_KERNEL (when the executor
-timed the forward pass on a device), device memory samples taken since the last step (MEM_NVML / MEM_TORCH, on
-cuda), the allocator's ACCT_* samples, recorder.end_step().
+timed the forward pass on a device), STEP_ATTENTION (when it timed the attention kernels alone), device memory
+samples taken since the last step (MEM_NVML / MEM_TORCH, on cuda), the allocator's ACCT_* samples,
+recorder.end_step(). The executor's work runs inside an NVTX range "step k" (kvscope.engine.nvtx).
 
 A KeyboardInterrupt or a crash aborts the recorder: every event emitted before it is written, those of the
 interrupted step included (the step is kept as far as it got, not dropped), and the trace loads as truncated (no
@@ -29,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kvscope.alloc.base import KVAllocator, emit_peaks, emit_usage, step_peaks
 from kvscope.engine.base import Executor
 from kvscope.engine.costmodel import GPUCostModel, ModelCosts, StepCost, step_time_ns
+from kvscope.engine.nvtx import nvtx_range
 from kvscope.engine.scheduler import Scheduler, SchedulerConfig
 from kvscope.events import Kind
 from kvscope.recorder import Recorder, defer_sigint
@@ -129,7 +131,8 @@ class Engine:
         before = (sched.requests_done, sched.preemptions, len(sched.waiting), sched.next_arrival_ns())
         sched.arrive(self.clock_ns)
         plan = sched.schedule()
-        result = self.executor.execute(plan)
+        with nvtx_range(f"step {k}"):
+            result = self.executor.execute(plan)
         forked = sched.complete(plan)
         self.executor.after_step(forked, sched.released)
         sched.released.clear()
@@ -147,6 +150,14 @@ class Engine:
         rec.emit(Kind.STEP_DECODE, n=plan.decode_tokens)
         if result.kernel_ns:
             rec.emit(Kind.STEP_KERNEL, dur_ns=result.kernel_ns, bytes=result.kv_bytes_read)
+        if result.attention_ns:
+            rec.emit(
+                Kind.STEP_ATTENTION,
+                n=result.attention_layers,
+                dur_ns=result.attention_ns,
+                bytes=result.kv_bytes_read,
+                aux=int(result.graph),
+            )
         if self.memory_sampler is not None:
             self.memory_sampler.drain(rec)
         usage = self.allocator.usage()

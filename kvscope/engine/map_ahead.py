@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from kvscope.alloc.base import KVAllocator, KVOutOfMemory, MapsAhead, VirtualBuffers
+from kvscope.engine.nvtx import nvtx_range
 from kvscope.engine.step import Work
 from kvscope.events import Kind
 from kvscope.recorder import Recorder
@@ -146,17 +147,18 @@ class MapAhead:
         assert target is not None
         t0 = time.perf_counter_ns()
         groups = skipped = 0
-        for seq, tokens in targets:
-            try:
-                have = alloc.num_tokens(seq)
-                if tokens <= have:
-                    continue
-                if not alloc.can_append(seq, tokens - have):
+        with nvtx_range("vmm map ahead"):
+            for seq, tokens in targets:
+                try:
+                    have = alloc.num_tokens(seq)
+                    if tokens <= have:
+                        continue
+                    if not alloc.can_append(seq, tokens - have):
+                        skipped += 1
+                        continue
+                    groups += target.ensure_room(seq, tokens)
+                except (KVOutOfMemory, KeyError):
                     skipped += 1
-                    continue
-                groups += target.ensure_room(seq, tokens)
-            except (KVOutOfMemory, KeyError):
-                skipped += 1
         wall = time.perf_counter_ns() - t0
         driver = self._thread_ns() if self._thread_ns is not None else 0
         return groups, wall, driver, skipped

@@ -21,9 +21,24 @@ then `allocator.free`).
 With n > 1 samples, the first sample's sequence forks n - 1 children at the end of its prefill step (FORK); every
 sample then generates O tokens. Fork children get sequence ids after all requests' (len(requests) + counter).
 
+Beam search (a request's `beam` K > 1), vLLM v0's way: the prompt's first K candidates become K beams, forked at the
+end of the prefill step as parallel samples are. After every later step in which beams of the request sampled, the
+next beam set is chosen among their candidates: each of the k beams that sampled is the parent of some of the k
+survivors. A beam with no survivor is pruned (PRUNE, then `allocator.free`: its blocks go back); one with c > 1
+survivors continues as one of them and forks c - 1 new beams (FORK with the parent in aux and the tokens it holds in
+n, so the events draw the beam tree); the new beams share everything the parent holds and diverge at the token just
+sampled, so their first append is a copy-on-write of the shared partial block (page). The width stays K. Prunes come
+before forks (vLLM v0 forks first), so that a step never needs more than K sequences' slots for a request: a VMM slot
+is a batch row. Which beam gets how many survivors is drawn, deterministically per request, as K draws with
+replacement among the k beams (each beam equally likely: no model scores exist to rank candidates); see the README
+for what that means against the paper's numbers. Every beam generates O tokens; there is no early stop.
+
 The scheduler emits the lifecycle events (ARRIVE when the clock reaches a request's arrival, ADMIT, FORK, PREEMPT,
 FINISH, REJECT); the allocator emits its own.
 """
+
+# This module is longer than 400 lines: admission, preemption, parallel-sampling forks and beam selection all move
+# sequences between the same queues in one step, and the order they do it in is the step semantics it documents.
 
 from __future__ import annotations
 
@@ -34,10 +49,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvscope.alloc.base import KVAllocator, KVOutOfMemory, Swappable
-from kvscope.engine.step import FINISHED, NO_TOKENS, REJECTED, RUNNING, SWAPPED, WAITING, Sequence, StepPlan, Work
+from kvscope.engine.step import (
+    FINISHED,
+    NO_TOKENS,
+    PRUNED,
+    REJECTED,
+    RUNNING,
+    SWAPPED,
+    WAITING,
+    Sequence,
+    StepPlan,
+    Work,
+)
 from kvscope.events import Kind
 from kvscope.recorder import Recorder
-from kvscope.workload import Request
+from kvscope.workload import Request, stream_tokens
 
 # Sequence, Work and StepPlan are kvscope.engine.step's; they are named here too, where the scheduler's users look.
 __all__ = ["Scheduler", "SchedulerConfig", "Sequence", "StepPlan", "Work"]
@@ -86,7 +112,9 @@ class Scheduler:
         self.finished_seqs = 0
         self.preemptions = 0
         self.generated_tokens = 0
-        self._samples_left = [r.n for r in self.requests]
+        self._samples_left = [r.width for r in self.requests]  # beam search: the K final beams
+        self._beam_next = [r.width for r in self.requests]  # the number the request's next forked beam gets
+        self._beam_draws = [0] * len(self.requests)  # position in the request's beam-selection stream
         self._rejected_req = [False] * len(self.requests)
         self._req_of: dict[int, int] = {}  # seq id -> request index
         self.released: list[int] = []  # sequences whose memory was freed since the engine last looked
@@ -119,7 +147,7 @@ class Scheduler:
             final_len = r.prompt_len + r.output_len - 1
             too_long = final_len > self.cfg.max_len  # checked first: a rejected request's ids are never built
             prompt = NO_TOKENS if too_long else r.prompt_tokens()
-            s = Sequence(i, r, 0, prompt, final_len, pending_forks=r.n > 1)
+            s = Sequence(i, r, 0, prompt, final_len, pending_forks=r.width > 1)
             self.sequences[i] = s
             self._req_of[i] = i
             if too_long:
@@ -237,10 +265,14 @@ class Scheduler:
         cfg = self.cfg
         waiting = self.waiting
         first_prefill = plan.prefill_tokens == 0
+        # Samples and beams that running requests will fork at the end of their prefill take batch places too (a
+        # VMM slot each): count them, or a step admits max_batch requests that then fork past it.
+        forks_due = sum(r.request.width - 1 for r in self.running if r.pending_forks)
         while waiting:
             s = waiting[0]
             need = len(s.prompt) - s.held
-            batch_after = len(self.running) + (s.request.n if s.pending_forks else 1)
+            width = s.request.width if s.pending_forks else 1
+            batch_after = len(self.running) + forks_due + width
             if self.running and batch_after > cfg.max_batch:
                 break
             if cfg.chunked_prefill:
@@ -270,6 +302,7 @@ class Scheduler:
             s.output_ids()
             s.status = RUNNING
             self.running.append(s)
+            forks_due += width - 1
             alloc.append(s.id, tokens)
             plan.add(Work(s, hit, tokens, True, samples=hit + n == len(s.prompt), hit=hit, fresh=True))
             s.held = hit + n
@@ -282,6 +315,7 @@ class Scheduler:
         Returns (parent, child) for the sequences forked in this step (data copies, if any, are queued in the
         allocator's pending_copies)."""
         forked: list[Sequence] = []
+        beams: dict[int, list[Sequence]] = {}  # request -> its beams that sampled in this step and go on
         any_finished = False
         for w in plan.work:
             if not w.samples:
@@ -294,9 +328,14 @@ class Scheduler:
             if s.pending_forks:
                 s.pending_forks = False
                 forked += self._fork_children(s)
+            elif s.request.beam > 1 and s.generated < s.request.output_len:
+                beams.setdefault(self._req_of[s.id], []).append(s)
             if s.generated >= s.request.output_len:
                 self._finish(s)
                 any_finished = True
+        for req, group in beams.items():
+            forked += self._select_beams(req, group)
+            any_finished = True  # pruned beams leave `running` below
         for c in forked:
             if c.status == RUNNING and c.generated >= c.request.output_len:
                 self._finish(c)
@@ -309,7 +348,7 @@ class Scheduler:
         r = parent.request
         children: list[Sequence] = []
         unplaced: list[Sequence] = []
-        for sample in range(1, r.n):
+        for sample in range(1, r.width):
             cid = self._next_child
             self._next_child += 1
             c = Sequence(
@@ -341,6 +380,68 @@ class Scheduler:
             children.append(c)
         self.waiting.extendleft(reversed(unplaced))
         return children
+
+    # ---- beam search ----------------------------------------------------------------------------------------------
+    def _select_beams(self, req: int, group: list[Sequence]) -> list[Sequence]:
+        """The next beam set of request `req` among the candidates of its beams in `group` (they sampled in this
+        step): prune the beams no survivor comes from, then fork the extra survivors. Returns the forked beams
+        that got memory (waiting ones are queued at the head of `waiting`)."""
+        k = len(group)
+        if k < 2:
+            return []  # a lone beam (the others are preempted or waiting) is its own only candidate
+        group = sorted(group, key=lambda s: s.id)
+        r = group[0].request
+        # Stream positions count draws, so a request draws the same parents whatever else the run does.
+        draws = stream_tokens(f"beam:{r.id}", self._beam_draws[req], k).astype(np.int64) % k
+        self._beam_draws[req] += k
+        survivors = np.bincount(draws, minlength=k).tolist()
+        for s, c in zip(group, survivors, strict=True):
+            if c == 0:
+                self._prune(s)
+        forked: list[Sequence] = []
+        unplaced: list[Sequence] = []
+        for s, c in zip(group, survivors, strict=True):
+            for _ in range(c - 1):
+                child = self._fork_beam(req, s)
+                (forked if child.status == RUNNING else unplaced).append(child)
+        self.waiting.extendleft(reversed(unplaced))
+        return forked
+
+    def _fork_beam(self, req: int, parent: Sequence) -> Sequence:
+        """A new beam from `parent`: the parent's tokens so far, then a candidate of its own at the token just
+        sampled (output position g - 1), and its own stream after it."""
+        r = parent.request
+        g = parent.generated
+        number = self._beam_next[req]
+        self._beam_next[req] += 1
+        own = r.beam_tokens(number, g - 1, r.output_len - (g - 1))
+        cid = self._next_child
+        self._next_child += 1
+        c = Sequence(cid, r, number, parent.prompt, parent.final_len, held=parent.held, generated=g, parent=parent.id)
+        c.output = np.concatenate([parent.output[: g - 1], own])
+        self.generated_tokens += 1  # its token of this step came out of its parent's forward pass
+        self.sequences[cid] = c
+        self._req_of[cid] = req
+        try:
+            self.alloc.fork(parent.id, cid)
+        except KVOutOfMemory:
+            # As a parallel sample without room at its fork: it waits, then is prefilled with what it generated.
+            self.rec.emit(Kind.FORK, seq=cid, n=0, aux=parent.id)
+            c.held = 0
+            c.prompt = np.concatenate([r.prompt_tokens(), c.output[:g]])
+            c.status = WAITING
+            return c
+        self.rec.emit(Kind.FORK, seq=cid, n=parent.held, aux=parent.id)
+        c.status = RUNNING
+        self.running.append(c)
+        return c
+
+    def _prune(self, s: Sequence) -> None:
+        self.rec.emit(Kind.PRUNE, seq=s.id, n=s.held)
+        self.alloc.free(s.id)
+        self.released.append(s.id)
+        s.status = PRUNED
+        s.output = NO_TOKENS
 
     # ---- lifecycle helpers ------------------------------------------------------------------------------------
     def _preempt(self, s: Sequence) -> None:

@@ -11,8 +11,9 @@ import numpy as np
 
 from kvscope.workload import Request
 
-# Sequence status
+# Sequence status (PRUNED: a beam that beam search dropped)
 WAITING, RUNNING, SWAPPED, FINISHED, REJECTED = "waiting", "running", "swapped", "finished", "rejected"
+PRUNED = "pruned"
 # The token ids of a sequence that has none: a request rejected on arrival, a sample's outputs before admission or
 # after it finished (read-only, shared).
 NO_TOKENS = np.zeros(0, dtype=np.int32)
@@ -21,11 +22,11 @@ NO_TOKENS.flags.writeable = False
 
 @dataclass(slots=True, eq=False)
 class Sequence:
-    """One sample of one request, as the scheduler tracks it."""
+    """One sample (or beam) of one request, as the scheduler tracks it."""
 
     id: int
     request: Request
-    sample: int
+    sample: int  # the sample's index; with beam search the beam's number (beams forked later go on from the width)
     prompt: np.ndarray  # tokens to hold before generating: the prompt, plus generated ones after a recompute
     # (NO_TOKENS for a request rejected on arrival)
     final_len: int  # P + O - 1: tokens held when it finishes
@@ -42,7 +43,11 @@ class Sequence:
 
     def output_ids(self) -> np.ndarray:
         if self.output is NO_TOKENS:
-            self.output = self.request.output_tokens(self.sample, 0, self.request.output_len)
+            r = self.request
+            if r.beam > 1 and self.sample > 0:
+                self.output = r.beam_tokens(self.sample, 0, r.output_len)
+            else:
+                self.output = r.output_tokens(self.sample, 0, r.output_len)
         return self.output
 
 

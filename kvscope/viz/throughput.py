@@ -1,5 +1,6 @@
 """Throughput timeline: tokens/s, tokens per step (prefill + decode) with the batch size, step time, achieved
-memory bandwidth (real devices only) and preemption markers, on one shared step axis."""
+memory bandwidth (real devices only: KV bytes over the whole forward pass's GPU time, and over the attention
+kernels' own time against the copy ceiling the run measured) and preemption markers, on one shared step axis."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ TIMELINE_COLUMNS = [
     "driver_ms",
 ]
 TITLE = "Throughput, batch and step time"
+#: Optional columns: the attention kernels' own time and bandwidth, and the copy ceiling measured at the run's start.
+ATTENTION_COLUMNS = ["attention_ms", "attention_tbps", "copy_ceiling_tbps"]
+#: The attention-only bandwidth line (the forward-pass line keeps TBPS_COLOR).
+ATTENTION_COLOR = "#d62728"
 
 
 def throughput_figure(
@@ -53,10 +58,12 @@ def throughput_figure(
     if timeline.empty:
         return empty_figure(title, "no engine steps in this trace")
     means = ["dur_s", "batch", "prefill_tokens", "decode_tokens", "tokens_per_s", "kernel_ms", "achieved_tbps"]
+    means += [c for c in ATTENTION_COLUMNS if c in timeline]  # traces with attention timings (issue 14)
     how = {c: "mean" for c in means} | {"preemptions": "sum", "driver_ms": "mean"}
     df, width = bin_steps(timeline.sort_values("step"), max_points, how)
     x = numeric(df["step"])
-    show_tbps = has_values(df, "achieved_tbps")
+    show_attn = "attention_tbps" in df and has_values(df, "attention_tbps")
+    show_tbps = has_values(df, "achieved_tbps") or show_attn
     show_kernel = has_values(df, "kernel_ms")
     show_driver = has_values(df, "driver_ms")
     rows = 4 if show_tbps else 3
@@ -126,8 +133,27 @@ def throughput_figure(
             fig.add_trace(line_trace(x, y, name, color, text + hover), row=3, col=1)
     if show_tbps:
         tbps = numeric(df["achieved_tbps"])
-        name = "achieved TB/s (KV bytes read / GPU time)"
-        fig.add_trace(line_trace(x, tbps, name, TBPS_COLOR, "%{y:.2f} TB/s" + hover, width=1.5), row=4, col=1)
+        name = "KV bytes read / whole forward pass GPU time (TB/s)"
+        fig.add_trace(line_trace(x, tbps, name, TBPS_COLOR, "%{y:.2f} TB/s (forward)" + hover, width=1), row=4, col=1)
+        if show_attn:
+            attn = numeric(df["attention_tbps"])
+            name = "attention kernels' KV read bandwidth (TB/s)"
+            fig.add_trace(
+                line_trace(x, attn, name, ATTENTION_COLOR, "%{y:.2f} TB/s (attention)" + hover, width=1.5),
+                row=4,
+                col=1,
+            )
+        ceiling = numeric(df["copy_ceiling_tbps"]) if "copy_ceiling_tbps" in df else np.array([np.nan])
+        if np.isfinite(ceiling).any():
+            value = float(np.nanmax(ceiling))
+            fig.add_hline(
+                y=value,
+                line=dict(color="#888", dash="dash", width=1),
+                annotation_text=f"copy ceiling {value:.2f} TB/s (measured at start)",
+                annotation_position="top left",
+                row=4,
+                col=1,
+            )
         fig.update_yaxes(title_text="TB/s", rangemode="tozero", row=4, col=1)
     fig.update_yaxes(title_text="tokens/s", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="tokens", rangemode="tozero", row=2, col=1, secondary_y=False)
