@@ -19,6 +19,8 @@ PAGES = [
     ("sharing.py", "Sharing", ":material/hub:"),
     ("timelines.py", "Timelines", ":material/show_chart:"),
     ("events.py", "Events", ":material/list:"),
+    ("kv_events.py", "KV events", ":material/account_tree:"),
+    ("policies.py", "Policies", ":material/science:"),
 ]
 
 st.set_page_config(page_title="kvscope", page_icon=":material/memory:", layout="wide")
@@ -28,5 +30,5 @@ navigation = st.navigation(
         for i, (file, title, icon) in enumerate(PAGES)
     ]
 )
-state.load_session_traces(state.script_args(__file__))
+state.follow_growing_traces(state.load_session_traces(state.script_args(__file__)))
 navigation.run()

@@ -165,6 +165,43 @@ def load_session_traces(argv: list[str]) -> list[LoadedTrace]:
     return traces
 
 
+FOLLOW_SECONDS = 2.0  # how often a followed trace file is checked for growth
+
+
+def _file_stamp(lt: LoadedTrace) -> tuple[int, int] | None:
+    path = lt.trace.path
+    if lt.source != "file" or path is None:
+        return None
+    try:
+        st_ = path.stat()
+    except OSError:
+        return None
+    return st_.st_mtime_ns, st_.st_size
+
+
+def follow_growing_traces(traces: list[LoadedTrace]) -> None:
+    """Opt-in (a sidebar checkbox): every FOLLOW_SECONDS, check whether a trace file changed (a `kvscope listen` or a
+    run still writing it) and rerun the app when one did; the cache then reloads it (its key holds mtime and size).
+    Only a small fragment reruns on the timer, so an unchanged trace costs a stat() per file."""
+    with st.sidebar:
+        follow = st.checkbox(
+            f"Follow growing traces (checks every {FOLLOW_SECONDS:g} s)",
+            key="kvscope_follow",
+            help="For traces still being written, e.g. by `kvscope listen`: the pages redraw when the file grows.",
+        )
+    if not follow:
+        return
+    seen = {lt.key: _file_stamp(lt) for lt in traces}
+
+    @st.fragment(run_every=FOLLOW_SECONDS)
+    def watch() -> None:
+        if any(_file_stamp(lt) != seen[lt.key] for lt in traces):
+            st.rerun(scope="app")
+
+    with st.sidebar:
+        watch()
+
+
 def display_titles(traces: list[LoadedTrace]) -> dict[str, str]:
     """key -> title, made unique (two files may share a name): widgets identify options by their shown text."""
     titles: dict[str, str] = {}
@@ -202,6 +239,15 @@ def no_traces_message() -> None:
         f"(Sample runs are looked for in: {where}.)",
         icon="ℹ️",
     )
+
+
+_MARKDOWN_SPECIAL = "\\`*_{}[]()#+-.!|<>$~:"
+
+
+def plain(text: str) -> str:
+    """Text (run labels come from traces) for st.markdown, shown as typed: every Markdown, LaTeX ($) and
+    Streamlit directive (:color[...]) character is escaped."""
+    return "".join("\\" + ch if ch in _MARKDOWN_SPECIAL else ch for ch in str(text))
 
 
 def show_figure(fig, key: str) -> None:

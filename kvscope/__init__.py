@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_trace", "KVSpec", "get_spec", "load_ipython_extension"]
+__all__ = ["__version__", "load_trace", "KVSpec", "get_spec", "load_ipython_extension", "record", "Kind", "explore"]
 
 
 def __getattr__(name: str):
@@ -21,6 +21,18 @@ def __getattr__(name: str):
         from kvscope import spec
 
         return getattr(spec, name)
+    if name == "record":  # the instrumentation API for your own engine (kvscope.instrument)
+        from kvscope.instrument import record
+
+        return record
+    if name == "explore":  # the notebook explorer widget (kvscope.widgets)
+        from kvscope.widgets import explore
+
+        return explore
+    if name == "Kind":
+        from kvscope.events import Kind
+
+        return Kind
     raise AttributeError(f"module 'kvscope' has no attribute {name!r}")
 
 

@@ -24,7 +24,14 @@ COMMANDS = {
     "export": "Export a trace (Perfetto / Chrome trace-event JSON)",
     "dashboard": "Open the Streamlit dashboard",
     "demo": "Run the main demo: one workload on every allocator, then a report",
+    "import": "Import another system's data as a trace (vLLM KV events)",
+    "listen": "Record a running vLLM's KV events (ZMQ) into a trace as they arrive",
+    "lab": "Replay a workload's prefix-cache accesses through eviction policies and capacities",
+    "sweep": "Run a grid of configurations (simulated) -> a Parquet table and a Pareto/what-if page",
+    "plan": "Capacity planning: the KV budget a model leaves on a GPU and the requests it holds",
 }
+# Commands whose module name differs from the command (`import` is a Python keyword).
+_MODULES = {"import": "import_"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"kvscope.commands.{name}")
+        module = importlib.import_module(f"kvscope.commands.{_MODULES.get(name, name)}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_parser(p)
         p.set_defaults(_module=module, _parser=p)

@@ -50,6 +50,13 @@ class Kind(IntEnum):
     BLOCK_COW = 13  # block=new copy; aux=source block; seq=the writer; addr=index in its block table; bytes
     BLOCK_CACHE = 14  # block; aux=hash (int64 prefix of the chained block hash); seq; like vLLM's BlockStored
     BLOCK_EVICT = 15  # block; aux=hash; a cached-idle block dropped from the cache -> free; like vLLM's BlockRemoved
+    # the CPU tier of the prefix cache (--cpu-cache, Pensieve's second tier; kvscope.alloc.paged)
+    BLOCK_OFFLOAD = 16  # after a BLOCK_EVICT: block=the evicted GPU block, copied to CPU tier block addr; aux=hash;
+    #                     bytes=block bytes copied device -> host
+    BLOCK_RELOAD = 17  # a prefix hit in the CPU tier: block=the new GPU block (its BLOCK_ALLOC just before) it is
+    #                    copied into from CPU tier block addr; seq; aux=hash; bytes copied host -> device
+    BLOCK_TIER_DROP = 18  # the CPU tier drops its least recently used block (full, or a reset): addr=CPU tier block;
+    #                       aux=hash; bytes
     # ---- VMM (vAttention) --------------------------------------------------------------------------------------
     VMM_RESERVE = 20  # n=virtual buffers; bytes=virtual bytes reserved in all; dur_ns
     PAGE_CREATE = 21  # block=page id; bytes=page bytes; dur_ns (cuMemCreate)
@@ -71,6 +78,8 @@ class Kind(IntEnum):
     MAP_AHEAD = 44  # VMM mapping for the next step on a background thread: n=page-groups, bytes, dur_ns=driver time
     #                 off the critical path; aux=ns the engine thread waited for it (the part back on the path)
     MAP_SYNC = 45  # VMM mapping done on the engine thread (admissions, misses): dur_ns=driver time on the critical path
+    STEP_ATTENTION = 46  # dur_ns=GPU time of the step's attention kernels alone (CUDA events around each layer's
+    #                      attention); bytes=KV bytes they read; n=layers timed; aux=1 if the step replayed a CUDA graph
     # ---- memory accounting, one sample per kind at the end of every step (the allocator's own books) -----------
     ACCT_CAPACITY = 50  # bytes the allocator manages
     ACCT_RESERVED = 51  # bytes taken for KV (blocks allocated, pages mapped, slots reserved); cached-idle excluded
@@ -97,6 +106,34 @@ class Kind(IntEnum):
     ACCT_PEAK_RESERVATION = 95
     ACCT_PEAK_MAPPED_IDLE = 96
     ACCT_PEAK_CACHED_IDLE = 97
+    # ---- beam search and VMM page sharing (issue 11) -----------------------------------------------------------
+    PRUNE = 120  # seq; n=tokens it held; beam search dropped this beam (no candidate of it kept): its memory is
+    #              released in the same step, like a FINISH that generated nothing more
+    PAGE_COW = 121  # VMM copy-on-write of a shared page before a write: block=new page; aux=the shared page it copies;
+    #                 seq=the writer; addr=byte offset in its slot's region; n=buffer; bytes=page bytes
+    # ---- imported KV-cache events (vLLM's KVEventBatch stream; kvscope.importers, issue 9) ---------------------
+    # vLLM's events name blocks by hash, never by block id, and no request: these rows have seq=-1 unless said.
+    # `step` is the message's sequence number (its position in a file); t_ns is the batch's ts (vLLM's clock)
+    # minus meta["kv_events"]["ts_origin_s"]. A "node" is one (group, hash) pair, numbered 0, 1, ... in the order
+    # the trace first meets it; a "name id" numbers strings (mediums, LoRA names, cache-spec kinds) the same way.
+    KV_BATCH = 100  # one message: n=events in it; aux=data_parallel_rank (-1 none); addr=1 if it came through the
+    #                 publisher's replay socket (a gap filled), else 0
+    KV_NAME = 101  # a string first met: block=name id; n=its UTF-8 length; addr=chunk index; aux=UTF-8 bytes
+    #                [8*addr, 8*addr+8) little-endian, zero-padded (one row per 8 bytes)
+    KV_HASH = 102  # a node first met: block=node; addr=group_idx (-1 none); an integer hash has n=0 and aux=its 64
+    #                bits as int64 (hash = aux mod 2**64); a bytes hash has n=its length and one row per 8 bytes,
+    #                seq=chunk index, aux=those bytes big-endian, zero-padded
+    KV_STORE = 103  # a BlockStored event, before its blocks: n=blocks; aux=parent node (-1: parent_block_hash null);
+    #                 addr=medium name id (-1 none); block=lora_id (-1 none); seq=lora_name id (-1 none);
+    #                 bytes=block_size in tokens (not bytes); dur_ns=kv_cache_spec_kind name id (-1 none)
+    KV_WINDOW = 104  # after a KV_STORE whose kv_cache_spec_sliding_window is set: n=that window in tokens
+    KV_STORED = 105  # one block of a BlockStored event: block=node; aux=parent node (-1 none); n=its tokens;
+    #                  addr=medium name id (-1 none)
+    KV_REMOVED = 106  # one block of a BlockRemoved event: block=node; addr=medium name id (-1 none)
+    KV_CLEARED = 107  # AllBlocksCleared: every cached block of every medium is gone
+    KV_TOKEN = 108  # only when token ids are kept: block=node; addr=position in the block; aux=token id
+    KV_GAP = 109  # messages a live stream skipped: addr=first missing sequence number; n=how many;
+    #               aux=how many of them the replay socket returned (their KV_BATCH rows follow with addr=1)
 
 
 KIND_NAMES: list[str] = [""] * (max(Kind) + 1)

@@ -17,25 +17,24 @@ so a report stays a few MB above that however long the run was. Measured: a page
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import jinja2
 import plotly.graph_objects as go
-from markupsafe import Markup
-from plotly.offline import get_plotlyjs
 
 from kvscope import __version__
+from kvscope.analysis.ranks import group_summary, parallel_meta, rank_table, split_groups
 from kvscope.analysis.summary import summarize
+from kvscope.present import pages
+from kvscope.present import ranks as ranks_text
 from kvscope.present.rows import CUT_OFF_NOTE, meta_rows, summary_columns, summary_rows
 from kvscope.present.views import COMPARISON, split
 from kvscope.trace import Trace, load_trace
 from kvscope.viz.palette import MEMORY_BANDS, STATE_COLORS, state_label
+from kvscope.viz.ranks import rank_stacks_figure
 
 
 @dataclass
@@ -90,31 +89,86 @@ def run_section(i: int, trace: Trace) -> RunSection:
     )
 
 
-def comparison(traces: Sequence[Trace]) -> tuple[Panel, list[str], list[tuple[str, list[str]] | None]]:
-    """The comparison panel and a side-by-side summary table (header, rows)."""
-    panel = Panel(COMPARISON.key, COMPARISON.title, COMPARISON.caption, COMPARISON.figure(traces), div="compare-bars")
+@dataclass
+class ComparisonSection:
+    """The page's first section when several runs are given: the verdict, the bars, the timelines, the table."""
+
+    verdict: list[str]
+    warnings: list[str]
+    panels: list[Panel]
+    header: list[str]
+    rows: list[tuple[str, list[str]] | None]
+    verdict_title: str = COMPARISON.verdict_title
+
+
+def comparison(traces: Sequence[Trace]) -> ComparisonSection:
+    """The comparison: the verdict's sentences and warnings, the bar and timeline panels, and a side-by-side
+    summary table (header, rows), all from the presentation layer."""
+    verdict = COMPARISON.verdict(traces)
+    panels = [
+        Panel(COMPARISON.key, COMPARISON.title, COMPARISON.caption, COMPARISON.figure(traces), div="compare-bars"),
+        Panel(
+            "compare-timelines",
+            COMPARISON.timelines_title,
+            COMPARISON.timelines_caption,
+            COMPARISON.timelines(traces),
+            div="compare-timelines",
+        ),
+    ]
     header = [f"{t.label} ({t.name})" for t in traces]
-    return panel, header, summary_columns([summarize(t) for t in traces])
-
-
-def _json_dumps(obj: Any, **kwargs: Any) -> str:
-    """Jinja's tojson serializer: a plotly figure as plotly's own JSON (typed arrays as base64), anything else as
-    plain JSON. tojson then escapes <, >, & and ' for the HTML page."""
-    if isinstance(obj, go.Figure):
-        return obj.to_json()
-    return json.dumps(obj, **kwargs)
-
-
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("kvscope", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
+    return ComparisonSection(
+        verdict.sentences, verdict.warnings, panels, header, summary_columns([summarize(t) for t in traces])
     )
-    env.policies["json.dumps_function"] = _json_dumps
-    return env
+
+
+@dataclass
+class RanksSection:
+    """A parallel run's ranks (kvscope.analysis.ranks): the group's rows, the per-rank stacks, which ranks get a
+    section of their own."""
+
+    anchor: str
+    title: str
+    caption: str
+    rows: list[tuple[str, str]]
+    panels: list[Panel]
+    note: str
+
+
+def ranks_section(i: int, group: Sequence[Trace]) -> RanksSection:
+    g = group_summary(group)
+    anchor = f"ranks{i}"
+    detail = _detail_ranks(group)
+    figure = rank_stacks_figure(rank_table(group), title=ranks_text.FIGURE_TITLE)
+    names = ", ".join(t.name for t in group)
+    drawn = ", ".join(t.name for t in detail)
+    note = f"Rank traces: {names}. Drawn in full below: {drawn}" + (
+        " (the other ranks hold other heads of the same tokens: the same books)" if len(detail) < len(group) else ""
+    )
+    if g["dcp"] > 1:
+        note += ". " + ranks_text.DCP_NOTE
+    return RanksSection(
+        anchor=anchor,
+        title=ranks_text.section_title(g),
+        caption=ranks_text.CAPTION,
+        rows=ranks_text.group_rows(g),
+        panels=[Panel("ranks", ranks_text.FIGURE_TITLE, ranks_text.CAPTION, figure, div=f"{anchor}-stacks")],
+        note=note,
+    )
+
+
+def _detail_ranks(group: Sequence[Trace]) -> list[Trace]:
+    """The ranks of the first DCP group (rank 0 alone under TP): the others repeat their books for other heads."""
+    return [t for t in group if int(parallel_meta(t).get("dcp_group", 0)) == 0]
+
+
+def _detailed(traces: Sequence[Trace], groups: Sequence[Sequence[Trace]]) -> tuple[list[Trace], list[Trace]]:
+    """(traces drawn in full, in the order given; the runs compared: other traces and each group's rank 0)."""
+    detail = {id(t) for g in groups for t in _detail_ranks(g)}
+    first = {id(g[0]) for g in groups}
+    in_group = {id(t) for g in groups for t in g}
+    shown = [t for t in traces if id(t) not in in_group or id(t) in detail]
+    units = [t for t in traces if id(t) not in in_group or id(t) in first]
+    return shown, units
 
 
 def build_report(traces: Sequence[Trace], *, title: str = "kvscope report") -> str:
@@ -122,27 +176,27 @@ def build_report(traces: Sequence[Trace], *, title: str = "kvscope report") -> s
     traces = list(traces)
     if not traces:
         raise ValueError("report: no traces given")
-    runs = [run_section(i, t) for i, t in enumerate(traces)]
-    compare_panel, compare_header, compare_rows = comparison(traces) if len(traces) > 1 else (None, [], [])
+    groups, _ = split_groups(traces)
+    ranks = [ranks_section(i, g) for i, g in enumerate(groups)]
+    shown, units = _detailed(traces, groups)
+    runs = [run_section(i, t) for i, t in enumerate(shown)]
+    compare = comparison(units) if len(units) > 1 else None
     figures = [(p.div, p.figure) for run in runs for p in run.panels]
-    if compare_panel is not None:
-        figures.insert(0, (compare_panel.div, compare_panel.figure))
+    figures[:0] = [(p.div, p.figure) for group in ranks for p in group.panels]
+    if compare is not None:
+        figures[:0] = [(p.div, p.figure) for p in compare.panels]
     legend = [(state_label(s), STATE_COLORS[s]) for s in (*MEMORY_BANDS, "shared", "pool")]
     return (
-        _environment()
-        .get_template("report.html.j2")
-        .render(
+        pages.template("report.html.j2").render(
             title=title,
             generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             version=__version__,
             runs=runs,
-            compare=compare_panel,
-            compare_header=compare_header,
-            compare_rows=compare_rows,
+            compare=compare,
+            ranks=ranks,
             legend=legend,
             figures=figures,
-            # plotly's own bundle, the same text plotly's write_html(include_plotlyjs=True) inlines.
-            plotly_js=Markup(get_plotlyjs()),
+            plotly_js=pages.plotly_js(),
         )
     )
 

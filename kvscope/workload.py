@@ -6,9 +6,17 @@ File format: one JSON object per line (blank lines are skipped)::
     {"id": "r1", "arrival": 0.12, "prompt": [1, 2, 3], "output_len": 8, "n": 4}
     {"id": "r2", "arrival": 0.3, "prompt_len": 700, "output_len": 90, "shared_prefix": {"id": "system-0", "len": 256}}
     {"id": "c0-t1", "arrival": 5.1, "prompt_len": 900, "output_len": 80, "conversation": "c0"}
+    {"id": "mc7", "arrival": 0.5, "prompt_len": 1100, "output_len": 4, "prompt_blocks": {"size": 512, "ids": [0, 9, 8]}}
 
-`arrival` is seconds since the run starts; `n` (default 1) is the number of parallel samples; `prompt` (explicit
-token ids) may replace or accompany `prompt_len`.
+`arrival` is seconds since the run starts; `n` (default 1) is the number of parallel samples; `beam` (default 1: no
+beam search) is a beam width K: the request decodes K beams at once, vLLM v0's way (see kvscope.engine.scheduler);
+`prompt` (explicit token ids) may replace or accompany `prompt_len`::
+
+    {"id": "r3", "arrival": 0.5, "prompt_len": 19, "output_len": 58, "beam": 4}
+
+`prompt_blocks` describes the prompt as a chain of content blocks
+(imported traces such as Mooncake's, whose `hash_ids` name each 512-token block): block j holds tokens
+j*size..(j+1)*size-1, the last one partly filled, and `ids` has exactly ceil(prompt_len / size) entries.
 
 Token ids. Prefix caching hashes token ids, so every request has deterministic ones without storing them: token i
 comes from a named stream, a counter-based hash (splitmix64 of the stream's seed and the absolute position i) taken
@@ -17,7 +25,13 @@ mod VOCAB_SIZE. Which stream:
     same tokens (a shared system prompt);
   - the rest of the prompt, and the generated tokens of sample 0: the conversation's stream if the request names
     one, else the request's own stream;
-  - the generated tokens of samples 1..n-1: a stream of their own per sample.
+  - the generated tokens of samples 1..n-1: a stream of their own per sample; with beam search, beams 1..K-1 and
+    every beam forked later (numbered on from K) continue the tokens of the beam they were forked from and then
+    follow a stream of their own per beam (`beam_tokens`).
+  - with `prompt_blocks`: each block's tokens come from the stream of its id (`block:SIZE:ID`, positions from 0), so
+    two requests whose block ids agree up to block j have the same first (j+1)*size tokens, and a prefix cache
+    hashing tokens (at any block size) shares exactly what the ids share; the ids must form prefix chains (an id
+    always follows the same id), as Mooncake's do.
 A conversation is one growing token sequence of which each turn is a prefix: turn k+1's prompt (previous prompt,
 previous answer, new user text) reads the same positions of the same streams as turn k did, so it begins with turn
 k's prompt and sample-0 answer token for token, and a prefix cache holding turn k serves turn k+1. A conversation
@@ -99,6 +113,40 @@ class SharedPrefix:
 
 
 @dataclass(frozen=True)
+class PromptBlocks:
+    """The prompt as a chain of content blocks of `size` tokens: equal ids = equal content (and, the ids being
+    prefix chains, equal prefixes). See the module docstring for the token ids they stand for."""
+
+    size: int
+    ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", _check_int("prompt_blocks.size", self.size, 1, MAX_REQUEST_TOKENS))
+        ids = self.ids
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise ValueError(f"field 'prompt_blocks.ids': must be a non-empty list of block ids, got {_short(ids)}")
+        for i, b in enumerate(ids):
+            if isinstance(b, bool) or not isinstance(b, _INTEGERS) or not 0 <= b <= _MAX_BLOCK_ID:
+                raise ValueError(f"field 'prompt_blocks.ids': id {i} must be an integer in 0..2**63-1, got {_short(b)}")
+        object.__setattr__(self, "ids", tuple(int(b) for b in ids))
+
+    def tokens(self, prompt_len: int) -> np.ndarray:
+        parts = [_block_tokens(self.size, b) for b in self.ids]
+        return np.concatenate(parts)[:prompt_len] if len(parts) > 1 else parts[0][:prompt_len].copy()
+
+
+_MAX_BLOCK_ID = 2**63 - 1
+
+
+@lru_cache(maxsize=4096)
+def _block_tokens(size: int, block_id: int) -> np.ndarray:
+    # Cached: a shared system-prompt block is in most requests of a trace. Read-only so no caller changes the cache.
+    tokens = stream_tokens(f"block:{size}:{block_id}", 0, size)
+    tokens.flags.writeable = False
+    return tokens
+
+
+@dataclass(frozen=True)
 class Request:
     """One request. Invalid values raise ValueError("field 'NAME': ...") so the file loader can say where."""
 
@@ -110,6 +158,8 @@ class Request:
     prompt: tuple[int, ...] | None = field(default=None, repr=False)
     shared_prefix: SharedPrefix | None = None
     conversation: str | None = None
+    beam: int = 1
+    prompt_blocks: PromptBlocks | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize numpy scalars and arrays to plain Python values once
@@ -118,6 +168,11 @@ class Request:
         set_(self, "prompt_len", _check_int("prompt_len", self.prompt_len, 1, MAX_REQUEST_TOKENS))
         set_(self, "output_len", _check_int("output_len", self.output_len, 1, MAX_REQUEST_TOKENS))
         set_(self, "n", _check_int("n", self.n, 1, MAX_SAMPLES))
+        set_(self, "beam", _check_int("beam", self.beam, 1, MAX_SAMPLES))
+        if self.beam > 1 and self.n > 1:
+            # vLLM v0 returns the best n of the K beams; kvscope runs the K beams and keeps no ranking, so n > 1
+            # would change nothing the memory sees: refused rather than silently ignored.
+            raise ValueError(f"field 'beam': beam search (beam={self.beam}) takes n=1, got n={self.n}")
         if self.prompt is not None:
             prompt = _check_prompt(self.prompt)
             if len(prompt) != self.prompt_len:
@@ -134,6 +189,27 @@ class Request:
                 )
         if self.conversation is not None:
             _check_str("conversation", self.conversation)
+        if self.prompt_blocks is not None:
+            self._check_blocks()
+
+    def _check_blocks(self) -> None:
+        blocks = self.prompt_blocks
+        if not isinstance(blocks, PromptBlocks):
+            raise ValueError(f"field 'prompt_blocks': must be a PromptBlocks, got {blocks!r}")
+        for other in ("prompt", "shared_prefix"):
+            if getattr(self, other) is not None:
+                raise ValueError(f"field 'prompt_blocks': cannot be combined with {other!r} (both give the prompt)")
+        expected = -(-self.prompt_len // blocks.size)
+        if len(blocks.ids) != expected:
+            raise ValueError(
+                f"field 'prompt_blocks.ids': {len(blocks.ids)} ids, but prompt_len {self.prompt_len} in blocks of "
+                f"{blocks.size} needs {expected}"
+            )
+
+    @property
+    def width(self) -> int:
+        """Sequences the request decodes at once: its n parallel samples, or its beam width."""
+        return self.beam if self.beam > 1 else self.n
 
     @property
     def _tail_stream(self) -> str:
@@ -144,6 +220,8 @@ class Request:
         """The prompt's token ids (int32, length prompt_len): explicit if given, else from the streams."""
         if self.prompt is not None:
             return np.asarray(self.prompt, dtype=np.int32)
+        if self.prompt_blocks is not None:
+            return self.prompt_blocks.tokens(self.prompt_len)
         prefix = self.shared_prefix
         shared = prefix.len if prefix is not None else 0
         tail = stream_tokens(self._tail_stream, shared, self.prompt_len - shared)
@@ -162,6 +240,15 @@ class Request:
         stream = self._tail_stream if sample == 0 else f"req:{self.id}#{sample}"
         return stream_tokens(stream, self.prompt_len + start, count)
 
+    def beam_tokens(self, beam: int, start: int, count: int) -> np.ndarray:
+        """Generated token ids of beam `beam` (any beam number >= 1: beams forked during decode are numbered on
+        from the width) at output positions start..start+count-1: the beam's own stream."""
+        if self.beam <= 1:
+            raise ValueError(f"request {self.id!r}: not a beam search request")
+        if beam < 1 or start < 0 or count < 0 or start + count > self.output_len:
+            raise ValueError(f"request {self.id!r}: beam {beam} output positions {start}..{start + count} invalid")
+        return stream_tokens(f"req:{self.id}~beam{beam}", self.prompt_len + start, count)
+
     def to_json(self) -> dict[str, Any]:
         """The JSONL object (defaults left out)."""
         d: dict[str, Any] = {"id": self.id, "arrival": self.arrival, "prompt_len": self.prompt_len}
@@ -170,10 +257,14 @@ class Request:
         d["output_len"] = self.output_len
         if self.n != 1:
             d["n"] = self.n
+        if self.beam != 1:
+            d["beam"] = self.beam
         if self.shared_prefix is not None:
             d["shared_prefix"] = {"id": self.shared_prefix.id, "len": self.shared_prefix.len}
         if self.conversation is not None:
             d["conversation"] = self.conversation
+        if self.prompt_blocks is not None:
+            d["prompt_blocks"] = {"size": self.prompt_blocks.size, "ids": list(self.prompt_blocks.ids)}
         return d
 
     @classmethod
@@ -206,19 +297,35 @@ class Request:
             if extra:
                 raise ValueError(f"field 'shared_prefix.{extra[0]}': unknown field (known: id, len)")
             shared = SharedPrefix(shared["id"], shared["len"])
+        blocks = d.get("prompt_blocks")
+        if blocks is not None:
+            if not isinstance(blocks, dict):
+                raise ValueError(f"field 'prompt_blocks': must be an object with size and ids, got {_short(blocks)}")
+            for name in ("size", "ids"):
+                if name not in blocks:
+                    raise ValueError(f"field 'prompt_blocks.{name}': missing")
+            extra = sorted(set(blocks) - {"size", "ids"})
+            if extra:
+                raise ValueError(f"field 'prompt_blocks.{extra[0]}': unknown field (known: size, ids)")
+            blocks = PromptBlocks(blocks["size"], blocks["ids"])
         return cls(
             id=d["id"],
             arrival=d["arrival"],
             prompt_len=prompt_len,  # type: ignore[arg-type]  # None only when absent, refused above
             output_len=d["output_len"],
             n=d.get("n", 1),
+            beam=d.get("beam", 1),
             prompt=prompt,
             shared_prefix=shared,
             conversation=d.get("conversation"),
+            prompt_blocks=blocks,
         )
 
 
-_JSON_FIELDS = {"id", "arrival", "prompt_len", "prompt", "output_len", "n", "shared_prefix", "conversation"}
+_JSON_FIELDS = {
+    "id", "arrival", "prompt_len", "prompt", "output_len", "n", "beam", "shared_prefix", "conversation",
+    "prompt_blocks",
+}  # fmt: skip
 
 
 def _check_str(name: str, value: Any) -> None:
@@ -391,12 +498,20 @@ def _stats(values: np.ndarray) -> dict[str, float]:
 
 def declared_reuse(requests: Sequence[Request]) -> dict[str, int]:
     """Per request id: leading prompt tokens that an earlier-arriving request already had (a prefix cache could serve
-    them): the shared prefix after its first user, or the previous turn's prompt + answer in a conversation."""
+    them): the shared prefix after its first user, the previous turn's prompt + answer in a conversation, or the
+    leading prompt blocks whose ids an earlier request had."""
     reuse: dict[str, int] = {}
     seen_prefix: set[str] = set()
+    seen_blocks: set[tuple[int, int]] = set()  # (size, id): ids are prefix chains, so a seen id implies its prefix
     last_turn: dict[str, Request] = {}
     for r in sort_by_arrival(requests):
         shared = 0
+        if r.prompt_blocks is not None:
+            size = r.prompt_blocks.size
+            keys = [(size, b) for b in r.prompt_blocks.ids]
+            known = next((i for i, k in enumerate(keys) if k not in seen_blocks), len(keys))
+            shared = min(known * size, r.prompt_len)
+            seen_blocks.update(keys)
         if r.shared_prefix is not None:
             if r.shared_prefix.id in seen_prefix:
                 shared = r.shared_prefix.len
@@ -419,6 +534,7 @@ def describe_lengths(requests: Sequence[Request]) -> dict[str, Any]:
     return {
         "requests": len(requests),
         "samples": int(sum(r.n for r in requests)),
+        "beams": int(sum(r.beam for r in requests if r.beam > 1)),
         "prompt_len": _stats(prompt),
         "output_len": _stats(output),
         "prompt_tokens": int(prompt.sum()),

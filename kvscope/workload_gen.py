@@ -1,5 +1,5 @@
 """Synthetic workloads: length distributions (ShareGPT-like, Alpaca-like), Poisson arrivals, shared system prompts,
-parallel sampling and multi-turn conversations. Every generator takes a seed and is deterministic given it.
+parallel sampling, beam search and multi-turn conversations. Every generator takes a seed and is deterministic given it.
 
 Lengths are log-normal, with the benchmark filter of vLLM's serving benchmark applied (prompt >= 4, prompt <= 1024,
 prompt + output <= 2048). Each sigma is fixed by hand to give a heavy tail; the mus were solved numerically
@@ -124,6 +124,7 @@ class GenParams:
     lengths: str = "sharegpt"
     rate: float = math.inf
     n: int = 1
+    beam: int = 1  # beam width K (1: no beam search); takes n = 1
     system_prompt_len: int = 0
     system_prompt_fraction: float = 1.0
     system_prompts: int = 1
@@ -136,12 +137,16 @@ class GenParams:
             raise ValueError(f"lengths: unknown length model {self.lengths!r} (choose from {', '.join(LENGTH_MODELS)})")
         if not self.rate > 0:  # also refuses NaN
             raise ValueError(f"rate: must be > 0 requests/s (inf: all at t=0), got {self.rate}")
-        for name in ("n", "system_prompts", "turns"):
+        for name in ("n", "beam", "system_prompts", "turns"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)}")
         # The same bounds a request file is held to (kvscope.workload), checked before anything is drawn.
         if self.n > MAX_SAMPLES:
             raise ValueError(f"n: must be at most {MAX_SAMPLES:,}, got {self.n}")
+        if self.beam > MAX_SAMPLES:
+            raise ValueError(f"beam: must be at most {MAX_SAMPLES:,}, got {self.beam}")
+        if self.beam > 1 and self.n > 1:
+            raise ValueError(f"beam: beam search (width {self.beam}) takes n=1, got n={self.n}")
         if not 0 <= self.system_prompt_len <= MAX_REQUEST_TOKENS - MAX_PROMPT:
             raise ValueError(
                 f"system_prompt_len: must be in 0..{MAX_REQUEST_TOKENS - MAX_PROMPT:,}, got {self.system_prompt_len}"
@@ -172,6 +177,7 @@ NAMED_WORKLOADS: dict[str, dict[str, Any]] = {
     "alpaca": {"lengths": "alpaca"},
     "shared-prefix": {"lengths": "sharegpt", "system_prompt_len": 256},
     "parallel": {"lengths": "alpaca", "n": 4},
+    "beam": {"lengths": "alpaca", "beam": 4},
     "multiturn": {"lengths": "sharegpt", "turns": 4, "max_len": 4096},
 }
 
@@ -242,6 +248,7 @@ def generate(params: GenParams, requests: int, seed: int) -> list[Request]:
                     prompt_len=prompt,
                     output_len=output,
                     n=params.n,
+                    beam=params.beam,
                     shared_prefix=prefix,
                     conversation=f"c{c}" if multi else None,
                 )

@@ -23,3 +23,14 @@ kvscope run --workload "$out/sharing-150.jsonl" --allocator paged --prefix-cachi
 kvscope run --workload "$out/sharegpt-200.jsonl" --allocator vmm --kv-memory 6GiB "${common[@]}" \
   -o "$out/vmm-reclaim.kvtrace"
 ls -la "$out"
+
+# 6. Sharing (issue 11, recorded on an H200): beam search (4 beams) on VMM with page sharing and on paged, and 4
+#    parallel samples on VMM; an 8-layer Llama-3-8B shape with 2 GiB of KV.
+small=(--device cuda --model llama-3-8b --layers 8 --kv-memory 2GiB --max-len 2048 --max-batch 128 --quiet)
+kvscope workload beam --width 4 --requests 32 --seed 3 -o "$out/beam-32.jsonl"
+kvscope workload alpaca --n 4 --requests 32 --seed 3 -o "$out/parallel-32.jsonl"
+kvscope run --workload "$out/beam-32.jsonl" --allocator vmm --megacache "${small[@]}" -o "$out/vmm-megacache-beam4.kvtrace"
+kvscope run --workload "$out/beam-32.jsonl" --allocator paged "${small[@]}" -o "$out/paged-beam4.kvtrace"
+kvscope run --workload "$out/parallel-32.jsonl" --allocator vmm --megacache "${small[@]}" \
+  -o "$out/vmm-megacache-parallel4.kvtrace"
+ls -la "$out"

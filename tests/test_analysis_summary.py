@@ -41,8 +41,9 @@ def test_fork_scenario_numbers():
     assert [k for k in REQUIRED if k not in s] == []
     assert s["allocator"] == "paged" and s["model"] == "tiny" and s["bytes_per_token"] == BPT
     assert s["requests"] == 2 and s["finished"] == 2 and s["finished_sequences"] == 3 and s["forks"] == 1
-    # seq 1: P=3 finishing with 4 tokens -> 2; seq 0 and its fork seq 2: P=5 finishing with 7 -> 3 each.
-    assert s["generated_tokens"] == 8
+    # seq 1: P=3 finishing with 4 tokens -> 2; seq 0: P=5 finishing with 7 -> 3; its fork seq 2 starts with 6 of
+    # seq 0's tokens (forked during decode, as a beam is) and finishes with 7 -> 1 of its own.
+    assert s["generated_tokens"] == 6
     assert s["steps"] == 3
     assert s["capacity_bytes"] == CAP
     assert s["peak_used_bytes"] == 8 * BPT
@@ -53,7 +54,7 @@ def test_fork_scenario_numbers():
     assert s["sharing_saved_bytes_peak"] == 6 * BPT  # step 1: 12 tokens logical, 6 held once
     assert s["preemptions"] == 0 and s["prefix_hit_tokens"] == 0
     assert s["clock"] == "sim" and s["run_time_s"] == pytest.approx(0.003)
-    assert s["tokens_per_s"] == pytest.approx(8 / 0.003)
+    assert s["tokens_per_s"] == pytest.approx(6 / 0.003)
     assert s["truncated"] is False
     json.dumps(s, allow_nan=False)
 
@@ -137,7 +138,7 @@ def test_summary_is_cached_but_returns_copies():
     trace = scenario_fork()
     a = summarize(trace)
     a["generated_tokens"] = -1
-    assert summarize(trace)["generated_tokens"] == 8
+    assert summarize(trace)["generated_tokens"] == 6
 
 
 def test_forked_samples_without_memory_at_the_fork():

@@ -177,12 +177,12 @@ def test_misuse_is_refused(backend):
 
 
 def test_vmm_allocator_on_host_memory_holds_real_data():
-    """End to end: tokens written through a sequence's rows survive, fork copies them into the child's slot, and
-    close() leaves nothing in the OS."""
+    """End to end: tokens written through a sequence's rows survive, fork (without page sharing) copies them into the
+    child's slot, and close() leaves nothing in the OS."""
     spec = get_spec("tiny")  # 128-byte rows per layer buffer, 512 bytes per token
     backend = HostMemory()
     g = backend.granularity
-    alloc = VMMAllocator(spec, 16 * 4 * g, backend=backend, max_batch=4, max_len=100, page_size=g)
+    alloc = VMMAllocator(spec, 16 * 4 * g, backend=backend, max_batch=4, max_len=100, page_size=g, page_sharing=False)
     row = alloc.buffer_row_bytes
     alloc.admit(7, np.arange(50), final_len=90)
     alloc.append(7, np.arange(50))
@@ -202,6 +202,57 @@ def test_vmm_allocator_on_host_memory_holds_real_data():
     alloc.free(8)
     alloc.close()
     assert (backend.live_handles, backend.live_mappings, backend.live_reservations) == (0, 0, 0)
+    backend.close()
+
+
+def _rows(alloc: VMMAllocator, seq: int, buffer: int, n: int) -> np.ndarray:
+    """A sequence's first n rows of one buffer, as float32 [n, kv_heads * head_dim], viewed in place."""
+    va = alloc.buffer_addresses()[buffer] + alloc.token_base(seq) * alloc.buffer_row_bytes
+    return np.frombuffer(host_view(va, n * alloc.buffer_row_bytes), np.float32).reshape(n, -1)
+
+
+def test_a_sharing_fork_maps_the_same_memfd_pages_and_copy_on_write_splits_them():
+    """Page sharing on real OS memory: the child's slot maps the parent's memfd offsets (the kernel says so), a write
+    through one address is read through the other, full pages stay aliased after the first append, and the partly
+    filled page is split: after its copy, a write through one slot no longer shows through the other."""
+    spec = get_spec("tiny")
+    backend = HostMemory()
+    g = backend.granularity  # 4 KiB: 32 rows of 128 bytes a page
+    alloc = VMMAllocator(spec, 16 * 4 * g, backend=backend, max_batch=4, max_len=100, page_size=g)
+    tpp = g // alloc.buffer_row_bytes
+    alloc.admit(7, np.arange(40), final_len=90)
+    alloc.append(7, np.arange(40))  # one full page and 8 rows of the second, in each of the 4 buffers
+    for b in range(alloc.num_buffers):
+        _rows(alloc, 7, b, 40)[:] = np.arange(40, dtype=np.float32)[:, None] + 1000 * b
+    alloc.fork(7, 8)
+    assert alloc.pending_copies == [] and alloc.shared_pages() == 2 * alloc.num_buffers
+    os_pages = backend.os_pages()
+    for b, base in enumerate(alloc.buffer_addresses()):
+        for page in range(2):
+            at = [base + alloc.slot_of(seq) * alloc.slot_bytes + page * g for seq in (7, 8)]
+            assert os_pages[at[0]] == os_pages[at[1]], "not the same memfd offset at both addresses"
+        assert _rows(alloc, 8, b, 40)[:, 0].tolist() == [t + 1000 * b for t in range(40)]
+    _rows(alloc, 8, 0, 40)[3] = -1.0  # a write through the child's address is in the parent's rows too
+    assert _rows(alloc, 7, 0, 40)[3, 0] == -1.0
+    alloc.append(8, np.arange(1))  # the child writes into the shared half page: it copies it first
+    (copy,) = alloc.pending_copies
+    assert (copy.src, copy.dst, copy.n) == (alloc.token_base(7) + tpp, alloc.token_base(8) + tpp, 40 - tpp)
+    for b in range(alloc.num_buffers):  # what an executor does with a rows copy
+        src = _rows(alloc, 7, b, 41)[copy.src - alloc.token_base(7) :][: copy.n]
+        _rows(alloc, 8, b, 41)[tpp : tpp + copy.n] = src
+    alloc.pending_copies.clear()
+    assert alloc.shared_pages() == alloc.num_buffers  # the full first pages stay shared
+    _rows(alloc, 8, 1, 41)[tpp + 1] = -2.0  # the split page: the parent does not see it
+    assert _rows(alloc, 7, 1, 41)[tpp + 1, 0] == 1000 + tpp + 1
+    assert _rows(alloc, 8, 1, 41)[tpp:40, 0].tolist()[2:] == [1000 + t for t in range(tpp + 2, 40)]
+    _rows(alloc, 7, 1, 40)[0] = -3.0  # the shared full page: still aliased
+    assert _rows(alloc, 8, 1, 40)[0, 0] == -3.0
+    alloc.check_invariants()
+    assert alloc.backend_books() == backend.state()
+    alloc.free(7)
+    alloc.free(8)
+    alloc.close()
+    assert backend.os_pages() == {} and backend.live() == {"reservations": 0, "handles": 0, "mappings": 0}
     backend.close()
 
 

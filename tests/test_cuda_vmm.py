@@ -518,3 +518,177 @@ def test_gpu_background_thread_maps_into_the_same_context(gpu_mem):
     t = tensor_view(va, (PAGE // 2,), torch.float16)
     t.fill_(1.5)
     assert float(t.float().sum()) == 1.5 * t.numel()
+
+
+# ---- VMM page sharing (issue 11): one handle mapped at several addresses ---------------------------------------------
+def _sharing_allocator(mem: CudaMemory, megacache: bool = False):
+    import numpy as np
+
+    from kvscope.alloc.vmm import VMMAllocator
+    from kvscope.recorder import Recorder
+    from kvscope.spec import get_spec
+
+    spec = get_spec("llama-3-8b", 1)  # 2 per-layer buffers of 2 KiB rows: 1024 tokens a 2 MiB page
+    alloc = VMMAllocator(spec, 8 * 2 * PAGE, Recorder(), backend=mem, max_batch=2, max_len=2048, megacache=megacache)
+    alloc.admit(1, np.zeros(1500, np.int64), 2048)
+    alloc.append(1, np.zeros(1500, np.int64))  # one full page and half of the next, in each buffer
+    return alloc
+
+
+def _places(alloc, seq: int, page: int) -> list[int]:
+    """The address of a sequence's page `page` in every buffer."""
+    return [base + alloc.slot_of(seq) * alloc.slot_bytes + page * alloc.page_size for base in alloc.buffer_addresses()]
+
+
+def test_vmm_fork_maps_one_handle_at_two_addresses_and_copy_on_write_splits_the_half_page():
+    """Through the fake driver (its own tables are the truth): the fork calls cuMemMap with the parent's handles at
+    the child's addresses (no cuMemCreate, no copy); the child's first write into the shared half-full page maps a
+    fresh handle there and queues a rows copy, and the full page keeps one handle at both addresses."""
+    import numpy as np
+
+    mem, drv = fake_memory(physical_pages=16)
+    alloc = _sharing_allocator(mem)
+    creates = drv.log.count("cuMemCreate")
+    alloc.fork(1, 2)
+    assert drv.log.count("cuMemCreate") == creates and alloc.pending_copies == []
+    for page in range(2):
+        for parent_va, child_va in zip(_places(alloc, 1, page), _places(alloc, 2, page), strict=True):
+            assert drv.maps[parent_va][1] == drv.maps[child_va][1]
+    assert len(drv.maps) == 8 and alloc.shared_pages() == 4
+    alloc.append(2, np.zeros(1, np.int64))
+    (copy,) = alloc.pending_copies
+    assert (copy.src, copy.dst, copy.n) == (1024, alloc.rows_per_slot + 1024, 1500 - 1024)
+    for parent_va, child_va in zip(_places(alloc, 1, 1), _places(alloc, 2, 1), strict=True):
+        assert drv.maps[parent_va][1] != drv.maps[child_va][1] and child_va in drv.access
+    for parent_va, child_va in zip(_places(alloc, 1, 0), _places(alloc, 2, 0), strict=True):
+        assert drv.maps[parent_va][1] == drv.maps[child_va][1]
+    state = frozenset((va, size, h, va in drv.access) for va, (size, h) in drv.maps.items())
+    assert {(va, size, int(h), rw) for va, size, h, rw in alloc.backend_books().mappings} == state
+    alloc.check_invariants()
+    alloc.free(1)  # the pending copy reads the parent's rows: its slot stays mapped until the copy ran
+    assert len(drv.maps) == 8
+    alloc.pending_copies.clear()  # the executor ran it: the parent's slot is unmapped from its shared page up
+    alloc.check_invariants()
+    assert len(drv.maps) == 4 and all(va in drv.maps for va in _places(alloc, 2, 0))
+    alloc.close()
+    mem.close()
+    assert drv.maps == {} and drv.handles == {} and drv.reservations == {} and drv.ctx_refs == 0
+
+
+def test_cuda_executor_path_runs_beams_and_samples_on_shared_pages():
+    """The cuda executor on CPU tensors (reference kernels, every attention call checked against attention on the
+    same K/V), over host pages with forks and beams: shared pages, copies on write, the same scheduler."""
+    import torch
+
+    from kvscope.alloc.vmm import VMMAllocator
+    from kvscope.backends.host import HostMemory
+    from kvscope.engine.base import ExecutorOptions
+    from kvscope.engine.cuda_executor import CudaExecutor
+    from kvscope.engine.cuda_options import CudaOptions
+    from kvscope.engine.engine import Engine
+    from kvscope.engine.scheduler import SchedulerConfig
+    from kvscope.recorder import Recorder
+    from kvscope.spec import get_spec
+    from kvscope.workload import Request
+
+    spec = get_spec("tiny")
+    torch.set_num_threads(1)
+    recorder = Recorder()
+    backend = HostMemory()
+    alloc = VMMAllocator(spec, 600 * spec.bytes_per_token, recorder, backend=backend, max_batch=8, max_len=128,
+                         page_size=4096)  # fmt: skip
+    ex = CudaExecutor(spec, alloc, ExecutorOptions(cuda=CudaOptions(kernels="reference", check=True)), device="cpu")
+    reqs = [Request("a", 0.0, 40, 6, n=3), Request("b", 0.0, 20, 8, beam=3)]
+    stats = Engine(reqs, alloc, ex, recorder, spec, SchedulerConfig(max_len=128, max_batch=8)).run()
+    ex.close()
+    alloc.close()
+    backend.close()
+    names = recorder.to_table().column("kind").to_pylist()
+    assert stats.finished_requests == 2 and names.count("prune") > 0 and names.count("page_cow") > 0
+    assert ex.max_check_error < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("megacache", [False, True], ids=["per-layer", "megacache"])
+def test_gpu_vmm_fork_aliases_device_pages_and_copy_on_write_splits_them(gpu_mem, megacache):
+    """On the GPU: the driver itself reports one handle at the parent's and the child's address; bytes written
+    through one are read through the other; after the copy-on-write (its copy applied as the executor does) the
+    split page holds its own bytes and the full page stays aliased."""
+    import numpy as np
+    import torch
+
+    from kvscope.backends.cuda_vmm import tensor_view
+
+    alloc = _sharing_allocator(gpu_mem, megacache)
+    rows = alloc.max_batch * alloc.rows_per_slot
+    width = alloc.buffer_row_bytes // 2  # bf16 elements of a row
+    bufs = [tensor_view(va, (rows, width), torch.bfloat16, device=gpu_mem.device) for va in alloc.buffer_addresses()]
+    base1 = alloc.token_base(1)
+    data = torch.randn(1500, width, device="cuda", dtype=torch.bfloat16)
+    for buf in bufs:
+        buf[base1 : base1 + 1500] = data
+    alloc.fork(1, 2)
+    base2 = alloc.token_base(2)
+    tpp = alloc.tokens_per_page
+    full = 1500 // tpp  # pages the 1500 tokens fill
+    for page in range(-(-1500 // tpp)):
+        for parent_va, child_va in zip(_places(alloc, 1, page), _places(alloc, 2, page), strict=True):
+            assert gpu_mem.driver_mapping(parent_va)[0] == gpu_mem.driver_mapping(child_va)[0]
+    torch.cuda.synchronize()
+    for buf in bufs:
+        assert torch.equal(buf[base2 : base2 + 1500], data)
+    bufs[0][base2 + 3] = 7.0  # through the child's address: the parent reads it
+    torch.cuda.synchronize()
+    assert bool((bufs[0][base1 + 3] == 7.0).all())
+    alloc.append(2, np.zeros(1, np.int64))
+    for c in alloc.pending_copies:
+        for buf in bufs:
+            buf[c.dst : c.dst + c.n] = buf[c.src : c.src + c.n]
+    alloc.pending_copies.clear()
+    torch.cuda.synchronize()
+    split = full * tpp + 1  # a row of the page the child copied
+    if split < 1500:
+        bufs[0][base2 + split] = -5.0
+        torch.cuda.synchronize()
+        assert not bool((bufs[0][base1 + split] == -5.0).any())
+        assert torch.equal(bufs[-1][base2 + split + 1], data[split + 1])  # the copy brought the rest over
+    if full:
+        bufs[-1][base1] = 3.0  # a full page: still one page at both addresses
+        torch.cuda.synchronize()
+        assert bool((bufs[-1][base2] == 3.0).all())
+    alloc.check_invariants()
+    del bufs
+    torch.cuda.synchronize()
+    alloc.close()
+    assert gpu_mem.live() == {"reservations": 0, "handles": 0, "mappings": 0}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("megacache", [False, True], ids=["per-layer", "megacache"])
+def test_gpu_beams_and_samples_on_shared_pages_attend_correctly(megacache):
+    """The cuda executor on CUDA VMM pages shared by forks and beams (Triton kernels, every attention call checked
+    against reference attention on the same memory), then a clean teardown."""
+    from kvscope.alloc.vmm import VMMAllocator
+    from kvscope.engine.base import ExecutorOptions
+    from kvscope.engine.cuda_executor import CudaExecutor
+    from kvscope.engine.cuda_options import CudaOptions
+    from kvscope.engine.engine import Engine
+    from kvscope.engine.scheduler import SchedulerConfig
+    from kvscope.recorder import Recorder
+    from kvscope.spec import get_spec
+    from kvscope.workload import Request
+
+    spec = get_spec("llama-3-8b", 2)
+    recorder = Recorder()
+    mem = CudaMemory()
+    alloc = VMMAllocator(spec, 256 << 20, recorder, backend=mem, max_batch=16, max_len=512, megacache=megacache)
+    ex = CudaExecutor(spec, alloc, ExecutorOptions(cuda=CudaOptions(check=True)))
+    reqs = [Request("a", 0.0, 300, 40, n=4), Request("b", 0.0, 150, 60, beam=4), Request("c", 0.0, 90, 30)]
+    stats = Engine(reqs, alloc, ex, recorder, spec, SchedulerConfig(max_len=512, max_batch=16)).run()
+    ex.close()
+    alloc.close()
+    mem.close()
+    names = recorder.to_table().column("kind").to_pylist()
+    assert stats.finished_requests == 3 and names.count("prune") > 0 and names.count("page_cow") > 0
+    assert ex.max_check_error < 2e-2
+    assert mem.leaked == {"reservations": 0, "handles": 0, "mappings": 0}

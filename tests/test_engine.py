@@ -303,10 +303,13 @@ def test_n_samples_fork_after_prefill_and_each_generates_o_tokens(allocator):
     logical = acct(ev, Kind.ACCT_LOGICAL)
     used = acct(ev, Kind.ACCT_USED)
     assert logical[0] == (3 * 10 + 6) * BPT
-    if allocator == "paged":
-        assert used[0] == (10 + 6) * BPT  # the children share the parent's blocks
+    if allocator == "static":
+        assert used[0] == logical[0]  # static copies the prompt into each child's reservation
     else:
-        assert used[0] == logical[0]  # static and vmm copy the prompt into each child's slot
+        # paged shares the parent's blocks; vmm maps the parent's pages into the children's slots (tiny: 32 tokens
+        # a 4 KiB page of a per-layer buffer, so the 10 prompt tokens share one partly filled page per buffer until
+        # the first decode step copies it).
+        assert used[0] == (10 + 6) * BPT
 
 
 def test_paged_fork_children_copy_on_write_their_shared_partial_block():
@@ -314,6 +317,73 @@ def test_paged_fork_children_copy_on_write_their_shared_partial_block():
     cows = kind(ev, Kind.BLOCK_COW)
     # Parent and child both append in step 1 to the shared partly filled block: the first writer copies.
     assert len(cows) == 1 and cows["step"].tolist() == [1]
+
+
+# ---- beam search (issue 11) ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("allocator", ["paged", "static", "vmm"])
+def test_beam_search_keeps_the_width_forking_and_pruning_every_decode_step(allocator):
+    """K = 3 beams of a 10-token prompt, 5 tokens each: the first two beams fork at the end of the prefill step; at
+    the end of each later step before the last, each pruned beam is matched by a fork of a surviving beam holding
+    P + step tokens; 3 beams are live at every step end and all finish together holding P + O - 1."""
+    opts = {"page_size": 4096} if allocator == "vmm" else {}
+    ev, stats, _ = run([Request("a", 0.0, 10, 5, beam=3)], allocator=allocator, **opts)
+    forks, prunes = kind(ev, Kind.FORK), kind(ev, Kind.PRUNE)
+    first = forks[forks["step"] == 0]
+    assert first[["seq", "aux", "n"]].values.tolist() == [[1, 0, 10], [2, 0, 10]]
+    later = forks[forks["step"] > 0]
+    assert set(later["step"]) <= {1, 2, 3} and set(prunes["step"]) <= {1, 2, 3}
+    for step in (1, 2, 3):
+        assert (later["step"] == step).sum() == (prunes["step"] == step).sum()
+        assert (later.loc[later["step"] == step, "n"] == 10 + step).all()  # the parent's tokens, shared
+        assert (prunes.loc[prunes["step"] == step, "n"] == 10 + step).all()
+    assert len(prunes) > 0, "no beam was ever pruned"
+    live = set()
+    for step in range(5):
+        upto = ev[ev["step"] <= step]
+        born = set(kind(upto, Kind.ADMIT)["seq"]) | set(kind(upto, Kind.FORK)["seq"])
+        gone = set(kind(upto, Kind.PRUNE)["seq"]) | set(kind(upto, Kind.FINISH)["seq"])
+        live = born - gone
+        assert len(live) == (3 if step < 4 else 0), step
+    fin = kind(ev, Kind.FINISH)
+    assert len(fin) == 3 and set(fin["step"]) == {4} and set(fin["n"]) == {14}
+    assert stats.finished_requests == 1 and stats.finished_sequences == 3
+    # Every pruned beam's memory goes back in its step (its blocks, slot or reservation).
+    freed = {"paged": Kind.BLOCK_FREE, "static": Kind.STATIC_RELEASE, "vmm": Kind.SLOT_FREE}[allocator]
+    for _, p in prunes.iterrows():
+        assert ((kind(ev, freed)["seq"] == p["seq"]) & (kind(ev, freed)["step"] == p["step"])).any()
+
+
+@pytest.mark.parametrize("width", [{"n": 4}, {"beam": 4}], ids=["samples", "beams"])
+def test_forks_still_due_count_against_max_batch(width):
+    """Admission counts the samples (or beams) that requests admitted in the same step fork at its end: 5 requests
+    of width 4 with max_batch 8 run two at a time, never 5 x 4 sequences at once (and a VMM slot each)."""
+    workload = [Request(f"r{i}", 0.0, 6, 4, **width) for i in range(5)]
+    for allocator, opts in (("paged", {}), ("vmm", {"page_size": 4096})):
+        ev, stats, _ = run(workload, allocator=allocator, max_batch=8, **opts)
+        assert kind(ev, Kind.STEP)["n"].max() <= 8
+        assert stats.finished_requests == 5 and not (kind(ev, Kind.FORK)["n"] == 0).any()  # no fork without room
+        assert kind(ev, Kind.ADMIT)["step"].tolist()[:2] == [0, 0]
+
+
+def test_forked_beams_copy_the_shared_partial_block_before_their_first_write():
+    ev, _, _ = run([Request("a", 0.0, 10, 6, beam=4)], allocator="paged", block_size=16)
+    forks, cows = kind(ev, Kind.FORK), kind(ev, Kind.BLOCK_COW)
+    # A beam's tokens share its parent's partly filled block: whichever of the two writes first copies it.
+    for _, f in forks.iterrows():
+        pair = {f["seq"], f["aux"]}
+        assert (cows["seq"].isin(pair) & (cows["step"] == f["step"] + 1)).any(), f"fork of {f['seq']} not copied"
+
+
+def test_beam_selection_is_deterministic_and_the_same_on_every_allocator():
+    workload = [Request("a", 0.0, 10, 8, beam=4), Request("b", 0.0, 7, 6, beam=2)]
+    trees = []
+    for allocator, opts in (("paged", {}), ("paged", {}), ("vmm", {"page_size": 4096}), ("static", {})):
+        ev, _, _ = run(workload, allocator=allocator, **opts)
+        trees.append(kind(ev, Kind.FORK)[["seq", "aux", "step"]].values.tolist())
+        trees.append(kind(ev, Kind.PRUNE)[["seq", "step"]].values.tolist())
+    assert trees[0::2] == [trees[0]] * 4 and trees[1::2] == [trees[1]] * 4
 
 
 # ---- prefix caching --------------------------------------------------------------------------------------------------

@@ -275,3 +275,66 @@ def test_kv_tensors_that_cannot_be_allocated_name_the_kv_memory(monkeypatch):
     monkeypatch.setattr(torch_executor, "make_layout", refuse)
     with pytest.raises(UserError, match=r"^--kv-memory 1 MiB: could not allocate the KV tensors on cpu \(Default"):
         record_run(WORKLOAD, cpu_config("paged"))
+
+
+# ---- beam search and VMM page sharing (issue 11) ------------------------------------------------------------------
+BEAMS = [Request("b0", 0.0, 20, 6, beam=3), Request("b1", 0.0, 9, 5, beam=2)]
+
+
+@pytest.mark.parametrize(
+    ("allocator", "options"), [LAYOUTS[1], LAYOUTS[4], LAYOUTS[5]], ids=["paged", "vmm", "vmm-megacache"]
+)
+def test_beam_search_on_cpu_attends_like_the_contiguous_reference(allocator, options):
+    """Beams forked during decode share K/V (blocks, or pages mapped into several slots) and copy the shared
+    partly filled block/page before writing; every attention call agrees with the shadow's contiguous copy."""
+    seen = {}
+    result = record_run(BEAMS, cpu_config(allocator, **options), setup=lambda e: seen.setdefault("engine", e))
+    executor = seen["engine"].executor
+    ev = result.trace().events
+    kinds = ev["kind"].astype(str)
+    forks, prunes = int((kinds == "fork").sum()), int((kinds == "prune").sum())
+    assert forks == 2 + 1 + prunes  # the first K - 1 beams of each request, then one fork per pruned beam
+    assert prunes > 0 and result.stats.finished_sequences == 5  # the width stays 3 + 2
+    steps = ev[kinds == "step"]
+    assert executor.shadow_checks == SPEC.num_layers * steps["n"].sum() > 0
+    assert executor.max_shadow_error <= 1e-4
+    cow = "page_cow" if allocator == "vmm" else "block_cow"
+    assert (kinds == cow).any(), "no shared partly filled block or page was copied"
+
+
+def _logits_of_a_vmm_run(requests, page_sharing: bool) -> tuple[list[torch.Tensor], int]:
+    """Every step's logits of a cpu run on vmm built by hand (the engine has no flag for page sharing), and how many
+    PAGE_COW events it recorded."""
+    from kvscope.alloc.vmm import VMMAllocator
+
+    recorder = Recorder(None)
+    backend = make_backend("cpu")
+    alloc = VMMAllocator(
+        SPEC, 1 << 20, recorder, backend=backend, max_batch=16, max_len=64, page_size=4096, page_sharing=page_sharing
+    )
+    executor = make_executor("cpu", SPEC, alloc, ExecutorOptions(shadow=False))
+    engine = Engine(requests, alloc, executor, recorder, SPEC, cpu_config("vmm").scheduler_config())
+    logits = []
+    try:
+        while not engine.scheduler.done:
+            engine.step()
+            if executor.last_logits is not None:
+                logits.append(executor.last_logits.clone())
+    finally:
+        executor.close()
+        alloc.close()
+        backend.close()
+    kinds = trace_from_recorder(recorder).events["kind"].astype(str)
+    return logits, int((kinds == "page_cow").sum())
+
+
+def test_attention_over_aliased_pages_equals_attention_over_copied_rows():
+    """The same forks and beams run twice on real mmap'd pages: children mapping their parent's memfd pages (aliased
+    slots, copy-on-write) and children given a copy of the rows (no sharing). Every step's logits are equal."""
+    requests = [Request("p", 0.0, 40, 4, n=3), *BEAMS]
+    shared, cows = _logits_of_a_vmm_run(requests, page_sharing=True)
+    copied, no_cows = _logits_of_a_vmm_run(requests, page_sharing=False)
+    assert cows > 0 and no_cows == 0
+    assert len(shared) == len(copied) > 0
+    for a, b in zip(shared, copied, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -159,7 +159,13 @@ def test_several_traces_get_a_comparison_section():
     figures = dict(embedded_figures(html))
     assert "compare-bars" in figures
     bars = [t for t in figures["compare-bars"]["data"] if t["type"] == "bar"]
-    assert bars and all(len(t["x"]) == 3 for t in bars)
+    assert bars and all(len(t["y"]) == 3 for t in bars)  # horizontal bars: one per run
+    # the verdict (kvscope.analysis.compare) and the overlaid timelines
+    verdict = re.search(r'<div class="verdict" id="compare-verdict">(.*?)</div>', html, re.S).group(1)
+    assert "Memory:" in verdict and "Throughput:" in verdict and "Latency:" in verdict
+    assert "compare-timelines" in figures
+    lines = [t for t in figures["compare-timelines"]["data"] if t["type"] == "scatter"]
+    assert {t["name"] for t in lines} == {t.label for t in traces}
     for t in traces:
         assert '<a href="#' in html and t.label in html
     sections = re.findall(r'<section class="run" id="([^"]+)">', html)
@@ -266,7 +272,7 @@ def test_headings_and_captions_come_from_the_catalog(paged_trace, paged_html):
     from kvscope.present.views import split
 
     shown, _ = split(paged_trace)
-    keys = ["memory", "fragmentation", "blocks", "throughput", "requests", "sharing", "prefix"]
+    keys = ["memory", "fragmentation", "blocks", "tables", "throughput", "requests", "sharing", "prefix", "misses"]
     assert [v.key for v in shown] == keys
     for view in shown:
         assert f">{escape(view.heading(paged_trace))}</h3>" in paged_html, view.key
@@ -283,6 +289,8 @@ def test_summary_rows_are_the_presentation_layers(paged_trace, paged_html):
     for row in SUMMARY_ROWS:
         if row is not None:
             cells = f'<th>{escape(row.label)}</th><td class="num">{escape(format_value(s, row.key, row.how))}</td>'
-            assert cells in paged_html, row.label
+            # A feature's rows the run did not use (no CPU tier, one rank) are left out, not shown as zeros.
+            shown = row.unused is None or s.get(row.key, row.unused) != row.unused
+            assert (cells in paged_html) is shown, row.label
     labels = [row.label for row in SUMMARY_ROWS if row is not None]
     assert "retained after the last step" in labels and "peaks taken" in labels

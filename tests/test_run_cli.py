@@ -26,7 +26,8 @@ def test_run_sim_writes_a_trace_and_prints_one_result_line(tmp_path, capsys):
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == f"trace: {out}"
-    assert len(lines) == 2 and "40/40 requests finished" in lines[1] and "peak reserved" in lines[1]
+    assert len(lines) == 3 and "40/40 requests finished" in lines[1] and "peak reserved" in lines[1]
+    assert lines[2].startswith(f"next: kvscope report {out}")  # the next useful command
     trace = load_trace(out)
     assert not trace.truncated
     meta = trace.meta
@@ -46,6 +47,23 @@ def test_run_sim_other_allocators(tmp_path, capsys, allocator):
     assert rc == 0
     assert "30/30 requests finished" in capsys.readouterr().out
     assert load_trace(out).meta["allocator"] == allocator
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-page-sharing"], ["--prefix-caching"]])
+def test_run_vmm_sharing_flags_reach_the_allocator(tmp_path, capsys, flags):
+    """vmm's sharing switches on the command line: forks share pages unless --no-page-sharing, prompts share a live
+    sequence's full pages with --prefix-caching (megacache pages of 16 tokens, so a shared prompt spans several)."""
+    from kvscope.analysis.summary import summarize
+
+    out = tmp_path / "v.kvtrace"
+    argv = ["-w", "shared-prefix", "-n", "40", "-a", "vmm", "--megacache", "--kv-memory", "4GiB", "-o", str(out), "-q"]
+    assert kvscope("run", *argv, *flags) == 0
+    trace = load_trace(out)
+    config = trace.meta["allocator_config"]
+    assert config["page_sharing"] is ("--no-page-sharing" not in flags)
+    assert config["prefix_sharing"] is ("--prefix-caching" in flags)
+    hits = summarize(trace)["prefix_hit_tokens"]
+    assert (hits > 0) is ("--prefix-caching" in flags)
 
 
 @pytest.mark.parametrize("allocator", ["paged", "static", "vmm"])
@@ -102,7 +120,8 @@ def test_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["-a", "static", "--prefix-caching"], "--prefix-caching applies to --allocator paged"),
+        (["-a", "static", "--prefix-caching"], "--prefix-caching applies to --allocator paged or vmm, not static"),
+        (["-a", "paged", "--no-page-sharing"], "--no-page-sharing applies to --allocator vmm, not paged"),
         (["-a", "vmm", "--preemption", "swap"], "--preemption swap applies to --allocator paged"),
         (["-a", "paged", "--megacache"], "--megacache applies to --allocator vmm"),
         (["--kv-memory", "lots"], "--kv-memory: not a size: 'lots'"),
@@ -152,6 +171,7 @@ def test_cuda_options_reach_the_executor_and_the_metadata(tmp_path, capsys, monk
     assert seen["extra"] == want
     engine_config = load_trace(out).meta["engine_config"]
     assert {k: engine_config[k] for k in want} == want
+    assert engine_config["cuda_graphs"] is True  # decode steps replay CUDA graphs unless --eager
 
 
 def test_missing_workload_file_is_one_line(tmp_path, capsys):

@@ -107,8 +107,10 @@ def test_table_rows_are_the_presentation_layers(trace_file, capsys):
     for row in rows.SUMMARY_ROWS:
         if row is not None:
             assert rows.format_value(s, row.key, row.how) in out, row.label
-    for label in ("retained after the last step", "peaks taken", "VMM driver calls", "cut off"):
+    for label in ("retained after the last step", "peaks taken", "VMM driver calls", "cut off", "prompt misses: cold"):
         assert label in out
+    for label in ("CPU-tier hit tokens", "ranks (TP / DCP)"):  # features this run did not use: no row
+        assert label not in out
 
 
 def test_the_rows_keep_the_cli_start_light():

@@ -210,18 +210,45 @@ def test_a_state_has_one_colour_in_every_view():
 
 
 # ---- fragmentation ---------------------------------------------------------------------------------------------
-def test_fragmentation_map_colours_each_cell_by_its_dominant_state():
+def test_fragmentation_map_bands_each_cell_by_its_mix_of_states():
+    """Each cell is cut into MAP_BANDS bands shared out by its states' shares (not coloured by the winner)."""
+    from kvscope.viz.fragmentation import MAP_BANDS
+
     fig = fragmentation_map_figure(state_matrix_frame(units=8, steps=10))
     heat = fig.data[0]
     assert heat.type == "heatmap"
     z = np.asarray(heat.z, dtype=float)
-    assert z.shape == (8, 10)
-    names = [t.name for t in fig.data[1:]]
+    assert z.shape == (8 * MAP_BANDS, 10)
+    names = [t.name for t in fig.data[1:] if t.type == "scatter"]
     active, free = names.index(state_label("active")), names.index(state_label("free"))
-    assert np.all(z[1::2] == active) and np.all(z[0::2] == free)
-    custom = np.asarray(heat.customdata)
-    assert custom.dtype == np.uint8 and custom[1, 0, active] == 75
+    cells = z.reshape(8, MAP_BANDS, 10)
+    # 75% active -> 4 of 5 bands active; 25% active -> 1 band (largest remainder).
+    assert np.all((cells[1::2] == active).sum(axis=1) == 4) and np.all((cells[0::2] == active).sum(axis=1) == 1)
+    assert np.all((cells == active) | (cells == free))
     assert "%{customdata[" in heat.hovertemplate
+
+
+def test_fragmentation_map_keeps_scattered_allocations_visible():
+    """A state holding 3% of a big binned cell still gets a band (a dominant-state map showed it as all free)."""
+    rows = [(0, 0, "active", 0.03), (0, 0, "free", 0.97), (0, 64, "free", 1.0)]
+    fig = fragmentation_map_figure(pd.DataFrame(rows, columns=["step_bin", "unit_bin", "state", "fraction"]))
+    z = np.asarray(fig.data[0].z, dtype=float)
+    names = [t.name for t in fig.data[1:] if t.type == "scatter"]
+    active = names.index(state_label("active"))
+    assert (z[:, 0] == active).sum() == 1  # one band of the first cell, none of the all-free one
+
+
+def test_fragmentation_map_fill_panel_shows_tokens_per_slot():
+    matrix = state_matrix_frame(units=4, steps=3)
+    fill = matrix.drop_duplicates(["step_bin", "unit_bin"])[["step_bin", "unit_bin"]].copy()
+    fill["fill"] = np.where(fill["unit_bin"] == 16, 0.25, 1.0)
+    fig = fragmentation_map_figure(matrix, fill)
+    heats = [t for t in fig.data if t.type == "heatmap"]
+    assert len(heats) == 2
+    z = np.asarray(heats[1].z, dtype=float)
+    assert z.shape == (4, 3) and np.allclose(z[1], 25.0) and np.allclose(z[0], 100.0)
+    assert "fill" in heats[1].hovertemplate and state_label("active") in heats[1].hovertemplate
+    assert any("fill" in (a.text or "") for a in fig.layout.annotations)
 
 
 def test_block_grid_hover_names_holders_fill_and_ref_count():
@@ -459,13 +486,15 @@ def test_comparison_bars_one_colour_per_run_and_escaped_labels():
     )
     fig = comparison_figure(runs)
     bars = [t for t in fig.data if t.type == "bar"]
-    assert len(bars) == 4
+    assert len(bars) == 4 and all(b.orientation == "h" for b in bars)  # run names on the y axis, once
     reserved = bars[0]
-    assert np.allclose(reserved.y, [3, 2, 4])  # GiB
+    assert np.allclose(reserved.x, [3, 2, 4])  # GiB
+    assert list(reserved.text) == ["3", "2", "4"]  # the value is written on the bar
     assert "GiB" in fig.layout.annotations[0].text
     waste = bars[2]
-    assert np.allclose(waste.y, [3, 10, 60])
+    assert np.allclose(waste.x, [3, 10, 60])
     assert all(list(b.marker.color) == list(bars[0].marker.color) for b in bars)
+    assert fig.layout.yaxis.autorange == "reversed"  # the first run on top, as in the tables
     j = figure_json(fig)
     assert XSS not in j and "&lt;script&gt;" in j
     assert "no runs" in comparison_figure(runs.iloc[:0]).layout.annotations[0].text
@@ -497,6 +526,14 @@ def test_forked_samples_sit_under_their_request():
     assert "parent seq" in running.hovertemplate
 
 
+def test_comparison_lists_figures_equal_in_every_run_instead_of_drawing_them():
+    runs = pd.DataFrame({"label": ["a", "b"], "peak_reserved_bytes": [1, 2], "finished": [7, 7]})
+    fig = comparison_figure(runs)
+    titles = [a.text for a in fig.layout.annotations]
+    assert "peak KV reserved (B)" in titles and not any(t.startswith("requests finished") for t in titles)
+    assert any(t.startswith("Equal in every run: requests finished 7 requests") for t in titles)
+
+
 def test_comparison_leaves_out_panels_where_every_run_is_zero():
     runs = pd.DataFrame({"label": ["a", "b"], "peak_reserved_bytes": [1, 2], "prefix_hit_tokens": [0, 0]})
     fig = comparison_figure(runs)
@@ -520,3 +557,25 @@ def test_memory_stack_draws_in_step_peaks_as_step_lines_binned_by_max():
     assert np.isclose(np.max(spike.y), 60) and "max of each" in spike.name
     without = memory_stack_figure(memory_frame(40))  # an older trace's timeline: no peak columns, no lines
     assert not any(t.name and t.name.startswith("in-step peak") for t in without.data)
+
+
+def test_prompt_misses_bars_add_up_to_each_prompt_and_name_the_eviction():
+    from kvscope.viz.prefix_misses import OUTCOMES, prefix_misses_figure
+
+    requests = pd.DataFrame(
+        {"seq": [0, 1], "prompt_tokens": [40, 40], "hit_gpu": [0, 16], "hit_cpu": [0, 8], "cold": [32, 0],
+         "evicted": [0, 8], "gap": [0, 0], "floor": [8, 8]}  # fmt: skip
+    )
+    blocks = pd.DataFrame(
+        {"seq": [0, 0, 1], "position": [0, 1, 2], "hash": [1, 2, 2], "cause": ["cold", "cold", "evicted"],
+         "evicted_step": [-1, -1, 7], "evicted_s_before": [0.0, 0.0, 0.25]}  # fmt: skip
+    )
+    fig = prefix_misses_figure(requests, blocks)
+    assert [t.name for t in fig.data] == [label for _, label, _ in OUTCOMES]
+    totals = np.sum([np.asarray(t.y) for t in fig.data], axis=0)
+    assert totals.tolist() == [40, 40]
+    assert "latest eviction at step 7" in fig.data[0].customdata[1] and "evicted" not in fig.data[0].customdata[0]
+    many = pd.concat([requests.assign(seq=requests["seq"] + 2 * i) for i in range(2000)], ignore_index=True)
+    binned = prefix_misses_figure(many)
+    assert len(binned.data[0].x) <= 1500 and np.sum([np.asarray(t.y) for t in binned.data]) == 80 * 2000
+    assert "no prompt tokens" in prefix_misses_figure(requests.iloc[:0]).layout.annotations[0].text

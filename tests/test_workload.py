@@ -142,6 +142,8 @@ def test_declared_reuse_counts_shared_prefix_after_first_user_and_previous_turn(
         ({"prompt": (1, 2)}, "field 'prompt_len': 4 disagrees with the prompt's 2 tokens"),
         ({"prompt": (1, -2, 3, 4)}, "field 'prompt': token 1"),
         ({"shared_prefix": SharedPrefix("s", 5)}, "field 'shared_prefix.len': 5 exceeds the prompt length 4"),
+        ({"beam": 0}, "field 'beam': must be a positive integer, got 0"),
+        ({"beam": 4, "n": 2}, "field 'beam': beam search (beam=4) takes n=1, got n=2"),
     ],
 )
 def test_request_validation_names_the_field(kwargs, message):
@@ -162,9 +164,17 @@ _requests = st.builds(
     shared_prefix=st.none() | st.builds(SharedPrefix, id=st.sampled_from(["s0", "s1"]), len=st.integers(1, 8)),
     conversation=st.none() | st.sampled_from(["c0", "c1"]),
 )
+_beam_requests = st.builds(
+    Request,
+    id=st.text(alphabet="abcxyz", min_size=1, max_size=8),
+    arrival=st.floats(min_value=0, max_value=1e6, allow_nan=False),
+    prompt_len=st.integers(8, 5000),
+    output_len=st.integers(1, 5000),
+    beam=st.integers(1, 8),
+)
 
 
-@given(st.lists(_requests, min_size=1, max_size=12, unique_by=lambda r: r.id))
+@given(st.lists(_requests | _beam_requests, min_size=1, max_size=12, unique_by=lambda r: r.id))
 def test_jsonl_round_trip(tmp_path_factory, reqs):
     path = tmp_path_factory.mktemp("wl") / "w.jsonl"
     save_workload(reqs, path)
@@ -331,6 +341,8 @@ def test_multiturn_turns_arrive_in_order_with_think_time():
     [
         ({"rate": 0.0}, "rate: must be > 0"),
         ({"n": 0}, "n: must be a positive integer"),
+        ({"beam": 0}, "beam: must be a positive integer"),
+        ({"beam": 2, "n": 2}, "beam: beam search (width 2) takes n=1"),
         ({"system_prompt_fraction": 1.5}, "system_prompt_fraction"),
         ({"max_len": 3}, "max_len: 3 leaves no room"),
         ({"bogus": 1}, "bogus: unknown workload option"),
@@ -480,3 +492,33 @@ def test_cli_refuses_to_rewrite_its_input_and_names_options(tmp_path):
     assert path.read_bytes() == before
     with pytest.raises(ValueError, match=re.escape("--think-time: must be a finite")):
         _run_cli(["multiturn", "--think-time", "-1", "-o", str(tmp_path / "m.jsonl")])
+
+
+# ----------------------------------------------------------------------------------------- beam search (issue 11)
+
+
+def test_beam_field_in_the_file_format_and_beam_token_streams(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_text('{"id": "r", "arrival": 0, "prompt_len": 19, "output_len": 58, "beam": 4}\n')
+    (r,) = load_workload(path)
+    assert (r.beam, r.n, r.width) == (4, 1, 4) and r.to_json()["beam"] == 4
+    assert "beam" not in Request("s", 0.0, 4, 2).to_json()
+    # Beam 0 reads the request's own stream, every other beam its own one (forked beams are numbered on past K).
+    assert not np.array_equal(r.beam_tokens(1, 0, 20), r.beam_tokens(9, 0, 20))
+    assert np.array_equal(r.beam_tokens(9, 5, 10), r.beam_tokens(9, 0, 20)[5:15])
+    with pytest.raises(ValueError, match="not a beam search request"):
+        Request("s", 0.0, 4, 2).beam_tokens(1, 0, 1)
+
+
+def test_cli_beam_workload_with_width(tmp_path, capsys):
+    out = tmp_path / "beam.jsonl"
+    assert _run_cli(["beam", "--width", "6", "--requests", "20", "-o", str(out)]) == 0
+    reqs = load_workload(out)
+    assert len(reqs) == 20 and {r.beam for r in reqs} == {6} and {r.n for r in reqs} == {1}
+    assert "beams 120" in capsys.readouterr().out
+    alpaca = resolve_workload("alpaca", requests=20)[0]  # the beam workload is Alpaca-like, as the paper's
+    assert [r.prompt_len for r in reqs] == [r.prompt_len for r in alpaca]
+    assert _run_cli(["sharegpt", "--width", "2", "--requests", "5", "-o", str(out)]) == 0
+    assert {r.beam for r in load_workload(out)} == {2}
+    with pytest.raises(ValueError, match=r"^--width: must be a positive integer, got 0$"):
+        _run_cli(["beam", "--width", "0", "-o", str(out)])

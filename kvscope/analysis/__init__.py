@@ -29,7 +29,23 @@ API (contract between analysis, figures and surfaces; columns listed are guarant
 - pressure.incidents(trace) -> step, t_s, kind (preempt, swap_out, swap_in, oom, reject, block_evict), seq, tokens,
   blocks, bytes, block, mode
 - driver.driver_calls(trace) -> step, kind, dur_us (one row per timed VMM driver/OS call)
-- compare.compare_runs(traces) -> one row per trace: label + the summary figures
+- compare.compare_runs(traces) -> one row per trace: label + the summary figures; compare.comparison_verdict(traces)
+  -> Verdict (memory, throughput, latency sentences; warnings when setups differ); compare.compare_timelines(traces)
+  -> label, step, t_s, reserved, used, batch, tokens_per_s, waiting
+- latency.request_latency(trace) -> seq, request_id, arrival_s, admit_s, first_token_s, finish_s, generated, queue_s,
+  ttft_s, tpot_s, clock; latency.latency_summary(trace) -> ttft/tpot/queue p50/p90/p99 (summarize has them)
+- batch.batch_limits(trace) -> step, batch, waiting, head_tokens, tokens, limit (arrivals, max-batch, token budget,
+  memory, unknown); batch.batch_summary(trace) -> max_batch, mean_batch, batch_limited_by, ... (summarize has them)
+- block_tables.block_tables(trace, step) (import it from its module: the name is the module's) -> seq, root,
+  request_id, index, unit, kind (own, shared, cow), ref_count, fill, capacity_tokens, cow_source, group, group_size;
+  fragmentation.fill_matrix(trace, max_units, max_steps) -> step_bin, step_end, unit_bin, unit_end, tokens, slots,
+  fill (state_matrix and fill_matrix take steps=, units=)
+- cache (imported KV-event streams: vLLM's BlockStored / BlockRemoved): cache.cached_blocks(trace) -> step, t_s,
+  medium, cached, total; cache.cache_rates(trace, bin_s=None) -> t_s, medium, stored, removed, bin_s, stored_per_s,
+  removed_per_s; cache.cache_tree(trace) -> node, parent, depth, tokens, group, hash (uint64), hash_hex, stores,
+  removals, restores, cached, first_step, first_t_s, stored; cache.restored_blocks(trace) -> node, medium, step,
+  t_s, removed_step, removed_t_s, gap_s, tokens; cache.block_lifetimes(trace) -> node, medium, store_step,
+  store_t_s, end_step, end_t_s, end, lifetime_s; cache.cache_summary(trace) -> dict (summarize's keys for them)
 
 Extensions (also guaranteed):
 - memory.waste_breakdown(trace) -> long form: step, t_s, category (used, internal, reservation, mapped_idle,
@@ -62,9 +78,19 @@ phase in step s is its queue while step s runs. Results are cached on the Trace 
 returned DataFrames are copies, safe to modify. The functions above are also importable from kvscope.analysis itself.
 """
 
-from kvscope.analysis.compare import compare_runs
+from kvscope.analysis.batch import batch_limits, batch_summary
+from kvscope.analysis.cache import (
+    block_lifetimes,
+    cache_rates,
+    cache_summary,
+    cache_tree,
+    cached_blocks,
+    restored_blocks,
+)
+from kvscope.analysis.compare import compare_runs, compare_timelines, comparison_verdict
 from kvscope.analysis.driver import driver_calls, driver_stats
-from kvscope.analysis.fragmentation import block_states, state_matrix, unit_states
+from kvscope.analysis.fragmentation import block_states, fill_matrix, state_matrix, unit_states
+from kvscope.analysis.latency import latency_summary, request_latency
 from kvscope.analysis.memory import memory_at, memory_timeline, peak_step, step_range, waste_breakdown
 from kvscope.analysis.pressure import incidents
 from kvscope.analysis.replay import PoolGeometry, ReplayError, pool_geometry
@@ -84,15 +110,26 @@ from kvscope.analysis.throughput import throughput_timeline
 __all__ = [
     "PoolGeometry",
     "ReplayError",
+    "block_lifetimes",
+    "batch_limits",
+    "batch_summary",
     "block_states",
+    "cache_rates",
+    "cache_summary",
+    "cache_tree",
+    "cached_blocks",
     "compare_runs",
+    "compare_timelines",
+    "comparison_verdict",
     "driver_calls",
     "driver_stats",
     "event_counts",
+    "fill_matrix",
     "fork_tree",
     "generated_tokens",
     "incidents",
     "last_step",
+    "latency_summary",
     "lifetime_phases",
     "memory_at",
     "memory_timeline",
@@ -100,10 +137,12 @@ __all__ = [
     "pool_geometry",
     "prefix_stats",
     "prefix_tree",
+    "request_latency",
     "request_lifetimes",
     "request_occupancy",
     "request_phases",
     "request_timestamps",
+    "restored_blocks",
     "run_clock",
     "run_end_s",
     "sharing_edges",

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from kvscope.events import KIND_BY_NAME, Kind
+from kvscope.events import Kind
 
 T = TypeVar("T")
 
@@ -43,54 +43,68 @@ def cached(trace, key: str, build: Callable[[], T]) -> T:
 
 def kind_codes(trace) -> np.ndarray:
     """Kind value (int16) of every event row; -1 for a kind this kvscope does not know."""
-
-    def build() -> np.ndarray:
-        kind = trace.events["kind"]
-        if isinstance(kind.dtype, pd.CategoricalDtype):
-            lookup = np.array([int(KIND_BY_NAME.get(str(c), -1)) for c in kind.cat.categories] + [-1], np.int16)
-            codes = kind.cat.codes.to_numpy()
-            return lookup[np.where(codes < 0, len(lookup) - 1, codes)]
-        return np.array([int(KIND_BY_NAME.get(str(c), -1)) for c in kind], np.int16)
-
-    return cached(trace, "kind_codes", build)
+    return trace.store.codes
 
 
 def column(trace, name: str) -> np.ndarray:
-    """An int column as a numpy array (no copy where pandas allows)."""
-    return cached(trace, f"col.{name}", lambda: trace.events[name].to_numpy())
+    """A whole int column as a numpy array, one value per event row. The store holds events by kind, so this builds
+    n_rows values: prefer `values(trace, name, *kinds)`, which reads only the rows of some kinds."""
+    return cached(trace, f"col.{name}", lambda: trace.store.column(name))
+
+
+def values(trace, name: str, *kinds: Kind, dtype=None) -> np.ndarray:
+    """column(trace, name)[mask(trace, *kinds)], without building the whole column: the rows of these kinds, in
+    row order (as `dtype`, default the column's own)."""
+    return trace.store.values(name, [int(k) for k in kinds], dtype)
+
+
+def rows(trace, *kinds: Kind) -> np.ndarray:
+    """np.flatnonzero(mask(trace, *kinds)): the row positions of the events of these kinds."""
+    return trace.store.rows([int(k) for k in kinds])
 
 
 def mask(trace, *kinds: Kind) -> np.ndarray:
-    codes = kind_codes(trace)
+    store = trace.store
     if len(kinds) == 1:
-        return codes == int(kinds[0])
-    return np.isin(codes, np.array([int(k) for k in kinds], np.int16))
+        return kind_codes(trace) == int(kinds[0])
+    return store.member(store.positions([int(k) for k in kinds]))
+
+
+_SELECT_COLUMNS = ["t_ns", "step", "seq", "block", "n", "bytes", "addr", "aux", "dur_ns"]
 
 
 def select(trace, *kinds: Kind) -> pd.DataFrame:
     """Rows of the given kinds (a new DataFrame; original row order), with a `code` column holding the Kind value."""
 
     def build() -> pd.DataFrame:
-        m = mask(trace, *kinds)
-        df = trace.events.loc[m, ["t_ns", "step", "seq", "block", "n", "bytes", "addr", "aux", "dur_ns"]]
-        df = df.reset_index(drop=True)
-        df["code"] = kind_codes(trace)[m]
+        ks = [int(k) for k in kinds]
+        store = trace.store
+        df = pd.DataFrame({c: store.values(c, ks) for c in _SELECT_COLUMNS})
+        df["code"] = _codes_of(store, ks, len(df))
         return df
 
     key = "select." + ",".join(str(int(k)) for k in sorted(set(kinds)))
     return cached(trace, key, build).copy()
 
 
+def _codes_of(store, ks: list[int], n: int) -> np.ndarray:
+    positions = store.positions(ks)
+    if len(positions) <= 1:
+        value = int(store.lookup[positions[0]]) if positions else -1
+        return np.full(n, value, np.int16)
+    return store.lookup[store.selection(positions)]
+
+
 def count(trace, kind: Kind) -> int:
-    return int(mask(trace, kind).sum())
+    return trace.store.count([int(kind)])
 
 
 def running_step(trace) -> np.ndarray:
     """Per row, the step it belongs to for 'state at the end of step s' purposes: rows recorded outside a step
-    (step -1) after the first step count with the step before them."""
+    (step -1) after the first step count with the step before them. (The `step` column's dtype: int32 as read.)"""
 
     def build() -> np.ndarray:
-        steps = column(trace, "step").astype(np.int64)
+        steps = trace.store.column("step")
         return np.maximum.accumulate(steps) if len(steps) else steps
 
     return cached(trace, "running_step", build)
@@ -105,21 +119,21 @@ def step_cuts(trace) -> tuple[np.ndarray, np.ndarray]:
 
     def build() -> tuple[np.ndarray, np.ndarray]:
         run = running_step(trace)
-        valid = np.flatnonzero(run >= 0)
-        if not len(valid):
+        # run never decreases: the rows of no step are a prefix, and each step's rows are one run of rows
+        first = int(np.searchsorted(run, 0, side="left"))
+        if first >= len(run):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        steps_all = run[valid]
-        last = np.r_[steps_all[1:] != steps_all[:-1], True]
-        steps = steps_all[last]
-        cut = valid[last] + 1
-        codes = kind_codes(trace)
-        acct = np.flatnonzero((codes >= int(Kind.ACCT_CAPACITY)) & (codes <= int(Kind.ACCT_FREE)) & (run >= 0))
+        last_pos = np.r_[np.flatnonzero(run[first + 1 :] != run[first:-1]) + first, len(run) - 1].astype(np.int64)
+        steps = run[last_pos].astype(np.int64)
+        cut = last_pos + 1
+        acct = rows(trace, *(k for k in Kind if int(Kind.ACCT_CAPACITY) <= int(k) <= int(Kind.ACCT_FREE)))
+        acct = acct[acct >= first]
         if len(acct):
             acct_steps = run[acct]
             last_acct = np.r_[acct_steps[1:] != acct_steps[:-1], True]
             at = np.searchsorted(steps, acct_steps[last_acct])
             cut[at] = acct[last_acct] + 1
-        return steps.astype(np.int64), cut.astype(np.int64)
+        return steps, cut.astype(np.int64)
 
     return cached(trace, "step_cuts", build)
 
@@ -144,16 +158,14 @@ def step_clock(trace) -> pd.DataFrame:
 
     def build() -> pd.DataFrame:
         run = running_step(trace)
-        t_ns = column(trace, "t_ns")
         if not len(run) or run[-1] < 0:
             return pd.DataFrame(
                 {"step": pd.Series([], dtype="int64"), "t_s": [], "dur_s": [], "wall_s": [], "clock": []}
             )
-        valid = run >= 0
-        steps_all = run[valid]
-        last_pos = np.flatnonzero(np.r_[steps_all[1:] != steps_all[:-1], True])
-        steps = steps_all[last_pos]
-        wall_s = t_ns[valid][last_pos] / 1e9
+        first = int(np.searchsorted(run, 0, side="left"))  # run never decreases: rows of no step come first
+        last_pos = np.r_[np.flatnonzero(run[first + 1 :] != run[first:-1]) + first, len(run) - 1]
+        steps = run[last_pos]
+        wall_s = trace.store.take("t_ns", last_pos) / 1e9
         frame = pd.DataFrame({"step": steps.astype(np.int64), "wall_s": wall_s})
         st = select(trace, Kind.STEP).drop_duplicates("step", keep="last")
         st = st[st["step"] >= 0]
@@ -218,7 +230,5 @@ def config_value(trace, name: str, default: Any = None) -> Any:
 
 def acct_last(trace, kind: Kind) -> int:
     """The last ACCT sample of a kind (0 when there is none)."""
-    m = mask(trace, kind)
-    if not m.any():
-        return 0
-    return int(column(trace, "bytes")[np.flatnonzero(m)[-1]])
+    samples = values(trace, "bytes", kind)
+    return int(samples[-1]) if len(samples) else 0

@@ -1,10 +1,15 @@
 """Sharing: blocks held by several sequences, the fork tree, and the prefix-cache tree with its hit statistics.
 
-Savings from sharing are in the memory timeline (`sharing_saved` = logical - used); this module says who shares
-what. The prefix tree is rebuilt from BLOCK_CACHE events (a block became full and got its chained hash) and the
-sequences' block tables replayed from BLOCK_ALLOC / BLOCK_SHARE / BLOCK_COW / BLOCK_FREE: the parent of a cached
-block is the block before it in the table of the sequence that cached it, i.e. the previous link of its hash chain.
+Savings from sharing in bytes are in the memory timeline (`sharing_saved` = logical - used); the PagedAttention
+paper's saving (1 - units held with sharing / units the same sequences would hold without it, over the run's steps)
+is `sharing_saving_mean` here. This module also says who shares what. The prefix tree is rebuilt from BLOCK_CACHE
+events (a block became full and got its chained hash) and the sequences' block tables replayed from BLOCK_ALLOC /
+BLOCK_SHARE / BLOCK_COW / BLOCK_FREE: the parent of a cached block is the block before it in the table of the
+sequence that cached it, i.e. the previous link of its hash chain.
 """
+
+# This module is longer than 400 lines: who shares what (edges, the fork tree, the prefix tree) and how much sharing
+# saves (the paper's per-step unit counts) are replays of the same sharing events, kept next to each other.
 
 from __future__ import annotations
 
@@ -14,8 +19,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis._events import cached, column, config_value, kind_codes, mask, requests_meta, select, step_clock
+from kvscope.analysis._events import (
+    cached,
+    column,
+    config_value,
+    kind_codes,
+    mask,
+    requests_meta,
+    select,
+    step_clock,
+    step_cuts,
+)
 from kvscope.analysis.fragmentation import block_states
+from kvscope.analysis.memory import memory_timeline
 from kvscope.analysis.replay import ReplayError, addressing
 from kvscope.analysis.replay.blocks import LEGACY_BLOCK_SIZE
 from kvscope.analysis.requests import request_lifetimes
@@ -297,3 +313,209 @@ def _prefix_stats(trace) -> dict[str, Any]:
         "peak_cached_blocks": int(p.peak_cached_blocks),
         "hit_nodes": int(sum(1 for n in nodes if n.hits)),
     }
+
+
+# ---- the PagedAttention paper's saving ----------------------------------------------------------------------------
+SAVING_COLUMNS = ["step", "units_with", "units_without", "saving"]
+# The lifecycle events that say how many tokens each sequence holds in device memory (see _held_units).
+_HELD = (Kind.ADMIT, Kind.APPEND, Kind.FORK, Kind.PREEMPT, Kind.SWAP_IN, Kind.FINISH, Kind.REJECT, Kind.PRUNE)
+_SWAP_PREEMPTION = 1  # PREEMPT aux: the tokens go to CPU memory (they leave the device pool, not the sequence)
+
+
+@dataclass(frozen=True)
+class SharingUnit:
+    """The unit the paper's saving counts in: a block (blocks addressing), a page-group (pages: one page of each
+    buffer at one position of a slot) or a token row (rows: static reservations, which never share). `bytes` is
+    one unit's device bytes; `tokens_of(t)` the units t tokens need on their own."""
+
+    name: str
+    bytes: int
+    row_bytes: int  # bytes of one token in one unit's span (blocks, rows: a token; pages: one buffer's row)
+    page_bytes: int  # pages: one page; blocks: block_size x row_bytes; rows: row_bytes
+
+    def units(self, tokens: int) -> int:
+        return -(-tokens * self.row_bytes // self.page_bytes)
+
+
+def sharing_unit(trace) -> SharingUnit | None:
+    """The trace's SharingUnit, from its addressing and allocator config (None when it cannot be replayed)."""
+    family = _addressing(trace)
+    bpt = int(trace.bytes_per_token)
+    if family == "blocks":
+        bs = int(config_value(trace, "block_size", LEGACY_BLOCK_SIZE) or LEGACY_BLOCK_SIZE)
+        return SharingUnit("block", bs * bpt, 1, bs)
+    if family == "pages":
+        page = int(config_value(trace, "page_size", 0) or 0)
+        row = int(config_value(trace, "buffer_row_bytes", 0) or 0)
+        buffers = int(config_value(trace, "buffers", 0) or 0)
+        if page <= 0 or row <= 0 or buffers <= 0:
+            return None
+        return SharingUnit("page-group", page * buffers, row, page)
+    if family == "rows":
+        return SharingUnit("token", bpt, 1, 1)
+    return None
+
+
+def sharing_savings(trace) -> pd.DataFrame:
+    """The PagedAttention paper's sharing saving, step by step (one row per step whose end finds tokens held):
+    step; units_with (the units the allocator holds for live sequences' tokens at the end of the step, a shared
+    unit counted once: the ACCT samples' used + internal bytes over the unit's bytes, so neither mapped-ahead or
+    mapped-idle pages nor cached-idle blocks count); units_without (the units the same sequences would hold
+    without sharing: each sequence's held tokens rounded up to whole units on their own; sequences swapped out to
+    CPU memory hold none); saving (1 - units_with / units_without). Units: see SharingUnit (blocks, VMM page-groups
+    or token rows). Empty for traces without the samples or an unknown addressing."""
+
+    def build() -> pd.DataFrame:
+        unit = sharing_unit(trace)
+        tl = memory_timeline(trace)
+        if unit is None or tl.empty:
+            return _empty_savings()
+        steps = tl["step"].to_numpy(np.int64)
+        held = (tl["used"] + (tl["internal"] if unit.name != "token" else 0)).to_numpy(np.float64)
+        with_units = held / unit.bytes
+        without = _held_units(trace, unit, steps)
+        keep = without > 0
+        frame = pd.DataFrame(
+            {
+                "step": steps[keep],
+                "units_with": with_units[keep],
+                "units_without": without[keep].astype(np.float64),
+            }
+        )
+        frame["saving"] = 1.0 - frame["units_with"] / frame["units_without"]
+        return frame[SAVING_COLUMNS]
+
+    return cached(trace, "sharing_savings", build).copy()
+
+
+def sharing_saving_mean(trace) -> float | None:
+    """1 - (units held with sharing, summed over the run's steps) / (units the same sequences would hold without
+    sharing, summed over the same steps): the paper's saving averaged over the run (see sharing_savings for the
+    units and what counts). None when no step ends with tokens held."""
+    frame = sharing_savings(trace)
+    total = float(frame["units_without"].sum())
+    if total <= 0:
+        return None
+    return 1.0 - float(frame["units_with"].sum()) / total
+
+
+def _held_units(trace, unit: SharingUnit, steps: np.ndarray) -> np.ndarray:
+    """Per step in `steps`: the sum over sequences in device memory at the step's end of unit.units(tokens held).
+    Tokens held follow the scheduler's lifecycle events: ADMIT (aux: prefix-cache hit tokens it starts with),
+    APPEND (aux: tokens after), FORK (n: tokens it starts with), a swap preemption (the tokens leave the device
+    until SWAP_IN), and FINISH / REJECT / PRUNE / a recompute preemption (nothing left).
+
+    Vectorised over the events in row order, a piece at a time, with each sequence's tokens carried between pieces
+    in a table indexed by seq; traces whose seq ids span too wide a range for that table take the event loop
+    (_held_units_loop), which defines the same numbers."""
+    seq_range = trace.store.value_range("seq", [int(k) for k in _HELD])
+    if seq_range is None:
+        return np.zeros(len(steps), np.int64)
+    lo, hi = seq_range
+    if hi - lo > (1 << 26):
+        return _held_units_loop(trace, unit, steps)
+    step_ids, cuts = step_cuts(trace)
+    cut_of = dict(zip(step_ids.tolist(), cuts.tolist(), strict=True))
+    ends = np.array([cut_of.get(s, 0) for s in steps.tolist()], np.int64)
+    ends = np.maximum.accumulate(ends) if len(ends) else ends
+    upto = trace.store.count_before([int(k) for k in _HELD], ends)  # events before each end
+    ADMIT, APPEND, FORK, PREEMPT, SWAP_IN = (int(k) for k in _HELD[:5])
+    row, page = int(unit.row_bytes), int(unit.page_bytes)
+
+    def cost(tokens: np.ndarray) -> np.ndarray:
+        return -(-tokens * row // page)
+
+    tokens = np.zeros(hi - lo + 1, np.int64)  # per seq - lo: tokens held in device memory (carried)
+    swapped = np.zeros(hi - lo + 1, np.int64)  # tokens it holds in CPU memory
+    has_swapped = np.zeros(hi - lo + 1, bool)
+    out = np.zeros(len(steps), np.int64)
+    units = 0
+    done = 0  # events handled so far
+    for piece in trace.store.pieces([int(k) for k in _HELD], ("seq", "n", "aux")):
+        code = piece["code"]
+        q = piece["seq"].astype(np.int64) - lo
+        n, aux = piece["n"].astype(np.int64), piece["aux"].astype(np.int64)
+        new = np.where((code == APPEND) | (code == ADMIT), np.maximum(aux, 0), np.where(code == FORK, n, 0))
+        order = np.argsort(q, kind="stable")
+        sq = q[order]
+        first = np.r_[True, sq[1:] != sq[:-1]] if len(sq) else np.zeros(0, bool)
+        last = np.r_[sq[1:] != sq[:-1], True] if len(sq) else np.zeros(0, bool)
+        swap_pre = (code == PREEMPT) & (aux == _SWAP_PREEMPTION)
+        swap_in = code == SWAP_IN
+        if swap_pre.any() or swap_in.any():
+            rel = (swap_pre | swap_in)[order]
+            at = np.arange(len(sq))
+            group_start = np.maximum.accumulate(np.where(first, at, 0))
+            last_incl = np.maximum.accumulate(np.where(rel, at, -1))
+            before = np.r_[-1, last_incl[:-1]]
+            in_group = before >= group_start
+            n_sorted, pre_sorted = n[order], swap_pre[order]
+            from_piece = np.where(pre_sorted[np.maximum(before, 0)], n_sorted[np.maximum(before, 0)], 0)
+            carried = np.where(has_swapped[sq], swapped[sq], 0)
+            value = np.where(in_group, from_piece, carried)
+            new_sorted = new[order]
+            new_sorted = np.where(swap_in[order], value, new_sorted)
+            new[order] = new_sorted
+            # the CPU copies each sequence has after the piece: its last swap preemption or swap-in decides
+            end_rel = last_incl[last]
+            ok = end_rel >= group_start[last]
+            seqs_end = sq[last][ok]
+            j = end_rel[ok]
+            has_swapped[seqs_end] = pre_sorted[j]
+            swapped[seqs_end] = np.where(pre_sorted[j], n_sorted[j], 0)
+        new_sorted = new[order]
+        prev_sorted = np.r_[0, new_sorted[:-1]] if len(new_sorted) else new_sorted
+        prev_sorted = np.where(first, tokens[sq], prev_sorted)
+        delta = np.empty(len(q), np.int64)
+        delta[order] = cost(new_sorted) - cost(prev_sorted)
+        tokens[sq[last]] = new_sorted[last]
+        after = units + np.cumsum(delta)  # units held after each event of the piece
+        hit = (upto > done) & (upto <= done + len(q))
+        out[hit] = after[upto[hit] - 1 - done]
+        if len(after):
+            units = int(after[-1])
+        done += len(q)
+    out[upto > done] = units
+    return out
+
+
+def _held_units_loop(trace, unit: SharingUnit, steps: np.ndarray) -> np.ndarray:
+    """_held_units by an event loop, for traces whose seq ids are too spread out for its table."""
+    m = mask(trace, *_HELD)
+    codes = kind_codes(trace)[m].tolist()
+    seqs = column(trace, "seq")[m].tolist()
+    ns = column(trace, "n")[m].tolist()
+    auxs = column(trace, "aux")[m].tolist()
+    rows = np.flatnonzero(m)
+    step_ids, cuts = step_cuts(trace)
+    cut_of = dict(zip(step_ids.tolist(), cuts.tolist(), strict=True))
+    ADMIT, APPEND, FORK, PREEMPT, SWAP_IN = (int(k) for k in _HELD[:5])
+    tokens: dict[int, int] = {}  # seq -> tokens held in device memory
+    swapped: dict[int, int] = {}  # seq -> tokens it holds in CPU memory
+    units = 0
+    out = np.zeros(len(steps), np.int64)
+    i = 0
+    cost = unit.units
+    for j, step in enumerate(steps.tolist()):
+        end = cut_of.get(step, 0)
+        while i < len(rows) and rows[i] < end:
+            code, seq, n, aux = codes[i], seqs[i], ns[i], auxs[i]
+            units -= cost(tokens.pop(seq, 0))
+            if code in (APPEND, ADMIT):
+                tokens[seq] = max(aux, 0)
+            elif code == FORK:
+                tokens[seq] = n
+            elif code == PREEMPT and aux == _SWAP_PREEMPTION:
+                swapped[seq] = n
+            elif code == SWAP_IN:
+                tokens[seq] = swapped.pop(seq, 0)
+            units += cost(tokens.get(seq, 0))
+            i += 1
+        out[j] = units
+    return out
+
+
+def _empty_savings() -> pd.DataFrame:
+    frame = pd.DataFrame({c: pd.Series([], dtype="float64") for c in SAVING_COLUMNS})
+    frame["step"] = frame["step"].astype("int64")
+    return frame

@@ -20,12 +20,32 @@ memory      capacity_bytes, peak_used_bytes, peak_reserved_bytes, peak_waste_byt
             still reserved after the last step: VMM pages kept mapped by deferred reclamation, not waste);
             mean_waste_fraction (mean over steps that end with tokens held of waste / reserved);
             mean_used_fraction (mean used / capacity); peak_nvml_bytes, peak_torch_bytes (None without samples)
-sharing     sharing_saved_bytes_peak (max over steps of logical - used), prefix_hit_tokens (prompt tokens served
+sharing     sharing_saved_bytes_peak (max over steps of logical - used), sharing_saving_mean (the PagedAttention
+            paper's saving: 1 - units held with sharing / units the same sequences would hold without it, both summed
+            over the run's steps; units are blocks, VMM page-groups or token rows; None when no step holds tokens:
+            kvscope.analysis.sharing.sharing_savings), prefix_hit_tokens (prompt tokens served
             from the prefix cache at requests' first admissions: hits at re-admissions after a preemption and at
             late admissions of forked samples excluded),
             prefix_hit_rate (prefix_hit_tokens / prompt_tokens)
 pressure    preemptions, preemptions_recompute, preemptions_swap, swapped_out_bytes, ooms, evictions
 driver      driver_calls, driver_ms (timed VMM driver/OS calls)
+tiers       cpu_tier_hit_tokens, cpu_tier_hit_blocks, cpu_tier_offloaded_blocks, cpu_tier_dropped_blocks, pcie_bytes
+            (the prefix cache's CPU tier, --cpu-cache), miss_cold_tokens, miss_evicted_tokens, miss_gap_tokens,
+            miss_floor_tokens (why first-admission prompt tokens missed: kvscope.analysis.prefix_misses; 0 without)
+latency     ttft_p50_s, ttft_p90_s, ttft_p99_s, tpot_p50_s, tpot_p90_s, tpot_p99_s, queue_p50_s, queue_p90_s,
+            queue_p99_s, latency_requests (kvscope.analysis.latency: the definitions and clocks)
+batch       max_batch, mean_batch, batch_limited_by (memory, max-batch, token budget, arrivals), batch_limited_share,
+            batch_waiting_share, batch_limit_steps_*, engine_max_batch, engine_max_tokens_per_step
+            (kvscope.analysis.batch: the rule)
+parallel    world_size (1 for a single-GPU run), rank, kv_duplication (ranks holding each token's K/V of a head),
+            capacity_tokens (this trace's token slots), capacity_tokens_total (tokens of context the run's ranks
+            hold together: the same tokens on every rank under TP, the sum over ranks under DCP; a single trace's
+            own slots) (kvscope.analysis.ranks: the definitions)
+
+An imported KV-event stream (vLLM's BlockStored / BlockRemoved, KV_BATCH rows) gets instead the run keys
+allocator, label, allocator_config, truncated, events and kvscope.analysis.cache's
+figures: source, messages, kv_events, blocks_stored, blocks_removed, cleared, cached_blocks_peak,
+restored_after_eviction, ... (cache.cache_summary); the engine keys above are left out, not zero.
 """
 
 from __future__ import annotations
@@ -35,15 +55,34 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis._events import DRIVER_KINDS, cached, column, count, mask, requests_meta, select, step_clock
+from kvscope.analysis._events import DRIVER_KINDS, cached, count, requests_meta, select, step_clock, values
+from kvscope.analysis.batch import batch_summary
+from kvscope.analysis.cache import has_kv_events, kv_trace_summary
+from kvscope.analysis.latency import latency_summary
 from kvscope.analysis.memory import has_in_step_peaks, memory_timeline
+from kvscope.analysis.prefix_misses import prefix_miss_summary
+from kvscope.analysis.ranks import parallel_summary
 from kvscope.analysis.requests import first_admission_hits, request_lifetimes
+from kvscope.analysis.sharing import sharing_saving_mean
 from kvscope.events import Kind
 
 
 def summarize(trace) -> dict[str, Any]:
     """Headline numbers of one trace (see the module docstring for every key)."""
-    return dict(cached(trace, "summary", lambda: _build(trace)))
+    # Latency and batch figures come from their own modules (kvscope.analysis.latency, .batch).
+    return dict(cached(trace, "summary", lambda: _figures(trace)))
+
+
+def _figures(trace) -> dict[str, Any]:
+    if has_kv_events(trace):  # an imported KV-event stream: its own figures; the engine's do not apply to it
+        return kv_trace_summary(trace) | parallel_summary(trace)
+    return (
+        _build(trace)
+        | latency_summary(trace)
+        | batch_summary(trace)
+        | prefix_miss_summary(trace)
+        | parallel_summary(trace)
+    )
 
 
 def last_step(trace) -> int:
@@ -55,9 +94,9 @@ def event_counts(trace) -> pd.DataFrame:
     """One row per event kind that occurs in the trace, in the schema's kind order: kind (str), events (count)."""
 
     def build() -> pd.DataFrame:
-        counts = trace.events["kind"].value_counts(sort=False)  # one pass; a categorical keeps the schema order
-        counts = counts[counts > 0]
-        return pd.DataFrame({"kind": counts.index.astype(str), "events": counts.to_numpy(dtype=np.int64)})
+        counts = [(name, n) for name, n in trace.store.kind_counts() if n > 0]  # the kind dictionary's order
+        kinds = pd.Index([c[0] for c in counts], dtype=object).astype(str)
+        return pd.DataFrame({"kind": kinds, "events": np.array([c[1] for c in counts], np.int64)})
 
     return cached(trace, "event_counts", build).copy()
 
@@ -80,8 +119,8 @@ def _build(trace) -> dict[str, Any]:
         run_end = select(trace, Kind.RUN_END)
         steps = int(run_end["n"].iloc[-1]) if len(run_end) else len(clock)
 
-    t_ns = column(trace, "t_ns")
-    wall_time_s = float(t_ns.max() / 1e9) if len(t_ns) else 0.0
+    t_max = trace.store.max("t_ns")
+    wall_time_s = float(t_max / 1e9) if t_max is not None else 0.0
     run_time_s = float(clock["t_s"].max()) if len(clock) else 0.0
     clock_kind = str(clock["clock"].iloc[0]) if len(clock) else "host"
     generated = int(lt["generated"].sum()) if len(lt) else 0
@@ -99,7 +138,6 @@ def _build(trace) -> dict[str, Any]:
     has_reserved = (reserved > 0) & (tl["used"].to_numpy() > 0)  # waste is measured while requests hold memory
     waste_frac = float(tl["waste_frac"].to_numpy()[has_reserved].mean()) if has_reserved.any() else 0.0
     capacity = int(tl["capacity"].max()) if len(tl) else 0
-    driver = mask(trace, *DRIVER_KINDS)
 
     def peak(col: str) -> int:
         return int(tl[col].max()) if len(tl) else 0
@@ -116,7 +154,7 @@ def _build(trace) -> dict[str, Any]:
         "model": str(meta.get("model") or (meta.get("spec") or {}).get("name", "unknown")),
         "bytes_per_token": int(trace.bytes_per_token),
         "truncated": bool(trace.truncated),
-        "events": len(trace.events),
+        "events": trace.num_events,
         "requests": n_meta or arrived,
         "sequences": len(lt),
         "finished": len(finished_roots),
@@ -149,6 +187,7 @@ def _build(trace) -> dict[str, Any]:
         "peak_nvml_bytes": peak_sample("nvml_bytes"),
         "peak_torch_bytes": peak_sample("torch_bytes"),
         "sharing_saved_bytes_peak": max(0, peak("sharing_saved")),
+        "sharing_saving_mean": sharing_saving_mean(trace),
         "prefix_hit_tokens": prefix_hit_tokens,
         "prefix_hit_rate": prefix_hit_tokens / prompt_tokens if prompt_tokens else 0.0,
         "preemptions": len(preempt),
@@ -157,8 +196,8 @@ def _build(trace) -> dict[str, Any]:
         "swapped_out_bytes": int(select(trace, Kind.SWAP_OUT)["bytes"].sum()),
         "ooms": count(trace, Kind.OOM),
         "evictions": count(trace, Kind.BLOCK_EVICT),
-        "driver_calls": int(driver.sum()),
-        "driver_ms": float(column(trace, "dur_ns")[driver].sum() / 1e6),
+        "driver_calls": trace.store.count([int(k) for k in DRIVER_KINDS]),
+        "driver_ms": float(values(trace, "dur_ns", *DRIVER_KINDS).sum() / 1e6),
     }
 
 

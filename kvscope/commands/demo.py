@@ -29,6 +29,9 @@ RUNS: list[tuple[str, str, dict]] = [
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
+    from kvscope.commands.run import DefaultsHelpFormatter
+
+    p.formatter_class = DefaultsHelpFormatter
     p.add_argument(
         "--device",
         choices=("auto", "sim", "cpu", "cuda"),
@@ -39,9 +42,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=1000, metavar="N", help="requests (default 1000)")
     p.add_argument("--model", default=None, metavar="PRESET", help="default llama-3-8b (tiny on --device cpu)")
     p.add_argument("--kv-memory", default=None, metavar="SIZE", help="KV memory (default 16GiB; 64MiB on cpu)")
-    p.add_argument("--max-len", type=int, default=2048, metavar="N")
-    p.add_argument("--max-batch", type=int, default=256, metavar="N")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=2048, metavar="N", help="longest sequence, prompt + output")
+    p.add_argument(
+        "--max-batch", type=int, default=256, metavar="N", help="most sequences in a step (a cap on every run)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload generator")
     p.add_argument(
         "--runs", default=None, metavar="A,B,...", help=f"subset of runs (default all: {', '.join(r[0] for r in RUNS)})"
     )
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from kvscope.analysis.compare import compare_runs
+    from kvscope.analysis.compare import compare_runs, comparison_verdict
     from kvscope.commands.outputs import named_os_error
     from kvscope.commands.run import check_memory, check_options, check_requests
     from kvscope.engine.api import RunConfig, record_run
@@ -117,7 +122,13 @@ def run(args: argparse.Namespace) -> int:
         s = result.stats
         console.print(f"  {name:<20} {s.steps:>7,} steps  {s.wall_s:6.1f} s wall  -> {path}")
         traces.append(result.trace())
-    console.print(comparison_table(compare_runs(dict(zip([r[0] for r in runs], traces, strict=True)))))
+    named = dict(zip([r[0] for r in runs], traces, strict=True))
+    frame = compare_runs(named)
+    for table in comparison_tables(frame):
+        print_table(console, table)
+    verdict = comparison_verdict(named)
+    for line in [*(f"warning: {w}" for w in verdict.warnings), *verdict.sentences]:
+        console.print(line)
     try:
         report = write_report(traces, out / "report.html", title=f"kvscope demo: {description.get('name')} on {device}")
     except OSError as e:
@@ -153,30 +164,62 @@ def check_outputs(args: argparse.Namespace, runs: list[tuple[str, str, dict]]) -
     return out
 
 
-# (column in compare_runs, header, format) for the demo's one-row-per-run table.
+# (column in compare_runs, header, format) for the demo's tables, one row per run: memory, then batch and speed.
 TABLE_COLUMNS = [
     ("peak_reserved_bytes", "peak reserved", "bytes"),
     ("peak_used_bytes", "peak used", "bytes"),
     ("used_per_reserved", "used / reserved", "pct"),
     ("mean_waste_fraction", "mean waste", "pct"),
-    ("preemptions", "preemptions", "int"),
-    ("steps", "steps", "int"),
-    ("tokens_per_s", "tokens/s", "rate"),
+    ("preemptions", "preempt- ions", "int"),
+]
+SPEED_COLUMNS = [
+    ("max_batch", "largest batch", "int"),
+    ("mean_batch", "mean batch", "rate"),
+    ("batch_limited_by", "batch limited by", "str"),
+    ("tokens_per_s", "tokens per s", "int"),
+    ("ttft_p50_s", "TTFT p50", "secs"),
+    ("tpot_p50_s", "TPOT p50", "secs"),
 ]
 
 
-def comparison_table(frame):
-    """A rich table with one row per run from kvscope.analysis.compare.compare_runs."""
+def _table(frame, title: str, columns: list[tuple[str, str, str]]):
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
     from kvscope.present.rows import format_value
 
-    # Text cells: labels come from trace metadata and must print literally, not as Rich markup.
-    table = Table(title="peak KV memory per allocator (same workload, same budget)")
-    table.add_column("run", style="bold")
-    for _, header, _ in TABLE_COLUMNS:
-        table.add_column(header, justify="right")
-    for row in frame.to_dict("records"):
-        table.add_row(Text(str(row["label"])), *(Text(format_value(row, key, how)) for key, _, how in TABLE_COLUMNS))
+    # SIMPLE_HEAD: no vertical rules, so the runs' names and the numbers get the width. Cells never wrap and the
+    # run name is never cut (headers wrap instead); print_table widens the output when even that does not fit.
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    names = [str(v) for v in frame["label"]]
+    records = frame.to_dict("records")
+    cells = [[format_value(row, key, how) for key, _, how in columns] for row in records]
+    table.add_column("run", style="bold", no_wrap=True, min_width=max([3, *map(len, names)]))
+    for i, (_, header, _) in enumerate(columns):
+        # At least as wide as its widest value: rich shrinks the header (it wraps), never a number.
+        widest = max([*map(len, header.split()), *(len(c[i]) for c in cells)])
+        table.add_column(header, justify="right", min_width=widest)
+    for name, row in zip(names, cells, strict=True):
+        # Text cells: labels come from trace metadata and must print literally, not as Rich markup.
+        table.add_row(Text(name, no_wrap=True), *(Text(c, no_wrap=True) for c in row))
     return table
+
+
+def comparison_table(frame):
+    """The memory table: one row per run from kvscope.analysis.compare.compare_runs."""
+    return _table(frame, "peak KV memory per allocator (same workload, same budget)", TABLE_COLUMNS)
+
+
+def comparison_tables(frame) -> list:
+    """The memory table and the batch-and-speed table (one row per run each)."""
+    return [comparison_table(frame), _table(frame, "batch and speed (run clock)", SPEED_COLUMNS)]
+
+
+def print_table(console, table) -> None:
+    """Print at the console's width, or wider when the table's narrowest layout needs it (a pipe is 80 columns):
+    lines longer than the terminal beat a run name cut to "paged-…"."""
+    from rich.measure import Measurement
+
+    need = Measurement.get(console, console.options, table).minimum
+    console.print(table, width=max(console.width, need))

@@ -46,7 +46,27 @@ def _attention_modes() -> tuple[str, ...]:
     return ATTENTION_MODES
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default: "(default: X)" after its help, unless the help already says its default
+    or there is none to say (a flag that is off, an option that is unset)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is False  # a flag that is off (0 is a default worth saying: --seed)
+            or default == argparse.SUPPRESS
+            or not action.option_strings
+            or isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+        ):
+            return action.help
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 def add_parser(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = DefaultsHelpFormatter
     w = p.add_argument_group("workload")
     w.add_argument(
         "--workload",
@@ -59,7 +79,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     w.add_argument("--seed", type=int, default=0, help="seed of the workload generator and the model weights")
 
     e = p.add_argument_group("engine")
-    e.add_argument("--allocator", "-a", choices=_Lazy(_allocator_names), default="paged")
+    e.add_argument(
+        "--allocator", "-a", choices=_Lazy(_allocator_names), default="paged", help="how the KV cache is allocated"
+    )
     e.add_argument(
         "--device",
         "-d",
@@ -71,7 +93,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         "--model",
         "-m",
         metavar="PRESET",
-        help="model preset (llama-3-8b, llama-2-7b, yi-6b, llama-3-70b, opt-13b, tiny); "
+        help="model preset (llama-3-8b, llama-2-7b, yi-6b, llama-3-70b, opt-13b, starcoder-15b, tiny); "
         "default llama-3-8b, tiny on --device cpu",
     )
     e.add_argument("--layers", type=int, metavar="N", help="override the preset's number of layers")
@@ -92,6 +114,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         help="cuda, vmm: map pages on the engine thread only (not ahead, during the forward pass)",
     )
     e.add_argument(
+        "--eager",
+        action="store_true",
+        help="cuda: run decode steps eagerly (default: replay CUDA graphs captured per batch size, paged and static)",
+    )
+    e.add_argument(
         "--preemption",
         choices=("recompute", "swap"),
         default="recompute",
@@ -100,14 +127,35 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
     a = p.add_argument_group("allocator options")
     a.add_argument("--block-size", type=int, metavar="N", help="paged: tokens per block (default 16)")
-    a.add_argument("--prefix-caching", action="store_true", help="paged: share cached prompt blocks")
+    a.add_argument(
+        "--prefix-caching",
+        action="store_true",
+        help="paged: share cached prompt blocks; vmm: map full pages of a live sequence with the same prompt prefix",
+    )
     a.add_argument("--swap-space", metavar="SIZE", help="paged with --preemption swap: CPU swap pool (default 4GiB)")
+    a.add_argument(
+        "--eviction",
+        metavar="POLICY",
+        help="paged with --prefix-caching: which cached block to evict (lru, fifo, lfu, arc, s3fifo; default vLLM's "
+        "LRU)",
+    )
+    a.add_argument(
+        "--cpu-cache",
+        metavar="SIZE",
+        help="paged with --prefix-caching: a CPU tier that blocks evicted from the GPU go to and return from on a hit",
+    )
     a.add_argument("--page-size", metavar="SIZE", help="vmm: physical page size (default 2MiB)")
     a.add_argument("--megacache", action="store_true", help="vmm: one buffer for all layers")
     a.add_argument("--eager-pages", type=int, metavar="N", help="vmm: page-groups mapped ahead of need")
     a.add_argument("--no-deferred-reclaim", action="store_true", help="vmm: unmap a finished request's pages at once")
+    a.add_argument(
+        "--no-page-sharing", action="store_true", help="vmm: forks copy the parent's rows instead of mapping its pages"
+    )
     a.add_argument("--static-variant", choices=("max", "pow2", "oracle"), help="static: reservation size (default max)")
 
+    from kvscope.commands.parallel_run import add_arguments as add_parallel_arguments
+
+    add_parallel_arguments(p)  # --tp, --dcp
     o = p.add_argument_group("output")
     o.add_argument(
         "-o", "--output", metavar="TRACE.kvtrace", help="trace file (default out/<workload>-<allocator>.kvtrace)"
@@ -145,25 +193,36 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         block_size=args.block_size,
         prefix_caching=args.prefix_caching,
         swap_space=size("--swap-space", args.swap_space),
+        eviction=args.eviction,
+        cpu_cache=size("--cpu-cache", args.cpu_cache),
         page_size=size("--page-size", args.page_size),
         megacache=args.megacache,
         eager_pages=args.eager_pages,
         deferred_reclaim=not args.no_deferred_reclaim,
+        page_sharing=not args.no_page_sharing,
         static_variant=args.static_variant,
         attention=args.attention,
         background_map=not args.no_background_map,
+        cuda_graphs=not args.eager,
         check_invariants=args.check,
     )
     # Only the cuda executor reads these; silently ignoring them elsewhere would mislead.
     for flag, given in (
         ("--attention sdpa", args.attention != "triton"),
         ("--no-background-map", not cfg.background_map),
+        ("--eager", not cfg.cuda_graphs),
     ):
         if given and cfg.device != "cuda":
             raise ValueError(f"{flag} applies to --device cuda, not {cfg.device}")
     # 0 must not mean "the default" (it used to run with 2 MiB pages): one line here, before any allocator runs.
     if cfg.page_size is not None and cfg.page_size < 1:
         raise ValueError(f"--page-size: must be positive, got {args.page_size}")
+    if cfg.cpu_cache is not None and cfg.cpu_cache < 1:
+        raise ValueError(f"--cpu-cache: must be positive, got {args.cpu_cache}")
+    if cfg.eviction is not None:
+        from kvscope.policies.engine import check_engine_policy
+
+        check_engine_policy(cfg.eviction)  # before any workload is generated
     cfg.spec()  # model and --layers, before any workload is generated
     return cfg
 
@@ -227,12 +286,14 @@ def check_memory(cfg: RunConfig, kv_memory: str | None) -> None:
     if cfg.device == "sim":
         return
     shown = kv_memory or f"{format_bytes(cfg.kv_bytes)} (the default)"
-    swap = cfg.swap_bytes()
+    swap = cfg.swap_bytes() + (cfg.cpu_cache or 0)  # host RAM: the swap pool and the prefix cache's CPU tier
     if cfg.device == "cpu":
-        what = f"--kv-memory {shown} on --device cpu" + (f" with {format_bytes(swap)} of swap" if swap else "")
+        what = f"--kv-memory {shown} on --device cpu" + (f" with {format_bytes(swap)} of CPU pools" if swap else "")
         check_host_memory(cfg.kv_bytes + swap, what, "use a smaller --kv-memory (or --swap-space)")
     elif cfg.device == "cuda":
-        check_host_memory(swap, f"--swap-space {format_bytes(swap)}", "use a smaller --swap-space")
+        check_host_memory(
+            swap, f"--swap-space/--cpu-cache {format_bytes(swap)}", "use a smaller --swap-space or --cpu-cache"
+        )
         from kvscope.cudainfo import probe
 
         info = probe()
@@ -279,8 +340,11 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kvscope.commands.outputs import named_os_error
+    from kvscope.commands.parallel_run import run_group
     from kvscope.engine.api import record_run
     from kvscope.engine.executor import check_device
+    from kvscope.parallel.layout import parallel_config
+    from kvscope.parallel.run import check_parallel
     from kvscope.units import format_bytes
     from kvscope.workload_gen import resolve_workload
 
@@ -289,9 +353,14 @@ def run(args: argparse.Namespace) -> int:
     check_device(cfg.device)  # before generating a large workload
     check_memory(cfg, args.kv_memory)
     check_requests(args.requests)
+    par = parallel_config(getattr(args, "tp", None), getattr(args, "dcp", None))
+    if par.parallel:
+        check_parallel(cfg, par)  # before generating a large workload
     out = output_path(args, cfg.allocator)
     requests, description = resolve_workload(args.workload, requests=args.requests, seed=args.seed)
     check_workload_memory(requests, args.workload)
+    if par.parallel:
+        return run_group(args, cfg, par, out, requests, description)
     try:
         result = record_run(requests, cfg, path=out, workload=description, progress=not args.quiet)
     except KeyboardInterrupt:
@@ -314,4 +383,17 @@ def run(args: argparse.Namespace) -> int:
         + f", peak reserved {format_bytes(s.peak_reserved_bytes)} / used {format_bytes(s.peak_used_bytes)}, "
         f"{s.events:,} events ({s.events_per_s / 1e3:,.0f}k/s), {clock}, wall {s.wall_s:.2f} s"
     )
+    print(next_steps(out))
     return 0
+
+
+def next_steps(trace: str) -> str:
+    """What to do with a fresh trace: the report first (every view, offline), then the table and the dashboard."""
+    from pathlib import Path
+    from shlex import quote
+
+    html = str(Path(trace).with_suffix(".html"))
+    return (
+        f"next: kvscope report {quote(trace)} -o {quote(html)}   "
+        f"(or: kvscope summary {quote(trace)}; kvscope dashboard {quote(trace)})"
+    )

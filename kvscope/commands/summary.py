@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    Console(file=sys.stdout).print(summary_table(summaries, [Path(p).name for p in args.traces]))
+    from kvscope.parallel.files import expand
+
+    Console(file=sys.stdout).print(summary_table(summaries, [Path(p).name for p in expand(list(args.traces))]))
     return 0
 
 
@@ -53,10 +55,11 @@ def load_traces(paths: list[str], *, salvage: bool = False) -> list:
     import sys
     import warnings
 
+    from kvscope.parallel.files import expand
     from kvscope.trace import TruncatedTraceWarning, load_trace
 
     traces = []
-    for path in paths:
+    for path in expand(list(paths)):  # a parallel run's NAME (or NAME.kvtrace): its rank files
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", TruncatedTraceWarning)
             traces.append(load_trace(path, salvage=salvage))

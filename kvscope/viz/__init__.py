@@ -5,13 +5,15 @@ Colours per state come from kvscope.viz.palette, the one place they are defined.
 
 from __future__ import annotations
 
-from kvscope.viz.compare import METRICS, Metric, comparison_figure
+from kvscope.viz.block_tables import block_table_figure
+from kvscope.viz.compare import METRICS, Metric, comparison_figure, comparison_timelines_figure
 from kvscope.viz.driver import driver_latency_figure
 from kvscope.viz.fragmentation import block_grid_figure, fragmentation_map_figure
 from kvscope.viz.memory import memory_stack_figure
 from kvscope.viz.palette import STATE_COLORS, STATE_LABELS, state_color, state_label
+from kvscope.viz.prefix_misses import prefix_misses_figure
 from kvscope.viz.requests import request_lifetimes_figure
-from kvscope.viz.sharing import prefix_tree_figure, sharing_graph_figure
+from kvscope.viz.sharing import prefix_icicle_figure, prefix_tree_figure, sharing_graph_figure
 from kvscope.viz.throughput import throughput_figure
 
 __all__ = [
@@ -20,10 +22,14 @@ __all__ = [
     "STATE_LABELS",
     "Metric",
     "block_grid_figure",
+    "block_table_figure",
     "comparison_figure",
+    "comparison_timelines_figure",
     "driver_latency_figure",
     "fragmentation_map_figure",
     "memory_stack_figure",
+    "prefix_icicle_figure",
+    "prefix_misses_figure",
     "prefix_tree_figure",
     "request_lifetimes_figure",
     "sharing_graph_figure",

@@ -29,8 +29,11 @@ CHECKPOINT_BUDGET_BYTES = 256 << 20
 SNAPSHOT_BYTES_PER_UNIT = 32
 
 # Lifecycle events every replay reads to know how many tokens each sequence holds.
-HELD_KINDS = (Kind.APPEND, Kind.FORK, Kind.PREFIX_HIT, Kind.PREEMPT, Kind.FINISH, Kind.REJECT, Kind.ARRIVE)
+HELD_KINDS = (
+    Kind.APPEND, Kind.FORK, Kind.PREFIX_HIT, Kind.PREEMPT, Kind.FINISH, Kind.REJECT, Kind.ARRIVE, Kind.PRUNE
+)  # fmt: skip
 _APPEND, _FORK, _HIT, _PREEMPT, _FINISH, _REJECT = (int(k) for k in HELD_KINDS[:6])
+_PRUNE = int(Kind.PRUNE)  # a beam that beam search dropped: it holds nothing from then on
 SWAP_PREEMPTION = 1  # PREEMPT aux: 1 swap (the tokens stay, on the CPU), 0 recompute (they are dropped)
 
 # The columns of every replay's frame, in this order (kvscope.analysis.fragmentation.block_states).
@@ -148,7 +151,7 @@ class Replay(ABC, Generic[SnapshotT]):
         elif code == _PREEMPT:
             if aux != SWAP_PREEMPTION:  # recompute drops the tokens; a swapped-out sequence keeps them (on the CPU)
                 self.held.pop(seq, None)
-        elif code in (_FINISH, _REJECT):
+        elif code in (_FINISH, _REJECT, _PRUNE):
             self.held.pop(seq, None)
 
     # ---- to implement ----------------------------------------------------------------------------------------

@@ -42,11 +42,14 @@ class PageSnapshot:
     live: np.ndarray  # bool: created and not released
     slot_owner: dict[int, int]  # slot -> seq
     held: dict[int, int]
+    more: dict[int, list[tuple[int, int, int]]] | None = None  # page -> its other places (VMM page sharing)
 
 
 class PageReplay(Replay[PageSnapshot]):
     """Pages: in the pool, or mapped on a slot (at a byte offset of one buffer). A mapped page is in use when its
-    slot has a live request, mapped-idle when the slot's request is gone (deferred reclamation)."""
+    slot has a live request, mapped-idle when the slot's request is gone (deferred reclamation). With page sharing a
+    page is mapped at several places (one per slot sharing it): the first is `slot`/`offset`/`buffer`, the others
+    are in `more`; the page is in use when any of its slots has a live request."""
 
     addressing = "pages"
     kinds = (*_PAGE_KINDS, *_SLOT_KINDS, *HELD_KINDS)
@@ -66,6 +69,7 @@ class PageReplay(Replay[PageSnapshot]):
         self.buffer = [-1] * n
         self.live = [False] * n  # created and not released
         self.slot_owner: dict[int, int] = {}
+        self.more: dict[int, list[tuple[int, int, int]]] = {}  # page -> (slot, offset, buffer) beyond the first
 
     @property
     def units(self) -> int:
@@ -85,12 +89,15 @@ class PageReplay(Replay[PageSnapshot]):
             if p >= self.n:
                 self._grow(p)
             if code == _MAP:  # aux: the slot, addr: byte offset in its region, n: the buffer
+                if self.slot[p] >= 0:  # already mapped elsewhere: one more place of a shared page
+                    self.more.setdefault(p, []).append((aux, addr, n))
+                    continue
                 self.slot[p] = aux
                 self.offset[p] = addr
                 self.buffer[p] = n
                 self.live[p] = True
             elif code == _UNMAP:
-                self.slot[p] = -1
+                self._unmap(p, (aux, addr, n))
             elif code == _CREATE:
                 self.live[p] = True
                 self.slot[p] = -1
@@ -105,6 +112,19 @@ class PageReplay(Replay[PageSnapshot]):
             else:
                 self.held_event(code, seq, n, aux)
 
+    def _unmap(self, p: int, place: tuple[int, int, int]) -> None:
+        """One place of page p goes; another of its places (if any) becomes the first."""
+        others = self.more.get(p)
+        if others:
+            if place in others:
+                others.remove(place)
+            else:
+                self.slot[p], self.offset[p], self.buffer[p] = others.pop(0)
+            if not others:
+                del self.more[p]
+            return
+        self.slot[p] = -1
+
     def snapshot(self) -> PageSnapshot:
         return PageSnapshot(
             slot=np.array(self.slot, np.int64),
@@ -113,17 +133,22 @@ class PageReplay(Replay[PageSnapshot]):
             live=np.array(self.live, np.bool_),
             slot_owner=dict(self.slot_owner),
             held=dict(self.held),
+            more={p: list(v) for p, v in self.more.items()} if self.more else None,
         )
 
     def restore(self, snap: PageSnapshot) -> None:
         self.slot, self.offset = snap.slot.tolist(), snap.offset.tolist()
         self.buffer, self.live = snap.buffer.tolist(), snap.live.tolist()
         self.slot_owner, self.held = dict(snap.slot_owner), dict(snap.held)
+        self.more = {p: list(v) for p, v in (snap.more or {}).items()}
         self.n = len(self.slot)
 
     def _slot_live(self, slot: np.ndarray) -> np.ndarray:
         owned = np.array(sorted(self.slot_owner), np.int64)
-        return np.isin(slot, owned) & (slot >= 0)
+        used = np.isin(slot, owned) & (slot >= 0)
+        for p, places in self.more.items():  # a shared page is in use while any of its slots is
+            used[p] |= any(s in self.slot_owner for s, _, _ in places)
+        return used
 
     def codes(self) -> np.ndarray:
         slot = np.array(self.slot, np.int64)
@@ -145,6 +170,14 @@ class PageReplay(Replay[PageSnapshot]):
         seq = np.array([self.slot_owner.get(s, -1) for s in slot.tolist()], np.int64)
         held = np.array([self.held.get(q, 0) if q >= 0 else 0 for q in seq.tolist()], np.int64)
         fill = np.where(in_use, np.clip(held - first_row, 0, capacity), 0)
+        refs = in_use.astype(np.int64)
+        names = [str(q) if q >= 0 else "" for q in seq.tolist()]
+        for p, places in self.more.items():  # a shared page: every live slot holding it (the fill is theirs too)
+            holders = [self.slot_owner[s] for s in (self.slot[p], *(s for s, _, _ in places)) if s in self.slot_owner]
+            refs[p] = len(holders)
+            names[p] = ",".join(str(q) for q in holders)
+            if holders:
+                fill[p] = min(max(self.held.get(holders[0], 0) - first_row[p], 0), capacity[p])
         keep = np.flatnonzero(live)
         return self._frame(
             {
@@ -152,8 +185,8 @@ class PageReplay(Replay[PageSnapshot]):
                 "state": codes[keep],
                 "fill": fill[keep],
                 "capacity_tokens": capacity[keep],
-                "ref_count": in_use[keep].astype(np.int64),
-                "seqs": [str(q) if q >= 0 else "" for q in seq[keep].tolist()],
+                "ref_count": refs[keep],
+                "seqs": [names[i] for i in keep.tolist()],
                 "slot": slot[keep],
                 "buffer": np.array(self.buffer, np.int64)[keep],
                 "offset": np.where(slot[keep] >= 0, offset[keep], -1),
