@@ -186,18 +186,16 @@ def build_report(traces: Sequence[Trace], *, title: str = "kvscope report") -> s
     if compare is not None:
         figures[:0] = [(p.div, p.figure) for p in compare.panels]
     legend = [(state_label(s), STATE_COLORS[s]) for s in (*MEMORY_BANDS, "shared", "pool")]
-    return (
-        pages.template("report.html.j2").render(
-            title=title,
-            generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            version=__version__,
-            runs=runs,
-            compare=compare,
-            ranks=ranks,
-            legend=legend,
-            figures=figures,
-            plotly_js=pages.plotly_js(),
-        )
+    return pages.template("report.html.j2").render(
+        title=title,
+        generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        version=__version__,
+        runs=runs,
+        compare=compare,
+        ranks=ranks,
+        legend=legend,
+        figures=figures,
+        plotly_js=pages.plotly_js(),
     )
 
 

@@ -1,0 +1,138 @@
+"""How fast the dashboard answers on a big trace (issue 13, item 3), measured in headless Chromium.
+
+    python benchmarks/bench_dashboard.py TRACE.kvtrace --out benchmarks/results/dashboard.json
+
+Starts `kvscope dashboard TRACE` (streamlit on a free local port) and opens it with Playwright in /usr/bin/chromium.
+Times, on the browser's side:
+  first_page_s   from navigating to the Overview until its summary table or first chart is drawn and the script run
+                 is over
+  frag_page_s    from clicking "Fragmentation" until its block grid is drawn and the run is over
+  slider_s       from one ArrowRight on the step slider until the block grid's title names the new step and the run
+                 is over (median of --moves moves)
+Targets from the issue (on the 50,000-request trace): first page <= 3 s, a slider move <= 0.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+FIRST_PAGE = ".js-plotly-plot, [data-testid='stTable'], [data-testid='stDataFrame'], [data-testid='stMarkdown'] table"
+IDLE_JS = "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+TITLE_JS = (
+    "(old) => { const t = document.querySelector('.js-plotly-plot .gtitle'); return t && t.textContent !== old; }"
+)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(trace: str, port: int, log: Any) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "kvscope.cli", "dashboard", trace, "--port", str(port), "--address", "127.0.0.1"]
+    proc = subprocess.Popen([*cmd, "--no-browser"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"bench_dashboard: the dashboard exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                if r.read() == b"ok":
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit("bench_dashboard: the dashboard did not answer within 180 s")
+
+
+def measure(trace: str, moves: int) -> dict[str, Any]:
+    from playwright.sync_api import sync_playwright
+
+    port = _port()
+    with open(os.devnull, "w") as log:
+        proc = _serve(trace, port, log)
+        try:
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                page = browser.new_page(viewport={"width": 1440, "height": 1000})
+                page.set_default_timeout(int(os.environ.get("BENCH_TIMEOUT_MS", "300000")))
+                t0 = time.perf_counter()
+                page.goto(f"http://127.0.0.1:{port}")
+                page.wait_for_selector("[data-testid='stApp']")
+                page.wait_for_selector(FIRST_PAGE)
+                page.wait_for_function(IDLE_JS, polling=50)
+                first = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                page.locator("[data-testid='stSidebarNav'] a", has_text="Fragmentation").first.click()
+                page.wait_for_selector(".js-plotly-plot .gtitle")
+                page.wait_for_function(IDLE_JS, polling=50)
+                frag = time.perf_counter() - t0
+                slider = page.locator(
+                    "[data-testid='stSlider'] input[type='range'], [data-testid='stSlider'] [role='slider']"
+                ).first
+                times = []
+                for _ in range(moves):
+                    before = page.locator(".js-plotly-plot .gtitle").first.text_content()
+                    slider.focus()
+                    t0 = time.perf_counter()
+                    page.keyboard.press("ArrowRight")
+                    page.wait_for_function(TITLE_JS, arg=before, polling=50)
+                    page.wait_for_function(IDLE_JS, polling=50)
+                    times.append(time.perf_counter() - t0)
+                browser.close()
+        finally:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)
+    return {
+        "first_page_s": round(first, 2),
+        "frag_page_s": round(frag, 2),
+        "slider_s": [round(t, 2) for t in times],
+        "slider_median_s": round(statistics.median(times), 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("trace")
+    ap.add_argument("--moves", type=int, default=5)
+    ap.add_argument("--out", help="JSON results")
+    args = ap.parse_args(argv)
+    load = os.getloadavg()
+    result = measure(args.trace, args.moves)
+    result.update(
+        trace=args.trace,
+        trace_bytes=Path(args.trace).stat().st_size,
+        targets={"first_page_s": 3.0, "slider_s": 0.5},
+        machine={"cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load]},
+        date=time.strftime("%Y-%m-%d"),
+    )
+    print(
+        f"first page {result['first_page_s']} s, fragmentation page {result['frag_page_s']} s, "
+        f"slider move median {result['slider_median_s']} s ({result['slider_s']})"
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
