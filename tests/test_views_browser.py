@@ -132,7 +132,7 @@ def test_screenshots_are_small_pngs(report, tmp_path, monkeypatch):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and 1_000 < len(data) < 1_000_000
 
 
-if __name__ == "__main__":  # python tests/test_views_browser.py PAGED VMM [SHARING] -> docs/view-*.png
+if __name__ == "__main__":  # python tests/test_views_browser.py PAGED VMM [SHARING [MISSES]] -> docs/view-*.png
     import tempfile
 
     from kvscope.report import write_report
@@ -158,4 +158,9 @@ if __name__ == "__main__":  # python tests/test_views_browser.py PAGED VMM [SHAR
         if rest:
             html = Path(tmp) / "sharing.html"
             write_report(rest[:1], html)
-            print(*screenshots(html, {"[id$='-sharing']": "view-sharing.png", "[id$='-prefix']": "view-prefix.png"}))
+            shots = {"[id$='-sharing']": "view-sharing.png", "[id$='-prefix']": "view-prefix.png"}
+            print(*screenshots(html, shots))
+        if len(rest) > 1:  # a prefix-caching run with prompt misses (e.g. multiturn with --cpu-cache)
+            html = Path(tmp) / "misses.html"
+            write_report(rest[1:2], html)
+            print(*screenshots(html, {"[id$='-misses']": "view-misses.png"}))
