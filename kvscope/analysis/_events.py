@@ -152,7 +152,8 @@ def recorded_steps(trace) -> np.ndarray:
 
 
 def step_clock(trace) -> pd.DataFrame:
-    """One row per step that recorded anything: step, t_s (end of the step on the run's clock), dur_s (the step's
+    """One row per step that recorded anything: step, t_s (end of the step on the run's clock: simulated, or host
+    time since the first event of step 0), dur_s (the step's
     duration: STEP dur_ns on host time, successive differences of the simulated clock on simulated runs),
     wall_s (host time at the end of the step), clock ('sim' or 'host')."""
 
@@ -187,7 +188,10 @@ def step_clock(trace) -> pd.DataFrame:
             frame["dur_s"] = np.maximum(end_ns - start_ns, 0.0) / 1e9
             frame["clock"] = "sim"
         else:
-            frame["t_s"] = frame["wall_s"]
+            # The run's clock starts with its first step: what the recorder saw before it (building the allocator,
+            # a GPU run's warm-up: copy ceiling, kernel compiles, graph capture) is not part of the run's time.
+            origin = float(trace.store.take("t_ns", np.array([first]))[0]) / 1e9
+            frame["t_s"] = frame["wall_s"] - origin
             dur = frame["dur_ns"].astype("float64") / 1e9
             frame["dur_s"] = dur.fillna(0.0)
             frame["clock"] = "host"
