@@ -198,6 +198,63 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _merge_row(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    seq,
+    q_head,
+    live_splits,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BYPASS_L1: tl.constexpr,
+):
+    """Merge one (sequence, q head)'s `live_splits` partial outputs, BLOCK_S splits per load (a [BLOCK_S, BLOCK_D]
+    tile), weighting each by its log-sum-exp, and store the result. BYPASS_L1: load with .cg, for partials written
+    by other programs of the same launch (the fused merge), maybe on other SMs."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, BLOCK_S)
+    d_mask = offs_d < HEAD_DIM
+    row = seq.to(tl.int64) * stride_pb + q_head.to(tl.int64) * stride_ph
+    lse_row = part_lse_ptr + seq.to(tl.int64) * stride_lb + q_head.to(tl.int64) * stride_lh
+    m = tl.full([1], float("-inf"), tl.float32)
+    weight_sum = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, live_splits, BLOCK_S):
+        s_idx = s0 + offs_s
+        s_mask = s_idx < live_splits
+        o_ptrs = part_out_ptr + row + s_idx.to(tl.int64)[:, None] * stride_ps + offs_d[None, :]
+        o_mask = s_mask[:, None] & d_mask[None, :]
+        if BYPASS_L1:
+            lse = tl.load(lse_row + s_idx, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(o_ptrs, mask=o_mask, other=0.0, cache_modifier=".cg")
+        else:
+            lse = tl.load(lse_row + s_idx, mask=s_mask, other=float("-inf"))
+            o = tl.load(o_ptrs, mask=o_mask, other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        alpha = tl.exp2(m - m_new)
+        w = tl.where(s_mask, tl.exp2(lse - m_new), 0.0)
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
+        weight_sum = weight_sum * alpha + tl.sum(w, 0)
+        m = m_new
+    weight_sum = tl.where(weight_sum == 0.0, 1.0, weight_sum)
+    out = acc / weight_sum
+    tl.store(
+        out_ptr + seq.to(tl.int64) * stride_ob + q_head * stride_oh + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=d_mask,
+    )
+
+
+@triton.jit
 def _merge_splits(
     part_out_ptr,
     part_lse_ptr,
@@ -217,40 +274,26 @@ def _merge_splits(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    """Merge the partial outputs of one (sequence, kv head)'s splits, BLOCK_S splits per load, for each q head of
-    its group. Loads bypass L1 (.cg): the partials were written by other programs, maybe on other SMs."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_s = tl.arange(0, BLOCK_S)
-    d_mask = offs_d < HEAD_DIM
+    """The fused merge: the last split of one (sequence, kv head) merges the splits of each q head of its group."""
     for g in tl.static_range(GROUP):
-        q_head = kv_head * GROUP + g
-        row = seq.to(tl.int64) * stride_pb + q_head.to(tl.int64) * stride_ph
-        lse_row = part_lse_ptr + seq.to(tl.int64) * stride_lb + q_head.to(tl.int64) * stride_lh
-        m = tl.full([1], float("-inf"), tl.float32)
-        weight_sum = tl.zeros([1], tl.float32)
-        acc = tl.zeros([BLOCK_D], tl.float32)
-        for s0 in range(0, live_splits, BLOCK_S):
-            s_idx = s0 + offs_s
-            s_mask = s_idx < live_splits
-            lse = tl.load(lse_row + s_idx, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(
-                part_out_ptr + row + s_idx.to(tl.int64)[:, None] * stride_ps + offs_d[None, :],
-                mask=s_mask[:, None] & d_mask[None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            m_new = tl.maximum(m, tl.max(lse, 0))
-            alpha = tl.exp2(m - m_new)
-            w = tl.where(s_mask, tl.exp2(lse - m_new), 0.0)
-            acc = acc * alpha + tl.sum(o * w[:, None], 0)
-            weight_sum = weight_sum * alpha + tl.sum(w, 0)
-            m = m_new
-        weight_sum = tl.where(weight_sum == 0.0, 1.0, weight_sum)
-        out = acc / weight_sum
-        tl.store(
-            out_ptr + seq.to(tl.int64) * stride_ob + q_head * stride_oh + offs_d,
-            out.to(out_ptr.dtype.element_ty),
-            mask=d_mask,
+        _merge_row(
+            part_out_ptr,
+            part_lse_ptr,
+            out_ptr,
+            seq,
+            kv_head * GROUP + g,
+            live_splits,
+            stride_pb,
+            stride_ph,
+            stride_ps,
+            stride_lb,
+            stride_lh,
+            stride_ob,
+            stride_oh,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_S,
+            True,
         )
 
 
@@ -275,44 +318,31 @@ def _decode_reduce_kernel(
     BLOCK_S: tl.constexpr,
     DEVICE_SPLIT: tl.constexpr,
 ):
-    """Merge the splits of one (sequence, q head), BLOCK_S splits per load (a [BLOCK_S, BLOCK_D] tile)."""
+    """The separate merge: one program per (sequence, q head)."""
     q_head = tl.program_id(0)
     seq = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_s = tl.arange(0, BLOCK_S)
-    d_mask = offs_d < HEAD_DIM
     if DEVICE_SPLIT:
         tokens_per_split = tl.load(split_len_ptr)
-
     seq_len = tl.load(seq_lens_ptr + seq)
     live_splits = tl.minimum(tl.cdiv(seq_len, tokens_per_split), num_splits)
-    row = seq.to(tl.int64) * stride_pb + q_head.to(tl.int64) * stride_ph
-    lse_row = part_lse_ptr + seq.to(tl.int64) * stride_lb + q_head.to(tl.int64) * stride_lh
-
-    m = tl.full([1], float("-inf"), tl.float32)
-    weight_sum = tl.zeros([1], tl.float32)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for s0 in range(0, live_splits, BLOCK_S):
-        s_idx = s0 + offs_s
-        s_mask = s_idx < live_splits
-        lse = tl.load(lse_row + s_idx, mask=s_mask, other=float("-inf"))
-        o = tl.load(
-            part_out_ptr + row + s_idx.to(tl.int64)[:, None] * stride_ps + offs_d[None, :],
-            mask=s_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        alpha = tl.exp2(m - m_new)
-        w = tl.where(s_mask, tl.exp2(lse - m_new), 0.0)
-        acc = acc * alpha + tl.sum(o * w[:, None], 0)
-        weight_sum = weight_sum * alpha + tl.sum(w, 0)
-        m = m_new
-    weight_sum = tl.where(weight_sum == 0.0, 1.0, weight_sum)
-    out = acc / weight_sum
-    tl.store(
-        out_ptr + seq.to(tl.int64) * stride_ob + q_head * stride_oh + offs_d,
-        out.to(out_ptr.dtype.element_ty),
-        mask=d_mask,
+    _merge_row(
+        part_out_ptr,
+        part_lse_ptr,
+        out_ptr,
+        seq,
+        q_head,
+        live_splits,
+        stride_pb,
+        stride_ph,
+        stride_ps,
+        stride_lb,
+        stride_lh,
+        stride_ob,
+        stride_oh,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_S,
+        False,
     )
 
 

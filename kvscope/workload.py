@@ -288,26 +288,10 @@ class Request:
                 prompt_len = len(prompt)
         shared = d.get("shared_prefix")
         if shared is not None:
-            if not isinstance(shared, dict):
-                raise ValueError(f"field 'shared_prefix': must be an object with id and len, got {shared!r}")
-            for name in ("id", "len"):
-                if name not in shared:
-                    raise ValueError(f"field 'shared_prefix.{name}': missing")
-            extra = sorted(set(shared) - {"id", "len"})
-            if extra:
-                raise ValueError(f"field 'shared_prefix.{extra[0]}': unknown field (known: id, len)")
-            shared = SharedPrefix(shared["id"], shared["len"])
+            shared = SharedPrefix(*_sub_object("shared_prefix", shared, ("id", "len"), repr(shared)))
         blocks = d.get("prompt_blocks")
         if blocks is not None:
-            if not isinstance(blocks, dict):
-                raise ValueError(f"field 'prompt_blocks': must be an object with size and ids, got {_short(blocks)}")
-            for name in ("size", "ids"):
-                if name not in blocks:
-                    raise ValueError(f"field 'prompt_blocks.{name}': missing")
-            extra = sorted(set(blocks) - {"size", "ids"})
-            if extra:
-                raise ValueError(f"field 'prompt_blocks.{extra[0]}': unknown field (known: size, ids)")
-            blocks = PromptBlocks(blocks["size"], blocks["ids"])
+            blocks = PromptBlocks(*_sub_object("prompt_blocks", blocks, ("size", "ids"), _short(blocks)))
         return cls(
             id=d["id"],
             arrival=d["arrival"],
@@ -355,6 +339,20 @@ def _check_arrival(value: Any) -> float:
             f"got {_short(value)}"
         )
     return float(value)
+
+
+def _sub_object(field: str, value: Any, keys: tuple[str, str], shown: str) -> list[Any]:
+    """The values of an object field's keys, in `keys` order; one-line ValueError naming the field otherwise (not
+    an object, a key missing, a key unknown)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"field {field!r}: must be an object with {' and '.join(keys)}, got {shown}")
+    for name in keys:
+        if name not in value:
+            raise ValueError(f"field '{field}.{name}': missing")
+    extra = sorted(set(value) - set(keys))
+    if extra:
+        raise ValueError(f"field '{field}.{extra[0]}': unknown field (known: {', '.join(keys)})")
+    return [value[name] for name in keys]
 
 
 def _short(value: Any) -> str:

@@ -38,3 +38,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def shell():
+    """An IPython shell with the kvscope magic loaded, giving the rich outputs a notebook gets (figures as plotly
+    mimetype outputs, no PNG copies)."""
+    import plotly.io as pio
+    from IPython.core.interactiveshell import InteractiveShell
+
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "kvscope")
+    # Outside a kernel plotly renders nothing; the mimetype renderer makes figures real display outputs.
+    saved = pio.renderers.default
+    pio.renderers.default = "plotly_mimetype"
+    # A plain InteractiveShell has no kernel: kvscope would print text (its terminal mode, tested apart in
+    # test_magic_terminal.py); these tests read the rich outputs a notebook gets, without the PNG's Chromium.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVSCOPE_FRONTEND", "rich")
+        mp.setenv("KVSCOPE_STATIC_FIGURES", "0")
+        yield sh
+    pio.renderers.default = saved

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("IPython")
-from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 from IPython.utils.capture import capture_output  # noqa: E402
 
 from kvscope.present.lab import LAB_VIEWS  # noqa: E402
@@ -16,21 +15,6 @@ from kvscope.present.lab import LAB_VIEWS  # noqa: E402
 DATA = Path(__file__).parent / "data" / "mooncake" / "conversation_head2000.jsonl"
 APP = Path(__file__).resolve().parent.parent / "app" / "main.py"
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
-
-
-@pytest.fixture(scope="module")
-def shell():
-    import plotly.io as pio
-
-    sh = InteractiveShell.instance()
-    sh.run_line_magic("load_ext", "kvscope")
-    saved = pio.renderers.default
-    pio.renderers.default = "plotly_mimetype"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KVSCOPE_FRONTEND", "rich")
-        mp.setenv("KVSCOPE_STATIC_FIGURES", "0")
-        yield sh
-    pio.renderers.default = saved
 
 
 def test_magic_lab_shows_rows_and_figures(shell):

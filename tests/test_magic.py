@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("IPython")
-from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 from IPython.utils.capture import capture_output  # noqa: E402
 
 from kvscope.commands import run as run_cmd  # noqa: E402
@@ -32,24 +31,6 @@ def traces(tmp_path_factory) -> dict[str, Path]:
         "paged": record(d / "paged.kvtrace", "-w", "parallel", "-n", "16", "-a", "paged", "--kv-memory", "96MiB"),
         "static": record(d / "static.kvtrace", "-w", "alpaca", "-n", "16", "-a", "static", "--max-len", "512"),
     }
-
-
-@pytest.fixture(scope="module")
-def shell():
-    import plotly.io as pio
-
-    sh = InteractiveShell.instance()
-    sh.run_line_magic("load_ext", "kvscope")
-    # Outside a kernel plotly renders nothing; the mimetype renderer makes figures real display outputs.
-    saved = pio.renderers.default
-    pio.renderers.default = "plotly_mimetype"
-    # A plain InteractiveShell has no kernel: kvscope would print text (its terminal mode, tested apart in
-    # test_magic_terminal.py); these tests read the rich outputs a notebook gets, without the PNG's Chromium.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KVSCOPE_FRONTEND", "rich")
-        mp.setenv("KVSCOPE_STATIC_FIGURES", "0")
-        yield sh
-    pio.renderers.default = saved
 
 
 def figures(cap) -> list[dict]:

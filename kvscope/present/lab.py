@@ -114,56 +114,35 @@ def show_lab(rows: pd.DataFrame) -> None:
         show_figure(view.draw(rows, workload))
 
 
-def _script_json(text: str) -> str:
-    """JSON made safe inside a <script> element: <, > and & escaped as JSON escapes (what Jinja's tojson does)."""
-    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e").replace("'", "\\u0027")
-
-
 def lab_page(rows: pd.DataFrame, *, title: str = "kvscope lab") -> str:
     """`kvscope lab --report FILE.html`: one self-contained HTML page (plotly.js inline, works offline) with the
     workload line, every lab view with its caption, and the rows as a table."""
-    import html
-    import json
-
-    from plotly.offline import get_plotlyjs
+    from kvscope.present import pages
 
     workload = rows.attrs.get("workload", {})
-    esc = html.escape
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{esc(title)}</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
-        "font-size:13px}td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}.caption{color:#444;max-width:60em}</style>",
-        f"<script>{get_plotlyjs()}</script></head><body>",
-        f"<h1>{esc(title)}</h1>",
-    ]
+    lines = []
     if workload:
-        parts.append(
-            f"<p><b>{esc(str(workload.get('source')))}</b>: {workload.get('requests', 0):,} requests, "
-            f"{workload.get('blocks', 0):,} blocks of {esc(str(workload.get('block_size')))} tokens; an unbounded "
-            f"cache hits {workload.get('max_hit_rate', 0):.1%}.</p>"
+        lines.append(
+            f"{workload.get('source')}: {workload.get('requests', 0):,} requests, {workload.get('blocks', 0):,} "
+            f"blocks of {workload.get('block_size')} tokens; an unbounded cache hits "
+            f"{workload.get('max_hit_rate', 0):.1%}."
         )
     tiers = sorted(set(rows["cpu_cache_blocks"])) if "cpu_cache_blocks" in rows.columns else []
     if any(tiers):
-        parts.append(
-            f"<p>With a CPU tier of {', '.join(f'{int(t):,}' for t in tiers)} blocks behind each capacity: hits count "
-            "both tiers (the table's CPU-tier hits column says how many came from the CPU).</p>"
+        lines.append(
+            f"With a CPU tier of {', '.join(f'{int(t):,}' for t in tiers)} blocks behind each capacity: hits count "
+            "both tiers (the table's CPU-tier hits column says how many came from the CPU)."
         )
-    figures = []
-    for i, view in enumerate(LAB_VIEWS):
-        parts.append(f"<h2>{esc(view.label)}</h2><p class='caption'>{esc(view.caption)}</p><div id='lab{i}'></div>")
-        figures.append(f"[{json.dumps(f'lab{i}')}, {_script_json(view.draw(rows, workload).to_json())}]")
+    panels = [
+        {"div": f"lab{i}", "label": view.label, "caption": view.caption, "figure": view.draw(rows, workload)}
+        for i, view in enumerate(LAB_VIEWS)
+    ]
     columns = _columns(rows)
-    head = "".join(f"<th>{esc(h)}</th>" for _, h, _ in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{esc(_cell(row[c], f))}</td>" for c, _, f in columns) + "</tr>"
-        for _, row in rows.iterrows()
+    return pages.template("lab.html.j2").render(
+        title=title,
+        lines=lines,
+        panels=panels,
+        header=[h for _, h, _ in columns],
+        rows=[[_cell(row[c], f) for c, _, f in columns] for _, row in rows.iterrows()],
+        plotly_js=pages.plotly_js(),
     )
-    parts.append(f"<h2>Runs</h2><table><tr>{head}</tr>{body}</table>")
-    parts.append(
-        "<script>for (const [id, fig] of [" + ",".join(figures) + "]) "
-        "Plotly.newPlot(document.getElementById(id), fig.data, fig.layout, {responsive: true});</script>"
-    )
-    parts.append("</body></html>")
-    return "\n".join(parts)
