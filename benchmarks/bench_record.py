@@ -5,7 +5,11 @@
 
 Three measurements, each in this process, CPU seconds from time.process_time:
   emit      `--events` APPEND rows emitted in a loop into a recorder that keeps them in memory (the flushes to
-            Arrow batches included), per event: the recorder's hot path as the allocators call it
+            Arrow batches included), per event: the recorder's one-event path, as allocators call it for
+            everything but decode appends
+  batched   the same rows through `emit_appends` in runs of 16 and of 256 (a decode step's appends between two
+            block crossings with block size 16, and a whole batch), per event, the list appends that gather them
+            included: the path the paged allocator's `append_decode` records a step's decode appends through
   run       `record_run` of `--requests` ShareGPT-like requests on --device sim (paged, the engine's defaults),
             writing its trace to a temporary file: the whole run's CPU time and its events
   no-trace  the same run with every emit discarded (a recorder whose emit does nothing): what the engine and the
@@ -41,6 +45,29 @@ def time_emit(events: int) -> dict[str, Any]:
     return {"events": events, "cpu_s": round(cpu, 3), "ns_per_event": round(1e9 * cpu / events, 1)}
 
 
+def time_emit_appends(events: int, run: int) -> dict[str, Any]:
+    from kvscope.recorder import Recorder
+
+    recorder = Recorder(None)
+    recorder.step = 0
+    emit_appends = recorder.emit_appends
+    seqs: list[int] = []
+    held: list[int] = []
+    t0 = time.process_time()
+    for i in range(events):
+        seqs.append(i & 1023)
+        held.append(i)
+        if len(seqs) == run:
+            emit_appends(seqs, held)
+            seqs.clear()
+            held.clear()
+    emit_appends(seqs, held)
+    recorder.flush()
+    cpu = time.process_time() - t0
+    assert recorder.events_written == events
+    return {"events": events, "run": run, "cpu_s": round(cpu, 3), "ns_per_event": round(1e9 * cpu / events, 1)}
+
+
 def time_run(requests: int, *, record: bool) -> dict[str, Any]:
     from kvscope.engine import api
     from kvscope.engine.api import RunConfig, record_run
@@ -49,6 +76,9 @@ def time_run(requests: int, *, record: bool) -> dict[str, Any]:
 
     class Discarding(Recorder):
         def emit(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def emit_appends(self, *args: Any, **kwargs: Any) -> None:
             pass
 
     reqs, desc = resolve_workload("sharegpt", requests=requests, seed=0)
@@ -84,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     emit = time_emit(args.events)
     print(f"emit: {emit['ns_per_event']:.0f} ns an event ({emit['events']:,} events, {emit['cpu_s']} CPU s)")
+    batched = [time_emit_appends(args.events, run) for run in (16, 256)]
+    for b in batched:
+        print(f"emit_appends, runs of {b['run']}: {b['ns_per_event']:.0f} ns an event")
     run = time_run(args.requests, record=True)
     print(f"run: {run['cpu_s']} CPU s, {run['events']:,} events, {run['trace_bytes'] / 2**20:.1f} MiB trace")
     bare = time_run(args.requests, record=False)
@@ -96,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "what": "Recorder.emit amortised and a simulated paged run with and without recording (issue 13 item 1)",
         "emit": emit,
+        "emit_appends": batched,
         "run": run,
         "no_trace": bare,
         "recording_share_of_run": round(share, 3),

@@ -121,6 +121,9 @@ class Recorder:
         # buffer). `_lock` guards it so that a background thread (the VMM mapper overlapping a GPU step) can emit;
         # uncontended it costs a few tens of nanoseconds. `_write_lock` keeps flushes in order.
         self._buf = array("q")
+        # emit_appends' rows until the batch is built: (rows of _buf before, count, t_ns, step) a run; seq, aux
+        self._runs: list[tuple[int, int, int, int]] = []
+        self._run_seqs, self._run_held = array("q"), array("q")
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._batches: list[pa.RecordBatch] = []
@@ -251,6 +254,28 @@ class Recorder:
         if full:
             self.flush()
 
+    def emit_appends(self, seqs: list[int], held: list[int]) -> None:
+        """The rows `emit(Kind.APPEND, seq=seqs[i], n=1, aux=held[i])` would write for each i, in order, with one
+        clock read: kept as two columns and a marker of their place, put there when the batch is built (see _rows),
+        so that a step's decode appends, most of a trace's events, cost no emit each. All or nothing, like emit."""
+        k = len(seqs)
+        if not k:
+            return
+        if k != len(held):
+            raise ValueError(f"emit_appends: {k} sequences but {len(held)} token counts")
+        try:  # converted whole before anything is kept: a value that does not fit leaves nothing behind
+            seq_col, held_col = array("q", seqs), array("q", held)
+        except (OverflowError, TypeError) as e:
+            raise OverflowError(f"event column 'seq' or 'aux' of an APPEND does not fit in int64: {e}") from None
+        with self._lock:
+            buf = self._buf
+            self._runs.append((len(buf) // _ROW, k, time.perf_counter_ns() - self._t0, self._step))
+            self._run_seqs += seq_col
+            self._run_held += held_col
+            full = len(buf) + _ROW * len(self._run_seqs) >= self._flush_len
+        if full:
+            self.flush()
+
     def now_ns(self) -> int:
         """Nanoseconds since the run started, on the clock `t_ns` uses."""
         return time.perf_counter_ns() - self._t0
@@ -258,7 +283,7 @@ class Recorder:
     def end_step(self) -> None:
         """Called by the engine after each step: flushes when the buffer is old enough, so a killed run loses
         at most `flush_seconds` of steps."""
-        if len(self._buf) and time.monotonic() - self._last_flush >= self.flush_seconds:
+        if (len(self._buf) or self._runs) and time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
     # ---- batches --------------------------------------------------------------------------------------------
@@ -267,9 +292,12 @@ class Recorder:
         with self._write_lock, defer_sigint():
             with self._lock:
                 buf, self._buf = self._buf, array("q")
-            if not buf:
+                runs, self._runs = self._runs, []
+                seqs, self._run_seqs = self._run_seqs, array("q")
+                held, self._run_held = self._run_held, array("q")
+            if not buf and not runs:
                 return
-            batch = self._to_batch(buf)
+            batch = self._to_batch(self._rows(buf, runs, seqs, held))
             if self._writer is not None:
                 self._write_to_file(batch)
             else:
@@ -277,10 +305,29 @@ class Recorder:
             self.events_written += batch.num_rows
             self._last_flush = time.monotonic()
 
-    def _to_batch(self, buf: array) -> pa.RecordBatch:
+    @staticmethod
+    def _rows(buf: array, runs: list[tuple[int, int, int, int]], seqs: array, held: array) -> np.ndarray:
+        """The buffered events as one (events, columns) array in the order they were emitted: emit's rows, with
+        each run of emit_appends' rows put back where it was emitted (before the rows emitted after it)."""
+        rows = np.frombuffer(buf, dtype=np.int64).reshape(-1, _ROW)
+        if not runs:
+            return rows
+        at, counts, t_ns, steps = (np.array(c, dtype=np.int64) for c in zip(*runs, strict=True))
+        appends = np.zeros((len(seqs), _ROW), np.int64)
+        for i, value in ((2, int(Kind.APPEND)), (4, -1), (5, 1), (7, -1)):  # an APPEND's constant columns
+            appends[:, i] = value
+        appends[:, 0] = np.repeat(t_ns, counts)
+        appends[:, 1] = np.repeat(steps, counts)
+        appends[:, 3] = np.frombuffer(seqs, dtype=np.int64)
+        appends[:, 8] = np.frombuffer(held, dtype=np.int64)
+        # np.insert places rows given the same index in the order given: a run's rows stay in order, and two runs
+        # with no emit between them stay in theirs
+        return np.insert(rows, np.repeat(at, counts), appends, axis=0)
+
+    def _to_batch(self, rows: np.ndarray) -> pa.RecordBatch:
         # Every value was range-checked on the way in (int64 by the array, kind and step by emit / the setter),
         # so nothing here can fail on the data and lose the swapped-out buffer.
-        columns = np.frombuffer(buf, dtype=np.int64).reshape(-1, _ROW).T.copy()  # one contiguous row per column
+        columns = rows.T.copy()  # one contiguous row per column
         arrays = []
         for name, values in zip(COLUMNS, columns, strict=True):
             if name == "kind":
@@ -347,4 +394,7 @@ class NullRecorder(Recorder):
         pass
 
     def emit_at(self, t_ns, kind, **columns) -> None:
+        pass
+
+    def emit_appends(self, seqs, held) -> None:
         pass

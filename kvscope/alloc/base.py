@@ -165,6 +165,25 @@ class KVAllocator(Protocol):
     def check_invariants(self) -> None: ...
 
 
+@runtime_checkable
+class BatchAppends(Protocol):
+    """Can append one token to each of many sequences in one call (a decode step), with the books and events
+    that one `append` per sequence would leave: `append_decode(seqs, tokens)` appends `tokens[i]` (one token) to
+    `seqs[i]` in order, stops at the first that does not fit (its OOM recorded) and returns how many it appended."""
+
+    def append_decode(self, seqs: list[int], tokens: list[np.ndarray]) -> int: ...
+
+
+def append_each(alloc: KVAllocator, seqs: list[int], tokens: list[np.ndarray]) -> int:
+    """`BatchAppends.append_decode` for an allocator without one: one `append` per sequence."""
+    for done, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+        try:
+            alloc.append(seq, token)
+        except KVOutOfMemory:
+            return done
+    return len(seqs)
+
+
 # ---- capabilities: what the engine, the layouts and the kernels may ask of an allocator beyond the protocol -------
 # Asked with isinstance (the protocols are runtime-checkable), never by the allocator's name, so that a new allocator
 # gets the engine's support for whatever it can do by having the methods.

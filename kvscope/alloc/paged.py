@@ -429,6 +429,56 @@ class PagedAllocator:
         self.recorder.emit(Kind.APPEND, seq=seq, n=n, aux=s.tokens)
         self._note()
 
+    def append_decode(self, seqs: list[int], tokens: list[np.ndarray]) -> int:
+        """`append(seq, token)` for each sequence in order (one token each: a decode step), leaving the same books
+        and the same events in the same order; stops at the first one that does not fit (its OOM recorded, as
+        append records it) and returns how many were appended.
+
+        Most decode appends only add a token to a last block the sequence alone holds and that does not fill up:
+        those touch two counters, and their APPEND rows are gathered and recorded together (`emit_appends`). Any
+        other append (a new block, copy-on-write, a block that fills and gets hashed) goes through `append`, after
+        the gathered rows, so the trace's order is append's. The high-water marks are noted before each of those
+        and at the end: between two notes only used and logical rise and waste falls, so no peak is missed."""
+        bs = self.block_size
+        blocks = self._blocks
+        get = self._seqs.get
+        caching = self.prefix_caching
+        pending_seqs: list[int] = []
+        pending_held: list[int] = []
+
+        def record() -> None:
+            grown = len(pending_seqs)
+            if grown:
+                self._active_fill += grown
+                self._logical += grown
+                self.recorder.emit_appends(pending_seqs, pending_held)
+                pending_seqs.clear()
+                pending_held.clear()
+                self._note()
+
+        for done, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            s = get(seq)
+            if s is not None and s.cpu_table is None:  # one token each: the caller's promise (a decode step)
+                t = s.tokens
+                table = s.table
+                if t < len(table) * bs:
+                    last = blocks[table[-1]]
+                    if last.ref == 1 and (not caching or last.fill + 1 < bs):
+                        last.fill += 1
+                        s.tokens = t + 1
+                        if caching:
+                            s.partial.append(int(token[0]))
+                        pending_seqs.append(seq)
+                        pending_held.append(t + 1)
+                        continue
+            record()
+            try:
+                self.append(seq, token)
+            except KVOutOfMemory:
+                return done
+        record()
+        return len(seqs)
+
     def fork(self, parent: int, child: int) -> None:
         """Child starts with the parent's tokens, sharing every block (copy-on-write on the first divergent write)."""
         p = self._resident(parent)

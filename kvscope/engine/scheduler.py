@@ -42,13 +42,15 @@ FINISH, REJECT); the allocator emits its own.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
-from kvscope.alloc.base import KVAllocator, KVOutOfMemory, Swappable
+from kvscope.alloc.base import KVAllocator, KVOutOfMemory, Swappable, append_each
 from kvscope.engine.step import (
     FINISHED,
     NO_TOKENS,
@@ -160,6 +162,8 @@ class Scheduler:
         plan = StepPlan()
         alloc = self.alloc
         can_append, append = alloc.can_append, alloc.append
+        # BatchAppends, asked with getattr: an isinstance check of a Protocol costs microseconds a step
+        append_decode = getattr(alloc, "append_decode", None) or partial(append_each, alloc)
         budget = self.cfg.max_tokens_per_step
         running = self.running
         work = plan.work
@@ -168,24 +172,42 @@ class Scheduler:
             if s.held >= len(s.prompt):
                 decoding += 1
         prefill_budget = budget - decoding
-        # The hot loop: every running sequence, every step. Decode counters are summed locally and added at the end.
-        # A decode tries its append first and makes room only when the allocator refuses (OOM event, then PREEMPT):
-        # one allocator call per token instead of two.
+        # The hot loop: every running sequence, every step. Each run of consecutive decodes in `running` appends its
+        # tokens in one allocator call (in order, so the events are those of one append each); a decode that does
+        # not fit makes room (OOM event, then PREEMPT from the back of `running`) and the rest of the run is taken
+        # again from there. Decode counters are summed locally and added at the end.
         decode_tokens = decode_kv = 0
         i = 0
         while i < len(running):
             s = running[i]
             held = s.held
             plen = len(s.prompt)
-            if held >= plen:  # decode: append the last generated token
-                g = s.generated
-                tokens = s.output[g - 1 : g]
-                try:  # appends are atomic: a failed one changes nothing (and the allocator records an OOM)
-                    append(s.id, tokens)
-                except KVOutOfMemory:
-                    if not self._make_room(s, 1, plan):
-                        continue  # s itself was preempted or rejected (it was the last in `running`)
-                    append(s.id, tokens)
+            if held >= plen:  # a run of decodes from i: each appends its last generated token
+                run: list[Sequence] = []
+                ids: list[int] = []
+                tokens_of: list[np.ndarray] = []
+                for r in itertools.islice(running, i, None):
+                    if r.held < len(r.prompt):
+                        break
+                    g = r.generated
+                    run.append(r)
+                    ids.append(r.id)
+                    tokens_of.append(r.output[g - 1 : g])
+                done = append_decode(ids, tokens_of)
+                for r, tokens in zip(run[:done], tokens_of, strict=False):
+                    held = r.held
+                    work.append(Work(r, held, tokens, False, True))
+                    r.held = held + 1
+                    decode_kv += held + 1
+                decode_tokens += done
+                i += done
+                if done == len(run):
+                    continue
+                s, tokens = run[done], tokens_of[done]  # did not fit (appends are atomic: nothing changed)
+                if not self._make_room(s, 1, plan):
+                    continue  # s itself was preempted or rejected (it was the last in `running`)
+                append(s.id, tokens)
+                held = s.held
                 work.append(Work(s, held, tokens, False, True))
                 s.held = held + 1
                 decode_tokens += 1
