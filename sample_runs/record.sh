@@ -33,4 +33,9 @@ kvscope run --workload "$out/beam-32.jsonl" --allocator vmm --megacache "${small
 kvscope run --workload "$out/beam-32.jsonl" --allocator paged "${small[@]}" -o "$out/paged-beam4.kvtrace"
 kvscope run --workload "$out/parallel-32.jsonl" --allocator vmm --megacache "${small[@]}" \
   -o "$out/vmm-megacache-parallel4.kvtrace"
+
+# 7. Prefix sharing on VMM (issue 11): admitted prompts map the full pages a live sequence with the same system prompt
+#    already holds.
+kvscope run --allocator vmm --megacache --prefix-caching -w shared-prefix --requests 64 --device cuda \
+  --model llama-3-8b --layers 8 --kv-memory 4GiB --quiet -o "$out/vmm-megacache-prefix.kvtrace"
 ls -la "$out"

@@ -222,6 +222,7 @@ class VirtualBuffers(RowAddressed, Protocol):
     backend: Any
     megacache: bool
     buffer_bytes: int
+    page_size: int  # bytes of one physical page (the mapping granularity)
 
     @property
     def buffer_shape(self) -> tuple[int, ...]: ...

@@ -48,7 +48,7 @@ from kvscope.engine import nvtx
 from kvscope.engine.base import ExecResult, ExecutorOptions
 from kvscope.engine.costmodel import ModelCosts
 from kvscope.engine.cuda_graphs import DecodeGraphs, bucket_for
-from kvscope.engine.layout import KVLayout, VmmLayout, make_layout, tensor_bytes
+from kvscope.engine.layout import KVLayout, make_layout, tensor_bytes
 from kvscope.engine.map_ahead import MapAhead, MappingStats, StepMapping
 from kvscope.engine.model import Attend, LlamaModel, attention
 from kvscope.engine.nvtx import nvtx_range
@@ -207,8 +207,6 @@ class CudaExecutor:
             return f"attention {self.attention_mode} / kernels {self.opts.kernels}"
         if self.check:
             return "attention checks compare every layer"
-        if isinstance(self.layout, VmmLayout):
-            return "vmm buffers are mapped after the start (Triton checks pointers at capture)"
         return None
 
     def _warm_up(self) -> None:

@@ -8,15 +8,17 @@ the real batch padded (slot -1: nothing stored; length 0: attention reads nothin
 fixed at capture for the longest sequence the engine allows (max_len); the split size is a device scalar written
 each step, so every split does work whatever the step's longest sequence.
 
-Graphs need addresses that stay valid: the paged pool and the static arena are torch tensors, so their runs replay
-graphs; VMM buffers are mapped only after the run starts (Triton refuses unmapped pointers at capture), so vmm runs
-decode eagerly (`CudaExecutor.graph_reason` says why). Attention is timed inside the graph by CUDA events recorded
-as graph nodes (torch.cuda.Event(external=True)) around each layer's attention.
+Graphs need addresses that stay valid: the paged pool and the static arena are torch tensors, and VMM buffers keep
+their virtual addresses for the whole run whatever pages are mapped under them. Triton refuses unmapped pointers at
+launch, and no VMM page is mapped before the first request, so the vmm layout lends a scratch page at each buffer's
+base while the graphs are captured (`VmmLayout.mapped_for_capture`). Attention is timed inside the graph by CUDA
+events recorded as graph nodes (torch.cuda.Event(external=True)) around each layer's attention.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -107,9 +109,12 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         self._fill_padding(self.buckets[-1])
         pool = None
-        for b in reversed(self.buckets):  # largest first: the smaller graphs reuse its memory
-            pool = self._capture(b, pool)
-        torch.cuda.synchronize(self.device)
+        # layouts over memory mapped on demand (vmm) lend pages for the capture: Triton checks pointers at launch
+        lend = getattr(self.layout, "mapped_for_capture", nullcontext)
+        with lend():
+            for b in reversed(self.buckets):  # largest first: the smaller graphs reuse its memory
+                pool = self._capture(b, pool)
+            torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - t0
 
     def _attend(self, b: int) -> Any:

@@ -24,7 +24,8 @@ Paged and static tensors are torch.empty: rows are read only after they are writ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,6 +41,7 @@ from kvscope.alloc.base import (
     Swappable,
     VirtualBuffers,
 )
+from kvscope.backends.base import BackendError
 from kvscope.backends.cuda_vmm import tensor_view
 from kvscope.backends.host import host_view
 from kvscope.engine.model import TORCH_DTYPES
@@ -238,6 +240,36 @@ class VmmLayout:
                 raise ValueError(f"vmm layout: unexpected copy {c}")
             for buf in self._buffers:
                 buf[c.dst : c.dst + c.n].copy_(buf[c.src : c.src + c.n])
+
+    @contextmanager
+    def mapped_for_capture(self) -> Iterator[None]:
+        """A scratch page mapped at each buffer's base while CUDA graphs are captured. Triton checks at every launch
+        that each pointer argument is mapped device memory, and the graphs capture the caches' base pointers (each
+        layer's K and V lie within a buffer's first page), while no page of the allocator is mapped before the
+        first request. A replay then reads and writes only the rows of live sequences, in pages the allocator has
+        mapped by then (padded rows read and store nothing). The scratch pages are outside the allocator's books
+        and capacity, and are unmapped and released again before the first step."""
+        backend, size = self.alloc.backend, self.alloc.page_size
+        scratch: list[tuple[int, object]] = []
+        try:
+            for va in self.alloc.buffer_addresses():
+                try:
+                    backend.mapped_handle(va)
+                    continue  # already mapped (by the allocator): nothing to lend
+                except BackendError:
+                    pass
+                handle = backend.create(size)
+                backend.map(va, size, handle)
+                scratch.append((va, handle))
+                backend.set_access(va, size)
+            yield
+        finally:
+            for va, handle in reversed(scratch):
+                backend.unmap(va, size)
+                backend.release(handle)
+            take = getattr(backend, "take_thread_driver_ns", None)
+            if take is not None:
+                take()  # the scratch pages' driver time is warm-up, not a step's mapping
 
     def close(self) -> None:
         # Drop the views before the allocator unmaps the memory under them.
