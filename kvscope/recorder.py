@@ -269,9 +269,10 @@ class Recorder:
             raise OverflowError(f"event column 'seq' or 'aux' of an APPEND does not fit in int64: {e}") from None
         with self._lock:
             buf = self._buf
-            self._runs.append((len(buf) // _ROW, k, time.perf_counter_ns() - self._t0, self._step))
+            # the marker last: a Ctrl-C between these lines leaves values with no marker, which _rows drops
             self._run_seqs += seq_col
             self._run_held += held_col
+            self._runs.append((len(buf) // _ROW, k, time.perf_counter_ns() - self._t0, self._step))
             full = len(buf) + _ROW * len(self._run_seqs) >= self._flush_len
         if full:
             self.flush()
@@ -307,21 +308,20 @@ class Recorder:
 
     @staticmethod
     def _rows(buf: array, runs: list[tuple[int, int, int, int]], seqs: array, held: array) -> np.ndarray:
-        """The buffered events as one (events, columns) array in the order they were emitted: emit's rows, with
-        each run of emit_appends' rows put back where it was emitted (before the rows emitted after it)."""
+        """The buffered events, in the order emitted: emit's rows, each run of emit_appends' rows in its place."""
         rows = np.frombuffer(buf, dtype=np.int64).reshape(-1, _ROW)
         if not runs:
             return rows
         at, counts, t_ns, steps = (np.array(c, dtype=np.int64) for c in zip(*runs, strict=True))
-        appends = np.zeros((len(seqs), _ROW), np.int64)
+        total = int(counts.sum())  # values past the last marker were being added when a Ctrl-C came: not emitted
+        appends = np.zeros((total, _ROW), np.int64)
         for i, value in ((2, int(Kind.APPEND)), (4, -1), (5, 1), (7, -1)):  # an APPEND's constant columns
             appends[:, i] = value
         appends[:, 0] = np.repeat(t_ns, counts)
         appends[:, 1] = np.repeat(steps, counts)
-        appends[:, 3] = np.frombuffer(seqs, dtype=np.int64)
-        appends[:, 8] = np.frombuffer(held, dtype=np.int64)
-        # np.insert places rows given the same index in the order given: a run's rows stay in order, and two runs
-        # with no emit between them stay in theirs
+        appends[:, 3] = np.frombuffer(seqs, dtype=np.int64)[:total]
+        appends[:, 8] = np.frombuffer(held, dtype=np.int64)[:total]
+        # np.insert keeps rows given one index in the order given: a run's rows, and runs with no emit between them
         return np.insert(rows, np.repeat(at, counts), appends, axis=0)
 
     def _to_batch(self, rows: np.ndarray) -> pa.RecordBatch:

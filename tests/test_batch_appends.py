@@ -192,3 +192,14 @@ def test_runs_recorded_with_and_without_batching_agree(monkeypatch: pytest.Monke
     s_new, s_old = summarize(new.trace()), summarize(old.trace())
     differ = {k for k in s_new if s_new[k] != s_old.get(k)}
     assert differ <= TIMING, f"the summaries differ in {sorted(differ - TIMING)}"
+
+
+def test_an_interrupted_emit_appends_leaves_nothing_behind() -> None:
+    """A Ctrl-C between emit_appends' lines can leave values added with no run marker (the marker goes last):
+    the batch is built without them, as if the call had never been made."""
+    one, batched = Recorder(None), Recorder(None)
+    one.emit(Kind.APPEND, seq=1, n=1, aux=4)
+    batched.emit_appends([1], [4])
+    batched._run_seqs.extend([9, 9])  # what an interrupted call had added
+    batched._run_held.extend([9])
+    assert rows(one) == rows(batched)
