@@ -317,7 +317,8 @@ def _decode_point(torch, K, batch: int, context: int, dtype, kv_bytes: int, ceil
     if batch <= 16:
         for ns in SPLIT_SWEEP:
             extra[f"paged-16 splits={ns}"] = K.DecodeConfig(**{**asdict(base), "num_splits": ns})
-        for key, value in (("block_n", 32), ("block_n", 128), ("num_warps", 8), ("num_stages", 2), ("num_stages", 4)):
+        # around the default (32-token tiles, two buffers): other tiles, 8 warps, one K/V buffer (num_stages 3)
+        for key, value in (("block_n", 16), ("block_n", 64), ("num_warps", 8), ("num_stages", 3)):
             extra[f"paged-16 {key}={value}"] = K.DecodeConfig(**{**asdict(base), key: value})
     for name, cfg in extra.items():
         variants[name] = [
@@ -454,7 +455,7 @@ def sweep_configs(torch, K, testing) -> dict[str, Any]:
             K.DecodeConfig(block_n=bn, num_warps=w, num_stages=s)
             for bn in (32, 64, 128)
             for w in (4, 8)
-            for s in (2, 3, 4)
+            for s in (3, 5)  # one K/V buffer, two
         ]
         best = first = None
         for cfg in candidates:

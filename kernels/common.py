@@ -80,7 +80,12 @@ def _check_tile(name: str, value: int) -> None:
 
 @functools.lru_cache(maxsize=64)
 def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
-    """Tile heuristic: 16 KiB of K (and as much V) per iteration for 16-bit dtypes, checked spill-free on sm90 by
+    """Tile heuristic: 8 KiB of K (and as much V) per iteration for 16-bit dtypes, two of them in flight (num_stages=5
+    is what makes Triton's pipeliner give the paged loop two K/V buffers: the next tile loads while this one is
+    computed; 3 and 4 give one). d=128: 32-token tiles, ~37 KiB of shared memory a program. Chosen on an H200 from
+    benchmarks/tune_decode.py (benchmarks/results/kernels_h200_tune_grid.json: graph mode, batch 1-256 x context
+    1K-32K, each tile config at its best split count): against one 64-token buffer (the earlier default) faster at
+    batch 1-4, level at 16-256. Checked spill-free on sm90 by
     `python -m kvscope.kernels.compile_check`."""
     if INTERPRETED:
         # The interpreter's cost is per op, not per element: big tiles are the fast choice there.
@@ -88,8 +93,8 @@ def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
     if dtype == torch.float32:
         # fp32 dots run on FMA units ("ieee"): 16-token tiles keep them out of register spills.
         return DecodeConfig(block_n=16, num_warps=4, num_stages=2)
-    block_n = max(16, min(128, 8192 // next_power_of_2(head_dim)))  # d=128: 64 tokens, 16 KiB of K per tile
-    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3)
+    block_n = max(16, min(128, 4096 // next_power_of_2(head_dim)))  # d=128: 32 tokens, 8 KiB of K per tile
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=5)
 
 
 @functools.lru_cache(maxsize=64)
@@ -119,30 +124,20 @@ def sm_count(device: torch.device) -> int:
     return _INTERPRETER_SMS
 
 
-def choose_num_splits(programs: int, num_tiles: int, num_sms: int, programs_per_sm: int = 4) -> int:
-    """How many context partitions per (sequence, kv head): FlashAttention's num_splits heuristic.
+def choose_num_splits(programs: int, num_tiles: int, num_sms: int, programs_per_sm: int = 3) -> int:
+    """How many context partitions per (sequence, kv head).
 
-    programs: (sequence, kv head) pairs; num_tiles: key tiles of the longest sequence. Splitting pays when the pairs
-    alone cannot fill the machine; among split counts, take the smallest whose wave efficiency (how full the last wave
-    of programs is) is within 85% of the best, so that the partial-result traffic stays small. programs_per_sm: how many
-    decode programs an SM holds at once (d=128 bf16: ~40 KiB of shared memory and ~120 registers a thread -> 4).
+    programs: (sequence, kv head) pairs; num_tiles: key tiles of the longest sequence. Aim for one wave of about
+    programs_per_sm split programs per SM: enough loads in flight to keep HBM busy, no second partial wave, and no
+    more partial results than that. Measured on an H200 with the default tiles (benchmarks/tune_decode.py, graph
+    mode): ~3 programs an SM gave the shortest decode at batch 1, 4 and 16 (e.g. 1 x 32K: 384 programs 1.00x SDPA,
+    512 0.97x, 1024 0.80x; 4 x 4K: 384 0.97x, 512 0.85x), although ~5 fit. No split once the pairs alone come close
+    (past half a program an SM more: 1.5 rounds to 2) to that number; never more splits than tiles.
     """
-    slots = num_sms * programs_per_sm
-    if programs >= 0.8 * slots or num_tiles <= 1:
+    if num_tiles <= 1:
         return 1
-    max_splits = min(128, slots, num_tiles)
-
-    def tiles_per_split(s: int) -> int:
-        return math.ceil(num_tiles / s)
-
-    def efficiency(s: int) -> float:
-        waves = programs * s / slots
-        return waves / math.ceil(waves)
-
-    # A split count that gives the same tiles per split as a smaller one only adds empty programs.
-    eligible = [s for s in range(1, max_splits + 1) if s == 1 or tiles_per_split(s) != tiles_per_split(s - 1)]
-    best = max(efficiency(s) for s in eligible)
-    return next(s for s in eligible if efficiency(s) >= 0.85 * best)
+    target = num_sms * programs_per_sm
+    return max(1, min(num_tiles, 128, int(target / max(programs, 1) + 0.5)))
 
 
 def next_power_of_2(n: int) -> int:

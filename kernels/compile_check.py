@@ -140,17 +140,30 @@ def _variants() -> list[tuple[str, object, dict[str, object], int, int]]:
         args = decode_args(dtype, **over)
         args["BLOCK_N"] = cfg.block_n
         out.append(
-            (_variant_name("decode", dtype, over), decode._decode_split_kernel, args, cfg.num_warps, cfg.num_stages)
+            (
+                _variant_name("decode", dtype, over),
+                decode._decode_split_kernel,
+                args,
+                cfg.num_warps,
+                decode.loop_stages(cfg, bool(args["PAGED"])),
+            )
         )
 
-    for device_split in (False, True):
+    for block_d in (128, 256):
         reduce_args = dict(
-            part_out_ptr=f32, part_lse_ptr=f32, seq_lens_ptr=i32, split_len_ptr=i64, out_ptr=bf16,
-            tokens_per_split=512, num_splits=57, stride_pb=hq * 64 * d, stride_ph=64 * d, stride_ps=d,
-            stride_lb=hq * 64, stride_lh=64, stride_ob=hq * d, stride_oh=d, HEAD_DIM=d, BLOCK_D=d,
-            BLOCK_S=decode.MERGE_SPLITS, DEVICE_SPLIT=device_split,
+            part_out_ptr=f32, part_lse_ptr=f32, out_ptr=bf16, num_splits=57, stride_pb=hq * 64 * block_d,
+            stride_ph=64 * block_d, stride_ps=block_d, stride_lb=hq * 64, stride_lh=64, stride_ob=hq * block_d,
+            stride_oh=block_d, HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_S=decode.REDUCE_SPLITS,
         )  # fmt: skip
-        out.append((f"decode reduce DEVICE_SPLIT={device_split}", decode._decode_reduce_kernel, reduce_args, 4, 1))
+        out.append(
+            (
+                f"decode reduce HEAD_DIM={block_d}",
+                decode._decode_reduce_kernel,
+                reduce_args,
+                decode.reduce_warps(block_d),
+                1,
+            )
+        )
 
     def prefill_args(dtype, **over):
         args = dict(

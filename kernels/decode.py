@@ -102,9 +102,11 @@ def _decode_split_kernel(
     split = tl.program_id(1)
     seq = tl.program_id(2)
 
-    seq_len = tl.load(seq_lens_ptr + seq)
+    # Token positions in 32 bits whatever the index dtype (int64 from the engine): 64-bit loop arithmetic costs
+    # registers, and with them programs per SM.
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     if DEVICE_SPLIT:  # CUDA graphs: the grid is fixed at capture, the split size is read each replay
-        tokens_per_split = tl.load(split_len_ptr)
+        tokens_per_split = tl.load(split_len_ptr).to(tl.int32)
     lo = split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, seq_len)
     # The last split runs to the end even if max_seq_len was underestimated: never silently drop tokens.
@@ -161,13 +163,14 @@ def _decode_split_kernel(
         out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + q_heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=gd_mask)
     else:
-        # Empty splits (past the end of a short sequence) write nothing: the reduce reads only the live ones.
-        live = lo < seq_len
+        # Every split writes its log-sum-exp, an empty one (past the end of a short sequence) -inf (its m_i never
+        # left -inf) and no partial output: the merge reads all num_splits without knowing seq_len, so its loads
+        # depend on nothing but the program id, and weighs the unwritten outputs of empty splits by an exact 0.
         part = part_out_ptr + seq.to(tl.int64) * stride_pb + q_heads.to(tl.int64) * stride_ph + split * stride_ps
-        tl.store(part[:, None] + offs_d[None, :], o, mask=gd_mask & live)
+        tl.store(part[:, None] + offs_d[None, :], o, mask=gd_mask & (lo < seq_len))
         lse = m_i + tl.log2(l_safe)
         lse_ptrs = part_lse_ptr + seq.to(tl.int64) * stride_lb + q_heads.to(tl.int64) * stride_lh + split
-        tl.store(lse_ptrs, lse, mask=g_mask & live)
+        tl.store(lse_ptrs, lse, mask=g_mask)
         if FUSED:
             # The last split of this (sequence, kv head) to finish merges all of them: one launch instead of two.
             # Every thread's partial stores are done (barrier) before one release-ordered increment publishes them.
@@ -182,7 +185,7 @@ def _decode_split_kernel(
                     out_ptr,
                     seq,
                     kv_head,
-                    tl.minimum(tl.cdiv(seq_len, tokens_per_split), tl.num_programs(1)),
+                    tl.num_programs(1),
                     stride_pb,
                     stride_ph,
                     stride_ps,
@@ -204,7 +207,7 @@ def _merge_row(
     out_ptr,
     seq,
     q_head,
-    live_splits,
+    num_splits,
     stride_pb,
     stride_ph,
     stride_ps,
@@ -217,9 +220,10 @@ def _merge_row(
     BLOCK_S: tl.constexpr,
     BYPASS_L1: tl.constexpr,
 ):
-    """Merge one (sequence, q head)'s `live_splits` partial outputs, BLOCK_S splits per load (a [BLOCK_S, BLOCK_D]
-    tile), weighting each by its log-sum-exp, and store the result. BYPASS_L1: load with .cg, for partials written
-    by other programs of the same launch (the fused merge), maybe on other SMs."""
+    """Merge one (sequence, q head)'s `num_splits` partial outputs, BLOCK_S splits per load (a [BLOCK_S, BLOCK_D]
+    tile), weighting each by its log-sum-exp (an empty split's -inf weighs 0; all empty gives zeros), and store the
+    result. BYPASS_L1: load with .cg, for partials written by other programs of the same launch (the fused merge),
+    maybe on other SMs."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_s = tl.arange(0, BLOCK_S)
     d_mask = offs_d < HEAD_DIM
@@ -228,9 +232,9 @@ def _merge_row(
     m = tl.full([1], float("-inf"), tl.float32)
     weight_sum = tl.zeros([1], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for s0 in range(0, live_splits, BLOCK_S):
+    for s0 in range(0, num_splits, BLOCK_S):
         s_idx = s0 + offs_s
-        s_mask = s_idx < live_splits
+        s_mask = s_idx < num_splits
         o_ptrs = part_out_ptr + row + s_idx.to(tl.int64)[:, None] * stride_ps + offs_d[None, :]
         o_mask = s_mask[:, None] & d_mask[None, :]
         if BYPASS_L1:
@@ -240,9 +244,10 @@ def _merge_row(
             lse = tl.load(lse_row + s_idx, mask=s_mask, other=float("-inf"))
             o = tl.load(o_ptrs, mask=o_mask, other=0.0)
         m_new = tl.maximum(m, tl.max(lse, 0))
-        alpha = tl.exp2(m - m_new)
-        w = tl.where(s_mask, tl.exp2(lse - m_new), 0.0)
-        acc = acc * alpha + tl.sum(o * w[:, None], 0)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf while every split so far is empty
+        alpha = tl.exp2(m - m_ref)
+        w = tl.exp2(lse - m_ref)  # 0 for empty and masked-off splits
+        acc = acc * alpha + tl.sum(tl.where((w > 0.0)[:, None], o, 0.0) * w[:, None], 0)  # unwritten o: any bits
         weight_sum = weight_sum * alpha + tl.sum(w, 0)
         m = m_new
     weight_sum = tl.where(weight_sum == 0.0, 1.0, weight_sum)
@@ -261,7 +266,7 @@ def _merge_splits(
     out_ptr,
     seq,
     kv_head,
-    live_splits,
+    num_splits,
     stride_pb,
     stride_ph,
     stride_ps,
@@ -282,7 +287,7 @@ def _merge_splits(
             out_ptr,
             seq,
             kv_head * GROUP + g,
-            live_splits,
+            num_splits,
             stride_pb,
             stride_ph,
             stride_ps,
@@ -297,14 +302,11 @@ def _merge_splits(
         )
 
 
-@triton.jit(do_not_specialize=["tokens_per_split", "num_splits", "stride_lb", "stride_lh"])
+@triton.jit(do_not_specialize=["num_splits", "stride_lb", "stride_lh"])
 def _decode_reduce_kernel(
     part_out_ptr,
     part_lse_ptr,
-    seq_lens_ptr,
-    split_len_ptr,
     out_ptr,
-    tokens_per_split,
     num_splits,
     stride_pb,
     stride_ph,
@@ -316,22 +318,17 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    DEVICE_SPLIT: tl.constexpr,
 ):
     """The separate merge: one program per (sequence, q head)."""
     q_head = tl.program_id(0)
     seq = tl.program_id(1)
-    if DEVICE_SPLIT:
-        tokens_per_split = tl.load(split_len_ptr)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    live_splits = tl.minimum(tl.cdiv(seq_len, tokens_per_split), num_splits)
     _merge_row(
         part_out_ptr,
         part_lse_ptr,
         out_ptr,
         seq,
         q_head,
-        live_splits,
+        num_splits,
         stride_pb,
         stride_ph,
         stride_ps,
@@ -372,6 +369,14 @@ def plan_splits(batch: int, kv_heads: int, max_seq_len: int, config: DecodeConfi
     num_splits = min(num_splits, num_tiles)
     tokens_per_split = cdiv(num_tiles, num_splits) * config.block_n
     return cdiv(max(max_seq_len, 1), tokens_per_split)
+
+
+def loop_stages(config: DecodeConfig, paged: bool) -> int:
+    """Triton's pipelining depth for the split kernel's loop. config.num_stages is the paged loop's: its block-table
+    load takes stages of its own, so 5 gives two K/V buffers and 3 or 4 one. The contiguous loop (no table) gets two
+    buffers from 3 and four from 5 (~69 KiB a program at d=128, three programs an SM): it is capped at 3, two
+    buffers, what the paged default has."""
+    return config.num_stages if paged else min(config.num_stages, 3)
 
 
 def split_length(max_seq_len: int, num_splits: int, block_n: int) -> int:
@@ -463,30 +468,39 @@ def _decode(
         BLOCK_S=MERGE_SPLITS,
         **dot_args(q.dtype),
         num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        num_stages=loop_stages(config, paged),
     )
     if not direct and not fused:
         _decode_reduce_kernel[(shape.num_q_heads, batch)](
             part_out,
             part_lse,
-            seq_lens,
-            split_len if device_split else seq_lens,
             out,
-            tokens_per_split,
             num_splits,
             *stride_p,
             *out.stride()[:2],
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
-            BLOCK_S=MERGE_SPLITS,
-            DEVICE_SPLIT=device_split,
-            num_warps=4 if block_d >= 128 else 2,
+            BLOCK_S=REDUCE_SPLITS,
+            num_warps=reduce_warps(block_d),
         )
     return out
 
 
 #: Splits the fused merge folds per load (a [MERGE_SPLITS, head_dim] fp32 tile per q head).
 MERGE_SPLITS = 16
+#: Splits the merge kernel folds per load: 64, so that the split counts the heuristic picks (up to ~50 for one long
+#: sequence) merge from one [64, head_dim] tile, one round trip to L2 instead of one per 16 splits. Measured on an H200
+#: (benchmarks/results/kernels_h200_tune_grid.json, graph mode, 64 splits at 1 x 4K): 16 per load 0.77x SDPA, 64 0.99x.
+REDUCE_SPLITS = 64
+#: Warps of a merge program. With 8 (fewer registers for the [64, head_dim] tile, but a cross-warp reduction) the
+#: same H200 run measured the merge slower: 1 x 4K 0.85x against 0.99x with 4.
+REDUCE_WARPS = 4
+
+
+def reduce_warps(block_d: int) -> int:
+    """Warps of a merge program: REDUCE_WARPS, 8 for heads wider than 128 (a [64, 256] fp32 tile is 208 registers a
+    thread with 4)."""
+    return REDUCE_WARPS if block_d <= 128 else 8
 
 
 def paged_decode_attention(

@@ -105,6 +105,24 @@ def test_decode_writes_into_out_and_gives_zeros_for_empty_sequences(device):
     _assert_close(out, ref, F32)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_merge_over_several_loads_with_empty_splits(device, monkeypatch, fused):
+    # 38 splits of 16 tokens, merged 16 per load: the short sequences' later loads hold only empty splits (written
+    # as a log-sum-exp of -inf, no output), the empty sequence has nothing but empty splits.
+    from kvscope.kernels import decode
+
+    monkeypatch.setattr(decode, "REDUCE_SPLITS", 16)
+    gen = torch.Generator().manual_seed(11)
+    kv = random_paged_kv([600, 5, 0, 333], 2, 16, 16, F32, device, generator=gen)
+    q = torch.randn(4, 4, 16, generator=gen).to(device)
+    out = torch.full_like(q, float("nan"))
+    config = DecodeConfig(block_n=16, num_splits=40, fused=fused)
+    paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, out=out, config=config)
+    ref = reference.paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens)
+    _assert_close(out, ref, F32)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
 def test_underestimated_max_seq_len_still_attends_to_every_token(device):
     gen = torch.Generator().manual_seed(9)
     kv = random_paged_kv([90, 30], 1, 16, 16, F32, device, generator=gen)
@@ -151,8 +169,12 @@ def test_kernels_available_matches_how_triton_was_loaded(device):
 def test_num_splits_heuristic_fills_the_machine_only_when_needed():
     # Enough (sequence, kv head) programs: no split.
     assert choose_num_splits(programs=256 * 8, num_tiles=64, num_sms=132) == 1
-    # One sequence, long context: split, but never more than there are tiles.
+    assert choose_num_splits(programs=64 * 8, num_tiles=64, num_sms=132) == 1
+    # One sequence, long context: split into about one wave of 3 programs an SM, never more than there are tiles.
     splits = choose_num_splits(programs=8, num_tiles=512, num_sms=132)
-    assert 8 * splits >= 132 * 4 * 0.85
+    assert 132 * 3 * 0.9 <= 8 * splits <= 132 * 3 * 1.1
+    assert choose_num_splits(programs=16 * 8, num_tiles=512, num_sms=132) == 3
+    assert choose_num_splits(programs=32 * 8, num_tiles=512, num_sms=132) == 2  # 1.55 rounds up
     assert choose_num_splits(programs=8, num_tiles=3, num_sms=132) <= 3
     assert choose_num_splits(programs=1, num_tiles=1, num_sms=132) == 1
+    assert choose_num_splits(programs=1, num_tiles=10_000, num_sms=132) <= 128
