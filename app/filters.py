@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import pandas as pd
 
 MAX_ID_RANGE = 1_000_000  # a range like 0-1e12 would build a huge set: refuse it
@@ -41,14 +42,29 @@ def filter_events(
     steps: tuple[int, int] | None = None,
 ) -> pd.DataFrame:
     """Rows whose kind is in `kinds`, seq in `seqs`, and step within `steps` (inclusive); None or empty kinds
-    means no filter on that column. Events outside steps (step -1) are kept only when no step range is given."""
-    keep = pd.Series(True, index=events.index)
+    means no filter on that column. Events outside steps (step -1) are kept only when no step range is given.
+    With no filter at all, `events` itself comes back (not a copy: read it, do not modify it)."""
+    # Masks over numpy arrays, one per given filter: a big trace has tens of millions of rows, so nothing is built
+    # for a filter that is not given (and the kind test compares the category codes, not a string per row).
+    keep: np.ndarray | None = None
     kinds = list(kinds or [])
     if kinds:
-        keep &= events["kind"].astype(str).isin(kinds)
+        keep = _and(keep, _kind_mask(events["kind"], kinds))
     if seqs is not None:
-        keep &= events["seq"].isin(list(seqs))
+        keep = _and(keep, events["seq"].isin(list(seqs)).to_numpy())
     if steps is not None:
         lo, hi = steps
-        keep &= events["step"].between(lo, hi)
-    return events[keep]
+        step = events["step"].to_numpy()
+        keep = _and(keep, (step >= lo) & (step <= hi))
+    return events if keep is None else events[keep]
+
+
+def _and(keep: np.ndarray | None, more: np.ndarray) -> np.ndarray:
+    return more if keep is None else keep & more
+
+
+def _kind_mask(kind: pd.Series, kinds: list[str]) -> np.ndarray:
+    if isinstance(kind.dtype, pd.CategoricalDtype):
+        wanted = np.flatnonzero(kind.cat.categories.astype(str).isin(kinds))
+        return np.isin(kind.cat.codes.to_numpy(), wanted)
+    return kind.astype(str).isin(kinds).to_numpy()

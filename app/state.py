@@ -37,6 +37,12 @@ class LoadedTrace:
     trace: Trace
     warning: str | None = None  # e.g. the cut-off trace warning
     source: str = "file"  # file | upload
+    version: str = ""  # which contents of `key`: "<mtime_ns>:<size>" for a file (an upload's key is its digest)
+
+    @property
+    def cache_id(self) -> str:
+        """Names these contents: results cached under it are recomputed when the file is re-recorded."""
+        return f"{self.key}@{self.version}"
 
     @property
     def title(self) -> str:
@@ -78,7 +84,9 @@ def load_path(path: Path) -> LoadedTrace:
     except OSError:
         raise TraceError(f"{path}: no such file") from None
     trace, warning = _load_path(str(path.resolve()), st_.st_mtime_ns, st_.st_size)
-    return LoadedTrace(f"path:{path.resolve()}", path.name.removesuffix(TRACE_SUFFIX), trace, warning, "file")
+    name = path.name.removesuffix(TRACE_SUFFIX)
+    version = f"{st_.st_mtime_ns}:{st_.st_size}"
+    return LoadedTrace(f"path:{path.resolve()}", name, trace, warning, "file", version)
 
 
 def _megabytes(n: int) -> str:
@@ -265,9 +273,18 @@ def show_view(lt: LoadedTrace, view: View, key: str, step: int | None = None) ->
     show_figure(view.figure(lt.trace, step), key=key)
 
 
+@st.cache_resource(max_entries=256, show_spinner=False)
+def _steps(cache_id: str, _trace: Trace) -> tuple[int, int, int]:
+    # (first, last, start step) of a trace's contents: every step-slider move asks, and each costs a pass over the
+    # memory timeline, so they are kept per trace (cache_id names its contents).
+    first, last = memory.step_range(_trace)
+    return int(first), int(last), int(start_step(_trace))
+
+
 def step_bounds(lt: LoadedTrace) -> tuple[int, int]:
     """(first, last) recorded step, from the memory timeline; (0, 0) for a trace without steps."""
-    return memory.step_range(lt.trace)
+    first, last, _ = _steps(lt.cache_id, lt.trace)
+    return first, last
 
 
 def step_slider(lt: LoadedTrace, *, label: str, key: str, default: int | None = None) -> int:
@@ -277,7 +294,7 @@ def step_slider(lt: LoadedTrace, *, label: str, key: str, default: int | None = 
     if last <= first:
         st.caption(f"{label}: {first} (the trace has a single step)")
         return first
-    value = min(max(start_step(lt.trace) if default is None else default, first), last)
+    value = min(max(_steps(lt.cache_id, lt.trace)[2] if default is None else default, first), last)
     return int(st.slider(label, min_value=first, max_value=last, value=value, key=f"{key}:{lt.key}"))
 
 

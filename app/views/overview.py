@@ -31,7 +31,10 @@ if not chosen:
 st.subheader("Summary")
 st.caption("The same rows as `kvscope summary` and the HTML report.")
 # height="content": every summary row on the page, no inner scroll.
-st.dataframe(state.summary_frame(chosen), height="content", key="overview_summary")
+# The summary reads every event of every chosen run (the first page of a big trace waits on it): say so meanwhile.
+with st.spinner(f"Summarising {len(chosen)} run{'s' if len(chosen) > 1 else ''}…"):
+    summary = state.summary_frame(chosen)
+st.dataframe(summary, height="content", key="overview_summary")
 
 if len(chosen) > 1:
     compared = [lt.trace for lt in chosen]

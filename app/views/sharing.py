@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import streamlit as st
-from kvscope.app import state
+from kvscope.app import memo, state
+from kvscope.app.state import LoadedTrace
 
 from kvscope.analysis.sharing import fork_tree, prefix_stats
 from kvscope.present.rows import format_value
-from kvscope.present.views import VIEWS
+from kvscope.present.views import VIEWS, View
 from kvscope.units import format_bytes
+
+
+@st.fragment
+def at_step(lt: LoadedTrace, graph: View) -> None:
+    """The sharing graph at the slider's step: a fragment, so a step move reruns only this part of the page."""
+    step = state.step_slider(lt, label="Engine step", key="share_step", default=graph.snapshot_step(lt.trace))
+    row = state.memory_at(lt, step)
+    if row is not None:
+        st.metric("Saved by sharing at this step (logical - used)", format_bytes(int(row["sharing_saved"])))
+    memo.show_stepped(lt, graph, "share_graph", step)
+    memo.prefetch_around(lt, [graph], step, slider="share_step")
+
 
 st.title("Sharing")
 lt = state.focus_trace()
@@ -18,11 +31,7 @@ st.caption(lt.title)
 
 graph = VIEWS["sharing"]
 if graph.applies(lt.trace):
-    step = state.step_slider(lt, label="Engine step", key="share_step", default=graph.snapshot_step(lt.trace))
-    row = state.memory_at(lt, step)
-    if row is not None:
-        st.metric("Saved by sharing at this step (logical - used)", format_bytes(int(row["sharing_saved"])))
-    state.show_view(lt, graph, key="share_graph", step=step)
+    at_step(lt, graph)
 else:
     st.info(graph.absent, icon="ℹ️")
 
