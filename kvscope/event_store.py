@@ -3,9 +3,10 @@
 A large trace is mostly a few kinds of rows (one APPEND per generated token, a BLOCK_ALLOC / BLOCK_FREE per block),
 and most columns of a kind hold one value throughout (an APPEND's `block`, `bytes`, `addr` and `dur_ns` are -1 or 0).
 So the store keeps, per kind, each column either as that single value or as a numpy array of the narrowest integer
-type that holds its values, in row order; plus, for every row, the index of its kind in the trace's kind dictionary
-(int16). A 21-million-event trace (1.6 GB as ten int64-ish columns) takes about 0.4 GB so; nothing is lost: every
-value reads back exactly, with the column's own dtype (`values`, `column`, `frame`).
+type that holds its values (per loaded batch, as offsets from the batch's smallest value where those are narrower:
+timestamps, steps and sequence ids), in row order; plus, for every row, the index of its kind in the trace's kind
+dictionary (int16). A 21-million-event trace (1.6 GB as ten int64-ish columns) takes about 0.29 GB so; nothing is
+lost: every value reads back exactly, with the column's own dtype (`values`, `column`, `frame`).
 
 The analysis asks for the rows of some kinds (`values(name, kinds)`) and never for the whole table; the pandas
 DataFrame of every event (`frame()`, what `Trace.events` returns) is built only when a surface asks for it.
@@ -43,6 +44,8 @@ def narrow_dtype(lo: int, hi: int) -> type:
     return np.int64
 
 
+RANK_BLOCK = 1 << 22  # EventStore.take counts a kind's rows this many index entries at a time
+RANK_SPARSE = 8  # ... unless the kind has at most one row in this many: then it looks its rows' positions up
 _BIG = 4096  # a kind with at least this many rows in a batch appends that batch's rows to buffers of its own
 
 
@@ -54,10 +57,53 @@ def _compact(values: np.ndarray) -> Any:
     return lo if lo == hi else values.astype(narrow_dtype(lo, hi))
 
 
+class Offset:
+    """One chunk of a column as base + small offsets: a batch's timestamps, steps and sequence ids are large
+    numbers close to each other (an APPEND's t_ns needs int64 but spans well under 2**31 in one batch), so this
+    halves or quarters what they take. Reads back as the values themselves, in `dtype`."""
+
+    __slots__ = ("base", "dtype", "hi", "offsets")
+
+    def __init__(self, base: int, offsets: np.ndarray, hi: int) -> None:
+        self.base = base
+        self.offsets = offsets
+        self.hi = hi  # the largest value
+        self.dtype = np.dtype(narrow_dtype(base, hi))
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.offsets.nbytes)
+
+    def __getitem__(self, at: Any) -> np.ndarray:
+        """The values at a slice or an index array."""
+        out = self.offsets[at].astype(self.dtype)
+        out += self.dtype.type(self.base)
+        return out
+
+    def min(self) -> int:
+        return self.base + int(self.offsets.min())
+
+    def max(self) -> int:
+        return self.hi
+
+
+def _offset_or_array(values: np.ndarray, lo: int, hi: int) -> np.ndarray | Offset:
+    """values (all within [lo, hi]) in the narrowest form: as offsets from lo where those are narrower."""
+    full, offsets = narrow_dtype(lo, hi), narrow_dtype(0, hi - lo)
+    if np.dtype(offsets).itemsize < np.dtype(full).itemsize:
+        # values - lo lies in [0, hi - lo], which the narrower type holds: no overflow in values' own dtype
+        return Offset(lo, (values - values.dtype.type(lo)).astype(offsets), hi)
+    return values.astype(full)
+
+
 class Chunks(list):
     """A column of one kind kept as the chunks it was loaded in (one per batch where the kind is big), each an
-    array of the narrowest type holding its own values or (value, rows) for a run of one value: never copied into
-    one array while loading, so loading holds each value once. `EventStore` joins them when a caller reads."""
+    array of the narrowest type holding its own values, an Offset (base + narrow offsets), or (value, rows) for a
+    run of one value: never copied into one array while loading, so loading holds each value once. `EventStore`
+    joins them when a caller reads."""
 
     @property
     def rows(self) -> int:
@@ -65,21 +111,28 @@ class Chunks(list):
 
     @property
     def nbytes(self) -> int:
-        return sum(c.nbytes for c in self if isinstance(c, np.ndarray))
+        return sum(c.nbytes for c in self if isinstance(c, np.ndarray | Offset))
 
     def join(self, dtype: Any = None) -> np.ndarray:
         if dtype is None:
-            dtype = np.result_type(*[c.dtype if isinstance(c, np.ndarray) else narrow_dtype(c[0], c[0]) for c in self])
+            dtype = np.result_type(*[narrow_dtype(c[0], c[0]) if isinstance(c, tuple) else c.dtype for c in self])
         out = np.empty(self.rows, dtype)
         at = 0
         for c in self:
             n = c[1] if isinstance(c, tuple) else len(c)
-            out[at : at + n] = c[0] if isinstance(c, tuple) else c
+            if isinstance(c, Offset):
+                out[at : at + n] = c.offsets
+                out[at : at + n] += out.dtype.type(c.base)  # (the sum is a value of the column: out's dtype holds it)
+            else:
+                out[at : at + n] = c[0] if isinstance(c, tuple) else c
             at += n
         return out
 
     def max(self) -> int:
         return max(int(c[0]) if isinstance(c, tuple) else int(c.max()) for c in self)
+
+    def min(self) -> int:
+        return min(int(c[0]) if isinstance(c, tuple) else int(c.min()) for c in self)
 
 
 class _Buffer:
@@ -105,7 +158,7 @@ class _Buffer:
         if lo == hi:
             self.chunks.append((lo, n))
         else:
-            self.chunks.append(values.astype(narrow_dtype(lo, hi)))
+            self.chunks.append(_offset_or_array(values, lo, hi))
         self.rows += n
 
     def finish(self) -> Any:
@@ -247,6 +300,47 @@ def _join(value: Any, rows: int, dtype: Any = None) -> np.ndarray:
     return np.full(rows, value, dtype=dtype if dtype is not None else narrow_dtype(value, value))
 
 
+MEMBER_RUNS = 6  # EventStore.member compares runs of kind positions up to this many, else looks each row up
+
+
+def _runs(ks: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ints as (first, last) runs of consecutive values."""
+    out: list[tuple[int, int]] = []
+    for k in ks:
+        if out and out[-1][1] == k - 1:
+            out[-1] = (out[-1][0], k)
+        else:
+            out.append((k, k))
+    return out
+
+
+def _scatter(order: np.ndarray, parts: dict[int, np.ndarray]) -> np.ndarray:
+    """Rows of several kinds back in row order: `order` is the stable argsort of the rows' kind positions, `parts`
+    each kind's values in row order (keys: the positions present). One pass, whatever the number of kinds."""
+    out = np.empty(len(order), np.result_type(*[v.dtype for v in parts.values()]))
+    at = 0
+    for k in sorted(parts):
+        v = parts[k]
+        out[order[at : at + len(v)]] = v
+        at += len(v)
+    return out
+
+
+def _gather(value: np.ndarray | Chunks, ranks: np.ndarray) -> np.ndarray:
+    """value[ranks] for a part's column held as one array or as Chunks (read chunk by chunk, never joined)."""
+    if isinstance(value, np.ndarray):
+        return value[ranks]
+    sizes = np.array([c[1] if isinstance(c, tuple) else len(c) for c in value], np.int64)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    which = np.searchsorted(starts, ranks, side="right") - 1
+    out = np.empty(len(ranks), np.int64)
+    for c in np.unique(which).tolist():
+        here = which == c
+        chunk = value[c]
+        out[here] = chunk[0] if isinstance(chunk, tuple) else chunk[ranks[here] - starts[c]]
+    return out
+
+
 def _merge(big: Any, big_rows: int, small: Any, small_rows: int) -> Any:
     """A kind's column in row order, from its rows of the batches where it was small (which come first: a kind
     stays big once it is) and those where it was big."""
@@ -317,10 +411,19 @@ class EventStore:
 
     # ---- reading -------------------------------------------------------------------------------------------------
     def member(self, ks: Sequence[int], index: np.ndarray | None = None) -> np.ndarray:
-        """Whether each row's kind (dictionary position) is among `ks`: one table lookup a row (np.isin sorts)."""
-        table = np.zeros(len(self.names) + 1, bool)
-        table[np.asarray(ks, np.int64)] = True
-        return table[self.index if index is None else index]
+        """Whether each row's kind (dictionary position) is among `ks`. The positions asked for are mostly a few
+        runs of neighbours (the dictionary lists kinds by family), and a comparison or two per run is several times
+        faster than a table lookup per row (np.isin sorts); many runs take the lookup."""
+        index = self.index if index is None else index
+        runs = _runs(sorted({int(k) for k in ks}))
+        if len(runs) > MEMBER_RUNS:
+            table = np.zeros(len(self.names) + 1, bool)
+            table[np.asarray(ks, np.int64)] = True
+            return table[index]
+        out = np.zeros(len(index), bool)
+        for lo, hi in runs:
+            out |= (index == lo) if lo == hi else ((index >= lo) & (index <= hi))
+        return out
 
     def _part_values(self, k: int, name: str, dtype: np.dtype | None) -> np.ndarray:
         return _join(self.parts[k][name], int(self.counts[k]), self.dtypes[name] if dtype is None else dtype)
@@ -328,9 +431,11 @@ class EventStore:
     def selection(self, ks: list[int]) -> np.ndarray:
         """The dictionary position of each row of these kinds, in row order (the last one asked for is kept)."""
         key = tuple(ks)
-        if self._selected is None or self._selected[0] != key:
-            self._selected = (key, self.index[self.member(ks)])
-        return self._selected[1]
+        selected = self._selected  # (read once: another thread may replace it meanwhile)
+        if selected is None or selected[0] != key:
+            selected = (key, self.index[self.member(ks)])
+            self._selected = selected
+        return selected[1]
 
     def values(self, name: str, kinds: Iterable[int], dtype: Any = None) -> np.ndarray:
         """Column `name` of the rows of these kinds, in row order, as `dtype` (default: the column's own)."""
@@ -361,7 +466,7 @@ class EventStore:
             if lo < hi:
                 pieces.append(
                     np.full(hi - lo, c[0], narrow_dtype(c[0], c[0])) if isinstance(c, tuple) else c[lo - at : hi - at]
-                )
+                )  # (an Offset's slice reads back as its values)
             at += n
             if at >= b:
                 break
@@ -388,17 +493,29 @@ class EventStore:
                 continue
             here = sel[a:b]
             piece = {"code": self.lookup[here]}
-            masks = {k: here == k for k in ks}
-            counts = {k: int(m.sum()) for k, m in masks.items()}
+            counts = np.bincount(here, minlength=len(self.names))
+            order = np.argsort(here, kind="stable")  # (int16: by radix) rows of one kind together, in row order
             for name in names:
-                parts = {k: self._slice(k, name, done[k], done[k] + counts[k]) for k in ks if counts[k]}
-                out = np.empty(b - a, np.result_type(*[v.dtype for v in parts.values()]))
-                for k, v in parts.items():
-                    out[masks[k]] = v
-                piece[name] = out
+                parts = {k: self._slice(k, name, done[k], done[k] + int(counts[k])) for k in ks if counts[k]}
+                piece[name] = _scatter(order, parts)
             for k in ks:
-                done[k] += counts[k]
+                done[k] += int(counts[k])
             yield piece
+
+    def column_pieces(self, name: str, size: int = 1 << 21) -> Iterable[np.ndarray]:
+        """column(name) in row order, `size` rows at a time (each piece in the narrowest dtype holding its values,
+        every kind of the dictionary included): memory stays bounded by the piece size."""
+        present = np.flatnonzero(self.counts).tolist()
+        done = dict.fromkeys(present, 0)  # rows of each kind handed out so far
+        for a in range(0, len(self.index), size):
+            here = self.index[a : a + size]
+            counts = np.bincount(here, minlength=len(self.names))
+            ks = [k for k in present if counts[k]]
+            parts = {k: self._slice(k, name, done[k], done[k] + int(counts[k])) for k in ks}
+            out = parts[ks[0]] if len(ks) == 1 else _scatter(np.argsort(here, kind="stable"), parts)
+            for k in ks:
+                done[k] += int(counts[k])
+            yield out
 
     def value_range(self, name: str, kinds: Iterable[int]) -> tuple[int, int] | None:
         """(min, max) of a column over the rows of these kinds; None when there are none."""
@@ -407,8 +524,7 @@ class EventStore:
         for k in self.positions(kinds):
             value = self.parts[k][name]
             if isinstance(value, Chunks):
-                a = min(int(c[0]) if isinstance(c, tuple) else int(c.min()) for c in value)
-                b = value.max()
+                a, b = value.min(), value.max()
             elif isinstance(value, np.ndarray):
                 a, b = int(value.min()), int(value.max())
             else:
@@ -450,16 +566,33 @@ class EventStore:
             return out
         at = self.index[rows]
         for k in np.unique(at).tolist():
-            here = at == k
+            here = np.flatnonzero(at == k)
             value = self.parts[k][name]
-            value = value.join() if isinstance(value, Chunks) else value
-            if isinstance(value, np.ndarray):
-                upto = int(rows[here].max()) + 1
-                rank = np.cumsum(self.index[:upto] == k, dtype=np.int32) - 1  # the row's place among its kind's
-                out[here] = value[rank[rows[here]]]
+            if isinstance(value, np.ndarray | Chunks):
+                out[here] = _gather(value, self._ranks(k, rows[here]))
             else:
                 out[here] = value
         return out
+
+    def _ranks(self, k: int, rows: np.ndarray) -> np.ndarray:
+        """Each row's place among the rows of kind position k (rows of that kind), a block of the index at a
+        time: memory stays bounded by the block, not the trace."""
+        if int(self.counts[k]) * RANK_SPARSE <= len(self.index):
+            # a kind of few rows: their positions (8 bytes each) and a binary search
+            return np.searchsorted(np.flatnonzero(self.index == k), rows)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        ranks = np.empty(len(rows), np.int64)
+        base = 0
+        block = RANK_BLOCK
+        for a in range(0, int(sorted_rows[-1]) + 1, block):
+            b = min(a + block, len(self.index))
+            lo, hi = np.searchsorted(sorted_rows, [a, b], side="left")
+            hits = self.index[a:b] == k
+            if hi > lo:
+                ranks[order[lo:hi]] = base + np.cumsum(hits, dtype=np.int64)[sorted_rows[lo:hi] - a] - 1
+            base += int(hits.sum())
+        return ranks
 
     def column(self, name: str) -> np.ndarray:
         """A whole column in row order (its dtype as read): n_rows values, so only for what needs every row."""

@@ -30,7 +30,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import struct
+import threading
 import warnings
 import zlib
 from collections.abc import Callable
@@ -75,7 +77,7 @@ class DamagedTraceWarning(TruncatedTraceWarning):
 class Trace:
     """One loaded trace: its run metadata and its events.
 
-    The events are held by kind in an EventStore (kvscope.event_store: a few hundred MB for a 21-million-event
+    The events are held by kind in an EventStore (kvscope.event_store: about 0.3 GB for a 21-million-event
     trace), which is what kvscope.analysis reads, a kind at a time. `events`, the DataFrame of every event (int
     columns, `kind` a categorical over the kind dictionary), is built from it on first use and kept; a Trace made
     from a DataFrame keeps that frame as its `events` and builds its store from it when the analysis asks."""
@@ -506,7 +508,13 @@ def _read_stream(path: Path, *, salvage: bool, as_table: bool = False) -> _Strea
         reader = _open_stream(f, raw, path, size)
         version = format_version(reader.schema, path)
         meta = read_meta(reader.schema, path)
-        kept, problem, cut = _read_batches(reader, f, raw, size, version, batches.append if as_table else builder.add)
+        worker = _Worker(builder.add) if not as_table else None
+        try:
+            hand = batches.append if worker is None else worker
+            kept, problem, cut = _read_batches(reader, f, raw, size, version, hand)
+        finally:
+            if worker is not None:
+                worker.close()  # every batch handed over is in the store (or its error is raised) after this
         schema = reader.schema
     store, table = (None, _table(batches, schema)) if as_table else (builder.finish(), None)
     if problem is None or cut:
@@ -516,6 +524,43 @@ def _read_stream(path: Path, *, salvage: bool, as_table: bool = False) -> _Strea
         keep = f"load_trace(..., salvage=True) or --salvage keeps the {kept} batches before it"
         raise _fail(path, f"{damage}; {keep}")
     return _Stream(meta, store, table, damage=damage)
+
+
+class _Worker:
+    """Calls fn(item) for every item handed to it, in order, on one thread of its own: the store is built from one
+    batch while the next is read, decompressed and checked (pyarrow and zlib release the GIL for that), so loading
+    takes about the longer of the two rather than their sum. At most `depth` batches wait, bounding the memory."""
+
+    _STOP = object()
+
+    def __init__(self, fn: Callable[[Any], None], depth: int = 4) -> None:
+        self.fn = fn
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="kvscope-load", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is self._STOP:
+                return
+            if self.error is None:  # after a failure, drain without working (close() raises it)
+                try:
+                    self.fn(item)
+                except BaseException as e:  # noqa: BLE001 - handed to the loading thread by close()
+                    self.error = e
+
+    def __call__(self, item: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def close(self) -> None:
+        self.queue.put(self._STOP)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _table(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.Table:

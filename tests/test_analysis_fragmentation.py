@@ -121,7 +121,8 @@ def test_checkpoints_change_nothing(monkeypatch):
     assert tl.interval == 64 and len(tl.events) > 5 * 64
     rng = random.Random(0)
     order = rng.sample(steps, len(steps))  # jump around: backwards needs a checkpoint, forwards extends the pass
-    got = {s: block_states(trace, s) for s in order}
+    # the Timeline itself (block_states of a paged trace takes the vectorised replay: test_fragmentation_sweep.py)
+    got = {s: tl.at_step(s, lambda replay: replay.frame()) for s in order}
     assert len(tl.checkpoints) > 5
 
     for s in steps[:: max(1, len(steps) // 25)]:
@@ -134,7 +135,12 @@ def test_a_late_step_after_the_first_pass_replays_at_most_one_interval(monkeypat
     monkeypatch.setattr(replay_base, "MIN_INTERVAL", 32)
     trace = record("paged", make_requests(30, seed=3), kv_memory=20 * 1024)
     steps = memory_timeline(trace)["step"].tolist()
-    block_states(trace, steps[-1])  # the first pass
+    tl = _replay.timeline(trace)  # the Timeline itself, as the replays of other addressings use it
+
+    def replayed(step):
+        return tl.at_step(step, lambda replay: replay.frame())
+
+    replayed(steps[-1])  # the first pass
     applied = []
     original = _replay.BlockReplay.apply
 
@@ -144,7 +150,7 @@ def test_a_late_step_after_the_first_pass_replays_at_most_one_interval(monkeypat
 
     monkeypatch.setattr(_replay.BlockReplay, "apply", counting)
     for s in steps[:: max(1, len(steps) // 10)]:
-        block_states(trace, s)
+        replayed(s)
     assert applied and max(applied) < 32
 
 

@@ -55,8 +55,8 @@ def batches(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(batches(), st.sampled_from([8, 4096]))
-def test_the_store_reads_back_exactly_what_arrow_reads(batch_list, threshold):
+@given(batches(), st.sampled_from([8, 4096]), st.data())
+def test_the_store_reads_back_exactly_what_arrow_reads(batch_list, threshold, data):
     original = event_store._BIG
     event_store._BIG = threshold  # small threshold: the per-kind buffers of big kinds are exercised too
     try:
@@ -78,6 +78,33 @@ def test_the_store_reads_back_exactly_what_arrow_reads(batch_list, threshold):
         assert store.count(codes) == int(mask.sum())
         for name in ("seq", "n", "aux", "step", "t_ns"):
             assert np.array_equal(store.values(name, codes), expected[name].to_numpy()[mask]), (kinds, name)
+        # read a few rows at a time (slices across chunks): the same values, the kind codes with them
+        got_pieces = list(store.pieces(codes, ["t_ns", "seq"], size=3))
+        for name in ("t_ns", "seq"):
+            joined = np.concatenate([p[name] for p in got_pieces]) if got_pieces else np.zeros(0, np.int64)
+            assert np.array_equal(joined, expected[name].to_numpy()[mask]), (kinds, name, "pieces")
+    for name in ("t_ns", "step", "aux"):
+        joined = np.concatenate(list(store.column_pieces(name, 5))) if len(expected) else np.zeros(0)
+        assert np.array_equal(joined, expected[name].to_numpy()), (name, "column_pieces")
+        if len(expected):
+            assert store.value_range(name, [int(KIND_BY_NAME[k]) for k in KINDS]) == (
+                int(expected[name].min()),
+                int(expected[name].max()),
+            )
+    # take: any rows, in any order, repeated; the index counted a few entries at a time as well as at once
+    if len(expected):
+        rows = np.array(data.draw(st.lists(st.integers(0, len(expected) - 1), max_size=30)), np.int64)
+        # both ways of ranking rows: counting a few index entries at a time, all at once, and looking positions up
+        for block, sparse in ((3, 10**9), (event_store.RANK_BLOCK, 10**9), (event_store.RANK_BLOCK, 0)):
+            original = event_store.RANK_BLOCK, event_store.RANK_SPARSE
+            event_store.RANK_BLOCK, event_store.RANK_SPARSE = block, sparse
+            try:
+                for name in ("seq", "t_ns", "aux"):
+                    got_take = store.take(name, rows)
+                    assert got_take.dtype == expected[name].dtype
+                    assert np.array_equal(got_take, expected[name].to_numpy()[rows]), (name, block)
+            finally:
+                event_store.RANK_BLOCK, event_store.RANK_SPARSE = original
 
 
 def test_a_store_from_a_frame_keeps_the_frame():

@@ -563,12 +563,26 @@ def test_prompt_misses_bars_add_up_to_each_prompt_and_name_the_eviction():
     from kvscope.viz.prefix_misses import OUTCOMES, prefix_misses_figure
 
     requests = pd.DataFrame(
-        {"seq": [0, 1], "prompt_tokens": [40, 40], "hit_gpu": [0, 16], "hit_cpu": [0, 8], "cold": [32, 0],
-         "evicted": [0, 8], "gap": [0, 0], "floor": [8, 8]}  # fmt: skip
+        {
+            "seq": [0, 1],
+            "prompt_tokens": [40, 40],
+            "hit_gpu": [0, 16],
+            "hit_cpu": [0, 8],
+            "cold": [32, 0],
+            "evicted": [0, 8],
+            "gap": [0, 0],
+            "floor": [8, 8],
+        }
     )
     blocks = pd.DataFrame(
-        {"seq": [0, 0, 1], "position": [0, 1, 2], "hash": [1, 2, 2], "cause": ["cold", "cold", "evicted"],
-         "evicted_step": [-1, -1, 7], "evicted_s_before": [0.0, 0.0, 0.25]}  # fmt: skip
+        {
+            "seq": [0, 0, 1],
+            "position": [0, 1, 2],
+            "hash": [1, 2, 2],
+            "cause": ["cold", "cold", "evicted"],
+            "evicted_step": [-1, -1, 7],
+            "evicted_s_before": [0.0, 0.0, 0.25],
+        }
     )
     fig = prefix_misses_figure(requests, blocks)
     assert [t.name for t in fig.data] == [label for _, label, _ in OUTCOMES]

@@ -63,6 +63,13 @@ def rows(trace, *kinds: Kind) -> np.ndarray:
     return trace.store.rows([int(k) for k in kinds])
 
 
+def codes(trace, *kinds: Kind) -> np.ndarray:
+    """kind_codes(trace)[mask(trace, *kinds)]: the Kind value of each row of these kinds, in row order."""
+    store = trace.store
+    ks = [int(k) for k in kinds]
+    return _codes_of(store, ks, store.count(ks))
+
+
 def mask(trace, *kinds: Kind) -> np.ndarray:
     store = trace.store
     if len(kinds) == 1:
@@ -73,18 +80,22 @@ def mask(trace, *kinds: Kind) -> np.ndarray:
 _SELECT_COLUMNS = ["t_ns", "step", "seq", "block", "n", "bytes", "addr", "aux", "dur_ns"]
 
 
-def select(trace, *kinds: Kind) -> pd.DataFrame:
-    """Rows of the given kinds (a new DataFrame; original row order), with a `code` column holding the Kind value."""
+def select(trace, *kinds: Kind, columns: list[str] | None = None) -> pd.DataFrame:
+    """Rows of the given kinds (a new DataFrame; original row order), with a `code` column holding the Kind value.
+    With `columns`, only those (and `code`), read for this call and not cached: for a caller that reads a few
+    columns of many rows once (memory_timeline's hundreds of thousands of samples)."""
 
-    def build() -> pd.DataFrame:
+    def build(names: list[str]) -> pd.DataFrame:
         ks = [int(k) for k in kinds]
         store = trace.store
-        df = pd.DataFrame({c: store.values(c, ks) for c in _SELECT_COLUMNS})
+        df = pd.DataFrame({c: store.values(c, ks) for c in names})
         df["code"] = _codes_of(store, ks, len(df))
         return df
 
+    if columns is not None:
+        return build([c for c in _SELECT_COLUMNS if c in columns])
     key = "select." + ",".join(str(int(k)) for k in sorted(set(kinds)))
-    return cached(trace, key, build).copy()
+    return cached(trace, key, lambda: build(_SELECT_COLUMNS)).copy()
 
 
 def _codes_of(store, ks: list[int], n: int) -> np.ndarray:
@@ -99,15 +110,68 @@ def count(trace, kind: Kind) -> int:
     return trace.store.count([int(kind)])
 
 
+STEP_PIECE_ROWS = 1 << 21  # step_runs reads the step column this many rows at a time
+
+
 def running_step(trace) -> np.ndarray:
     """Per row, the step it belongs to for 'state at the end of step s' purposes: rows recorded outside a step
-    (step -1) after the first step count with the step before them. (The `step` column's dtype: int32 as read.)"""
+    (step -1) after the first step count with the step before them. (The `step` column's dtype: int32 as read.)
+    One value per row: the analysis reads step_runs / step_of_rows instead, which hold one entry per step."""
+    starts, values = step_runs(trace)
+    return np.repeat(values, np.diff(np.r_[starts, len(trace.store)]))
 
-    def build() -> np.ndarray:
-        steps = trace.store.column("step")
-        return np.maximum.accumulate(steps) if len(steps) else steps
 
-    return cached(trace, "running_step", build)
+def step_runs(trace) -> tuple[np.ndarray, np.ndarray]:
+    """running_step as runs: (starts, values): the row where each run of one running step starts (ascending, the
+    first at row 0) and that step (strictly increasing: the running step never decreases). Built a block of rows at
+    a time, so that no per-row array of the whole trace is held."""
+
+    def build() -> tuple[np.ndarray, np.ndarray]:
+        store = trace.store
+        starts: list[np.ndarray] = []
+        values: list[np.ndarray] = []
+        carry: int | None = None  # the running step before the block
+        at = 0
+        for block in store.column_pieces("step", STEP_PIECE_ROWS):
+            run = np.maximum.accumulate(block.astype(np.int64))  # (pieces come in narrow dtypes)
+            if carry is not None:
+                run = np.maximum(run, carry)
+            change = np.r_[carry is None or run[0] != carry, run[1:] != run[:-1]]
+            where = np.flatnonzero(change)
+            starts.append(where + at)
+            values.append(run[where])
+            carry = int(run[-1])
+            at += len(block)
+        dtype = store.dtypes["step"]
+        if not starts:
+            return np.zeros(0, np.int64), np.zeros(0, dtype)
+        return np.concatenate(starts).astype(np.int64), np.concatenate(values).astype(dtype)
+
+    return cached(trace, "step_runs", build)
+
+
+def step_of_rows(trace, rows: np.ndarray) -> np.ndarray:
+    """running_step(trace)[rows], from the runs."""
+    starts, values = step_runs(trace)
+    return values[np.searchsorted(starts, np.asarray(rows, np.int64), side="right") - 1]
+
+
+def _rows_before(trace, step: int) -> int:
+    """How many rows have a running step <= step (np.searchsorted(running_step, step, side="right"))."""
+    starts, values = step_runs(trace)
+    i = int(np.searchsorted(values, step, side="right"))
+    return int(starts[i]) if i < len(starts) else len(trace.store)
+
+
+def _step_ends(trace) -> tuple[np.ndarray, np.ndarray, int]:
+    """(steps, the last row of each, the first row of step 0 or later) for the runs of steps >= 0."""
+    starts, values = step_runs(trace)
+    i = int(np.searchsorted(values, 0, side="left"))
+    if i >= len(starts):
+        return values[:0], np.zeros(0, np.int64), len(trace.store)
+    first = int(starts[i])
+    last_pos = np.r_[starts[i + 1 :], len(trace.store)].astype(np.int64) - 1
+    return values[i:], last_pos, first
 
 
 def step_cuts(trace) -> tuple[np.ndarray, np.ndarray]:
@@ -118,18 +182,16 @@ def step_cuts(trace) -> tuple[np.ndarray, np.ndarray]:
     last row. Rows after the last step's samples (allocator teardown at the end of the run) belong to no step."""
 
     def build() -> tuple[np.ndarray, np.ndarray]:
-        run = running_step(trace)
-        # run never decreases: the rows of no step are a prefix, and each step's rows are one run of rows
-        first = int(np.searchsorted(run, 0, side="left"))
-        if first >= len(run):
+        # the running step never decreases: the rows of no step are a prefix, and each step's rows are one run
+        run_steps, last_pos, first = _step_ends(trace)
+        if first >= len(trace.store):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        last_pos = np.r_[np.flatnonzero(run[first + 1 :] != run[first:-1]) + first, len(run) - 1].astype(np.int64)
-        steps = run[last_pos].astype(np.int64)
+        steps = run_steps.astype(np.int64)
         cut = last_pos + 1
         acct = rows(trace, *(k for k in Kind if int(Kind.ACCT_CAPACITY) <= int(k) <= int(Kind.ACCT_FREE)))
         acct = acct[acct >= first]
         if len(acct):
-            acct_steps = run[acct]
+            acct_steps = step_of_rows(trace, acct)
             last_acct = np.r_[acct_steps[1:] != acct_steps[:-1], True]
             at = np.searchsorted(steps, acct_steps[last_acct])
             cut[at] = acct[last_acct] + 1
@@ -143,7 +205,7 @@ def end_of_step(trace, step: int) -> int:
     recorded nothing ends where the step before it ended."""
     steps, cut = step_cuts(trace)
     i = int(np.searchsorted(steps, step, side="right")) - 1
-    return int(cut[i]) if i >= 0 else int(np.searchsorted(running_step(trace), -1, side="right"))
+    return int(cut[i]) if i >= 0 else _rows_before(trace, -1)
 
 
 def recorded_steps(trace) -> np.ndarray:
@@ -158,14 +220,12 @@ def step_clock(trace) -> pd.DataFrame:
     wall_s (host time at the end of the step), clock ('sim' or 'host')."""
 
     def build() -> pd.DataFrame:
-        run = running_step(trace)
-        if not len(run) or run[-1] < 0:
+        _, values = step_runs(trace)
+        if not len(values) or values[-1] < 0:
             return pd.DataFrame(
                 {"step": pd.Series([], dtype="int64"), "t_s": [], "dur_s": [], "wall_s": [], "clock": []}
             )
-        first = int(np.searchsorted(run, 0, side="left"))  # run never decreases: rows of no step come first
-        last_pos = np.r_[np.flatnonzero(run[first + 1 :] != run[first:-1]) + first, len(run) - 1]
-        steps = run[last_pos]
+        steps, last_pos, first = _step_ends(trace)  # the running step never decreases: rows of no step first
         wall_s = trace.store.take("t_ns", last_pos) / 1e9
         frame = pd.DataFrame({"step": steps.astype(np.int64), "wall_s": wall_s})
         st = select(trace, Kind.STEP).drop_duplicates("step", keep="last")

@@ -139,13 +139,16 @@ def _head_tokens(trace, steps: np.ndarray) -> np.ndarray:
         return out
     admits = select(trace, Kind.ADMIT)[["step", "seq", "n"]].drop_duplicates(["seq", "step"], keep="first")
     need_at = {(int(q), int(s)): int(n) for s, q, n in admits.itertuples(index=False)}
-    prompt = request_lifetimes(trace).set_index("seq")["prompt_len"]
+    lifetimes = request_lifetimes(trace)
+    # a dict, not the Series: this loop runs once per waiting phase (tens of thousands on a big trace)
+    prompt = dict(zip(lifetimes["seq"].tolist(), lifetimes["prompt_len"].tolist(), strict=True))
     order = phases.sort_values(["end_step", "start_step"], kind="stable")
     lo = np.searchsorted(steps, order["start_step"].to_numpy(np.int64), side="left")
     hi = np.searchsorted(steps, order["end_step"].to_numpy(np.int64), side="left")
     # Each step takes the first phase (in end order) that covers it: `nxt` jumps over steps already taken, so the
     # whole pass is about linear in steps + phases.
-    nxt = np.arange(len(steps) + 1)
+    nxt = list(range(len(steps) + 1))  # Python ints: the loop below reads and writes one entry at a time
+    head = out.tolist()
 
     def find(i: int) -> int:
         root = i
@@ -158,10 +161,11 @@ def _head_tokens(trace, steps: np.ndarray) -> np.ndarray:
     for (seq, end, is_open), a, b in zip(
         order[["seq", "end_step", "open"]].itertuples(index=False), lo.tolist(), hi.tolist(), strict=True
     ):
-        need = int(prompt.get(seq, -1)) if is_open else need_at.get((int(seq), int(end)), int(prompt.get(seq, -1)))
+        first_need = int(prompt.get(int(seq), -1))
+        need = first_need if is_open else need_at.get((int(seq), int(end)), first_need)
         i = find(a)
         while i < b:
-            out[i] = need
+            head[i] = need
             nxt[i] = i + 1
             i = find(i + 1)
-    return out
+    return np.array(head, np.int64)

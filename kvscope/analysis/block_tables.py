@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis._events import column, config_value, end_of_step, kind_codes, mask
+from kvscope.analysis._events import codes, config_value, count, end_of_step, rows, values
 from kvscope.analysis.fragmentation import block_states
 from kvscope.analysis.replay import ReplayError, addressing
 from kvscope.analysis.replay.pages import LEGACY_PAGE_SIZE
@@ -57,7 +57,7 @@ def has_block_tables(trace) -> bool:
     except ReplayError:
         return False
     kind = Kind.BLOCK_ALLOC if family == "blocks" else Kind.PAGE_MAP if family == "pages" else None
-    return kind is not None and bool(mask(trace, kind).any())
+    return kind is not None and count(trace, kind) > 0
 
 
 def block_tables(trace, step: int) -> pd.DataFrame:
@@ -105,13 +105,14 @@ def _blocks(trace, step: int, held: pd.DataFrame) -> pd.DataFrame:
     )
     # The last allocation of each block before the end of the step says whether it is a copy-on-write copy.
     pos = end_of_step(trace, step)
-    m = mask(trace, Kind.BLOCK_ALLOC, Kind.BLOCK_COW)[:pos]
-    rows = np.flatnonzero(m)
+    # only the rows of these two kinds are read (the store holds them apart), those before the end of the step
+    kinds = (Kind.BLOCK_ALLOC, Kind.BLOCK_COW)
+    before = rows(trace, *kinds) < pos
     last = pd.DataFrame(
         {
-            "unit": column(trace, "block")[rows],
-            "cow": kind_codes(trace)[rows] == int(Kind.BLOCK_COW),
-            "source": column(trace, "aux")[rows],
+            "unit": values(trace, "block", *kinds)[before],
+            "cow": codes(trace, *kinds)[before] == int(Kind.BLOCK_COW),
+            "source": values(trace, "aux", *kinds)[before],
         }
     ).drop_duplicates("unit", keep="last")
     last = last.set_index("unit")

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis._events import cached, column, kind_codes, mask
+from kvscope.analysis._events import cached, column, count, kind_codes, mask
 from kvscope.events import Kind
 from kvscope.importers.codec import bytes_from_chunks, hash_u64, i64_to_u64, name_from_chunks
 
@@ -48,7 +48,7 @@ NO_MEDIUM = "(none)"  # a BlockStored / BlockRemoved with medium null
 def has_kv_events(trace) -> bool:
     """The trace holds an imported KV-event stream: KV_BATCH rows, or the importer's meta["kv_events"] (a
     listener that has not received anything yet)."""
-    return isinstance(trace.meta.get("kv_events"), dict) or bool(mask(trace, Kind.KV_BATCH).any())
+    return isinstance(trace.meta.get("kv_events"), dict) or count(trace, Kind.KV_BATCH) > 0
 
 
 @dataclass

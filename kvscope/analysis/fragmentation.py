@@ -7,18 +7,22 @@ States (per addressing family, e.g. the paged, vmm and static allocators; `unit_
             length P + O - 1), internal (rows beyond the final length: never to be filled)
 
 The state is rebuilt by replaying the allocator's events (kvscope.analysis.replay, chosen by the addressing the trace
-declares): checkpoints make any step cheap to reach after the first pass, which is cached on the Trace.
+declares): checkpoints make any step cheap to reach after the first pass, which is cached on the Trace. The map
+(state_matrix, fill_matrix) of a block-addressed trace takes the vectorised replay (replay.sweep: the same states, in
+numpy, at every sampled step in one pass) where the trace's events allow it; each map is cached on the Trace.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis._events import recorded_steps
-from kvscope.analysis.replay import STATE_COLUMNS, Timeline, replay_class, timeline
+from kvscope.analysis._events import end_of_step, recorded_steps
+from kvscope.analysis.replay import STATE_COLUMNS, replay_class, timeline
+from kvscope.analysis.replay.sweep import block_sweep
 
 __all__ = [
     "FILL_COLUMNS",
@@ -54,6 +58,10 @@ def block_states(trace, step: int) -> pd.DataFrame:
     """
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
         raise ValueError(f"block_states: step must be an integer, got {step!r}")
+    sweep = block_sweep(trace)
+    if sweep is not None:
+        cut = end_of_step(trace, int(step))  # (steps that end at one row share a frame)
+        return _memo(trace, ("block_states", cut), lambda: sweep.frame_at(cut))
     return timeline(trace).at_step(int(step), lambda replay: replay.frame())
 
 
@@ -82,10 +90,9 @@ class _Bins:
     n_units: int
 
 
-def _bins(fn: str, trace, tl: Timeline, max_units: int, max_steps: int, steps_window, units_window) -> _Bins | None:
+def _bins(fn: str, trace, n_units: int, max_units: int, max_steps: int, steps_window, units_window) -> _Bins | None:
     steps = recorded_steps(trace)
     steps = steps[steps >= 0]
-    n_units = _unit_count(tl)
     if not len(steps) or n_units == 0:
         return None
     s0, s1 = _window(fn, steps_window, int(steps[0]), int(steps[-1]), "steps")
@@ -118,9 +125,13 @@ def state_matrix(
     one always), as many as SAMPLE_BUDGET allows for the pool's size. `steps` and `units` (inclusive (first, last)
     pairs) zoom in: only that window is binned, so a zoomed map has finer cells."""
     _check_bins("state_matrix", max_units, max_steps)
-    tl = timeline(trace)
-    states = list(tl.cls.states)
-    bins = _bins("state_matrix", trace, tl, max_units, max_steps, steps, units)
+    key = ("state_matrix", max_units, max_steps, _pair(steps), _pair(units))
+    return _memo(trace, key, lambda: _state_matrix(trace, max_units, max_steps, steps, units))
+
+
+def _state_matrix(trace, max_units: int, max_steps: int, steps, units) -> pd.DataFrame:
+    states = unit_states(trace)
+    bins = _bins("state_matrix", trace, _units(trace), max_units, max_steps, steps, units)
     if bins is None:
         return _empty(states)
     step_chunks, unit_edges, n_units = bins.step_chunks, bins.unit_edges, bins.n_units
@@ -138,7 +149,6 @@ def state_matrix(
     unit_bin_of = bins.unit_bin_of[inside]
     n_states = len(states)
     counts = np.zeros((len(step_chunks), n_ubins, n_states), np.float64)
-    indices = [tl.index_of_step(s) for s in samples]
 
     def accumulate(codes: np.ndarray) -> np.ndarray:
         c = np.zeros(n_units, np.int64)
@@ -147,8 +157,8 @@ def state_matrix(
         c = c[inside]
         return np.bincount(unit_bin_of * n_states + c, minlength=n_ubins * n_states).reshape(n_ubins, n_states)
 
-    for b, hist in zip(sample_bin, tl.scan(indices, lambda replay: accumulate(replay.codes())), strict=True):
-        counts[b] += hist
+    for b, codes in zip(sample_bin, _codes_at(trace, samples), strict=True):
+        counts[b] += accumulate(codes)
     samples_per_bin = np.bincount(np.array(sample_bin), minlength=len(step_chunks)).astype(np.float64)
     sizes = np.diff(unit_edges).astype(np.float64)
     fraction = counts / samples_per_bin[:, None, None] / sizes[None, :, None]
@@ -165,6 +175,17 @@ def state_matrix(
         }
     )
     return frame[MATRIX_COLUMNS]
+
+
+def _codes_at(trace, samples: list[int]) -> Iterable[np.ndarray]:
+    """The state code of every unit at the end of each sampled step (ascending): vectorised where the trace allows
+    it (replay.sweep), else by the checkpointed event-by-event replay."""
+    sweep = block_sweep(trace)
+    if sweep is not None:
+        cuts = [end_of_step(trace, s) for s in samples]
+        return (codes for codes, _ in sweep.states_at(cuts, with_fill=False))
+    tl = timeline(trace)
+    return tl.scan([tl.index_of_step(s) for s in samples], lambda replay: replay.codes())
 
 
 # States that hold no memory reserved for a sequence: left out of the fill level (cached-idle prefix blocks are
@@ -187,40 +208,68 @@ def fill_matrix(
     reserved). Reserved units are the states not in UNRESERVED_STATES: a partly filled last block, a page mapped
     for tokens not generated yet and a mapped-idle page lower the fill; free units do not count. One row per cell."""
     _check_bins("fill_matrix", max_units, max_steps)
-    tl = timeline(trace)
-    bins = _bins("fill_matrix", trace, tl, max_units, max_steps, steps, units)
+    key = ("fill_matrix", max_units, max_steps, _pair(steps), _pair(units))
+    return _memo(trace, key, lambda: _fill_matrix(trace, max_units, max_steps, steps, units))
+
+
+def _fill_matrix(trace, max_units: int, max_steps: int, steps, units) -> pd.DataFrame:
+    bins = _bins("fill_matrix", trace, _units(trace), max_units, max_steps, steps, units)
     if bins is None:
         return pd.DataFrame({c: pd.Series([], dtype="int64") for c in FILL_COLUMNS}).astype({"fill": "float64"})
     n_ubins = len(bins.unit_edges) - 1
-    rows = tl.cls.addressing == "rows"  # arena rows: a row is one token slot, filled when it is `used`
-    states = list(tl.cls.states)
+    cls = replay_class(trace)
+    rows = cls.addressing == "rows"  # arena rows: a row is one token slot, filled when it is `used`
+    states = list(cls.states)
     skip = np.array([states.index(s) for s in UNRESERVED_STATES if s in states], np.int64)
     used_code = states.index("used") if "used" in states else -1
 
-    def measure(replay) -> np.ndarray:
+    def measure_rows(codes: np.ndarray) -> np.ndarray:
         out = np.zeros((2, n_ubins), np.float64)
-        if rows:
-            codes = np.asarray(replay.codes(), np.int64)[: bins.n_units]
-            bin_of = bins.unit_bin_of[: len(codes)]
-            keep = (bin_of >= 0) & ~np.isin(codes, skip)
-            out[0] = np.bincount(bin_of[keep & (codes == used_code)], minlength=n_ubins)
-            out[1] = np.bincount(bin_of[keep], minlength=n_ubins)
-            return out
-        f = replay.frame()
-        unit = f["unit"].to_numpy(np.int64)
+        codes = np.asarray(codes, np.int64)[: bins.n_units]
+        bin_of = bins.unit_bin_of[: len(codes)]
+        keep = (bin_of >= 0) & ~np.isin(codes, skip)
+        out[0] = np.bincount(bin_of[keep & (codes == used_code)], minlength=n_ubins)
+        out[1] = np.bincount(bin_of[keep], minlength=n_ubins)
+        return out
+
+    def measure_units(unit: np.ndarray, codes: np.ndarray, fill: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+        """Tokens and token slots of the reserved units, per unit bin (units: block or page ids)."""
+        out = np.zeros((2, n_ubins), np.float64)
         ok = unit < bins.n_units
         unit = unit[ok]
         bin_of = bins.unit_bin_of[unit]
-        codes = f["state"].cat.codes.to_numpy(np.int64)[ok]
+        codes = codes[ok]
         keep = (bin_of >= 0) & ~np.isin(codes, skip)
-        out[0] = np.bincount(bin_of[keep], weights=f["fill"].to_numpy(np.float64)[ok][keep], minlength=n_ubins)
-        out[1] = np.bincount(
-            bin_of[keep], weights=f["capacity_tokens"].to_numpy(np.float64)[ok][keep], minlength=n_ubins
-        )
+        out[0] = np.bincount(bin_of[keep], weights=fill.astype(np.float64)[ok][keep], minlength=n_ubins)
+        out[1] = np.bincount(bin_of[keep], weights=capacity.astype(np.float64)[ok][keep], minlength=n_ubins)
         return out
 
-    last = [tl.index_of_step(int(c[-1])) for c in bins.step_chunks]
-    measured = np.stack(tl.scan(last, measure))  # (step bins, 2, unit bins)
+    def measure(replay) -> np.ndarray:
+        if rows:
+            return measure_rows(replay.codes())
+        f = replay.frame()
+        return measure_units(
+            f["unit"].to_numpy(np.int64),
+            f["state"].cat.codes.to_numpy(np.int64),
+            f["fill"].to_numpy(np.float64),
+            f["capacity_tokens"].to_numpy(np.float64),
+        )
+
+    last_steps = [int(c[-1]) for c in bins.step_chunks]
+    sweep = block_sweep(trace)
+    if sweep is not None:
+        unit = np.arange(sweep.n, dtype=np.int64)
+        capacity = np.full(sweep.n, sweep.block_size, np.int64)
+        cuts = [end_of_step(trace, s) for s in last_steps]
+        measured_list = [
+            measure_units(unit, codes.astype(np.int64), fill, capacity)
+            for codes, fill in sweep.states_at(cuts, with_fill=True)
+            if fill is not None
+        ]
+    else:
+        tl = timeline(trace)
+        measured_list = tl.scan([tl.index_of_step(s) for s in last_steps], measure)
+    measured = np.stack(measured_list)  # (step bins, 2, unit bins)
     tokens, slots = measured[:, 0, :], measured[:, 1, :]
     with np.errstate(invalid="ignore", divide="ignore"):
         fill = np.where(slots > 0, tokens / slots, np.nan)
@@ -240,8 +289,29 @@ def fill_matrix(
     return frame[FILL_COLUMNS]
 
 
-def _unit_count(tl: Timeline) -> int:
-    return int(tl.live.units)
+def _units(trace) -> int:
+    """Units of the pool (the map's height), as the allocator's config (or the events) size it."""
+    sweep = block_sweep(trace)
+    return sweep.n if sweep is not None else int(timeline(trace).units)
+
+
+# Maps cached per trace: a dashboard's zooms ask for many windows, so only the latest few are kept.
+MEMO_SIZE = 16
+
+
+def _pair(window: tuple[int, int] | None) -> tuple[int, ...] | None:
+    """A window as a cache key (a malformed one is refused by _window, as ever)."""
+    return None if window is None else tuple(int(v) for v in window)
+
+
+def _memo(trace, key: tuple, build: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    """build() cached on the trace under `key` (a copy is returned: callers may change theirs)."""
+    memo: dict = trace._cache.setdefault("analysis.fragmentation_maps", {})
+    if key not in memo:
+        memo[key] = build()
+        while len(memo) > MEMO_SIZE:
+            memo.pop(next(iter(memo)))
+    return memo[key].copy()
 
 
 def _empty(states: list[str]) -> pd.DataFrame:

@@ -52,7 +52,7 @@ def memory_timeline(trace) -> pd.DataFrame:
 
 
 def _build(trace) -> pd.DataFrame:
-    acct = select(trace, *ACCT_FIELDS)
+    acct = select(trace, *ACCT_FIELDS, columns=["step", "bytes"])  # (only these: 9 samples a step)
     acct = acct[acct["step"] >= 0]
     if acct.empty:
         ints = ["step", *FIELDS, "waste", "sharing_saved", *PEAK_COLUMNS]
@@ -94,7 +94,7 @@ def _add_peaks(trace, frame: pd.DataFrame) -> None:
     end_values = {name: frame[name] for name in ("reserved", "used", "logical", "cached_idle")}
     for name in ("waste", "internal", "reservation", "mapped_idle"):
         end_values[name] = frame[name].where(live, 0)  # waste counts while some sequence holds tokens
-    samples = select(trace, *PEAK_FIELDS)
+    samples = select(trace, *PEAK_FIELDS, columns=["step", "bytes"])
     samples = samples[samples["step"] >= 0]
     wide = pd.DataFrame(index=frame["step"])
     if not samples.empty:

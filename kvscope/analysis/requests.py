@@ -40,7 +40,15 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis._events import cached, mask, recorded_steps, requests_meta, running_step, select, step_clock
+from kvscope.analysis._events import (
+    cached,
+    recorded_steps,
+    requests_meta,
+    rows,
+    select,
+    step_clock,
+    step_of_rows,
+)
 from kvscope.analysis.steps import resolve_clock, step_durations
 from kvscope.events import Kind
 
@@ -221,6 +229,9 @@ def _build(trace) -> pd.DataFrame:
     return frame[LIFETIME_COLUMNS]
 
 
+PIECE_ROWS = 1 << 19  # _AppendPass reads the APPEND rows this many at a time
+
+
 class _AppendPass:
     """What request_lifetimes needs of the APPEND rows (tokens held after each append, `aux`), read from the trace's
     store a piece at a time in row order, never as one frame: which sequences append, and per sequence the most
@@ -232,7 +243,8 @@ class _AppendPass:
         self.trace = trace
 
     def _pieces(self):
-        for piece in self.trace.store.pieces([int(Kind.APPEND)], self.NAMES):
+        # (pieces of PIECE_ROWS: a few int64 arrays of a piece are alive at once, beside the summary's other work)
+        for piece in self.trace.store.pieces([int(Kind.APPEND)], self.NAMES, size=PIECE_ROWS):
             keep = piece["seq"] >= 0
             if not keep.all():
                 piece = {name: values[keep] for name, values in piece.items()}
@@ -410,7 +422,7 @@ def _phases(trace) -> pd.DataFrame:
     steps = recorded_steps(trace)
     life = select(trace, *_LIFECYCLE)
     # The step each event counts with: events outside a step count with the step before them.
-    life["at"] = np.maximum(running_step(trace)[np.flatnonzero(mask(trace, *_LIFECYCLE))], 0)
+    life["at"] = np.maximum(step_of_rows(trace, rows(trace, *_LIFECYCLE)), 0)
     life = life[life["seq"] >= 0]
     if life.empty or not len(steps):
         return _phase_frame(pd.DataFrame({c: pd.Series([], dtype=object) for c in PHASE_COLUMNS}))

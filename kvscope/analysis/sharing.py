@@ -23,6 +23,7 @@ from kvscope.analysis._events import (
     cached,
     column,
     config_value,
+    count,
     kind_codes,
     mask,
     requests_meta,
@@ -59,7 +60,7 @@ def sharing_edges(trace, step: int) -> pd.DataFrame:
     table_index (where the block sits in the sequence's block table). Blocks held by one sequence are left out.
     Only block-addressed traces (kvscope.analysis.replay: paged and the like) share blocks; others give an empty
     frame."""
-    if _addressing(trace) != "blocks" or not mask(trace, Kind.BLOCK_ALLOC).any():
+    if _addressing(trace) != "blocks" or not count(trace, Kind.BLOCK_ALLOC):
         return _empty_edges()
     states = block_states(trace, step)
     shared = states[states["ref_count"] > 1]
@@ -399,6 +400,10 @@ def sharing_saving_mean(trace) -> float | None:
     return 1.0 - float(frame["units_with"].sum()) / total
 
 
+# _held_units reads the lifecycle events this many at a time: a dozen int64 arrays of a piece are alive at once.
+PIECE_ROWS = 1 << 18
+
+
 def _held_units(trace, unit: SharingUnit, steps: np.ndarray) -> np.ndarray:
     """Per step in `steps`: the sum over sequences in device memory at the step's end of unit.units(tokens held).
     Tokens held follow the scheduler's lifecycle events: ADMIT (aux: prefix-cache hit tokens it starts with),
@@ -431,12 +436,13 @@ def _held_units(trace, unit: SharingUnit, steps: np.ndarray) -> np.ndarray:
     out = np.zeros(len(steps), np.int64)
     units = 0
     done = 0  # events handled so far
-    for piece in trace.store.pieces([int(k) for k in _HELD], ("seq", "n", "aux")):
+    for piece in trace.store.pieces([int(k) for k in _HELD], ("seq", "n", "aux"), size=PIECE_ROWS):
         code = piece["code"]
         q = piece["seq"].astype(np.int64) - lo
         n, aux = piece["n"].astype(np.int64), piece["aux"].astype(np.int64)
         new = np.where((code == APPEND) | (code == ADMIT), np.maximum(aux, 0), np.where(code == FORK, n, 0))
-        order = np.argsort(q, kind="stable")
+        # stable, so any integer type gives one order: 16-bit ids sort by radix, several times faster
+        order = np.argsort(q.astype(np.uint16) if hi - lo < (1 << 16) else q, kind="stable")
         sq = q[order]
         first = np.r_[True, sq[1:] != sq[:-1]] if len(sq) else np.zeros(0, bool)
         last = np.r_[sq[1:] != sq[:-1], True] if len(sq) else np.zeros(0, bool)

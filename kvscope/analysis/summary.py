@@ -50,12 +50,22 @@ restored_after_eviction, ... (cache.cache_summary); the engine keys above are le
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis._events import DRIVER_KINDS, cached, count, requests_meta, select, step_clock, values
+from kvscope.analysis._events import (
+    DRIVER_KINDS,
+    cached,
+    count,
+    requests_meta,
+    select,
+    step_clock,
+    step_cuts,
+    values,
+)
 from kvscope.analysis.batch import batch_summary
 from kvscope.analysis.cache import has_kv_events, kv_trace_summary
 from kvscope.analysis.latency import latency_summary
@@ -102,9 +112,17 @@ def event_counts(trace) -> pd.DataFrame:
 
 
 def _build(trace) -> dict[str, Any]:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvscope-summary") as pool:
+        return _build_with(trace, pool)
 
+
+def _build_with(trace, pool: ThreadPoolExecutor) -> dict[str, Any]:
     meta = trace.meta
     tl = memory_timeline(trace)
+    step_cuts(trace)  # (what both threads below read: built once, here)
+    # The sharing saving is one pass over every lifecycle event, mostly numpy that lets go of the GIL: it runs on
+    # the other core while this thread reads the requests. Its result is the same as computed in line.
+    sharing_mean = pool.submit(sharing_saving_mean, trace)
     lt = request_lifetimes(trace)
     clock = step_clock(trace)
 
@@ -187,7 +205,7 @@ def _build(trace) -> dict[str, Any]:
         "peak_nvml_bytes": peak_sample("nvml_bytes"),
         "peak_torch_bytes": peak_sample("torch_bytes"),
         "sharing_saved_bytes_peak": max(0, peak("sharing_saved")),
-        "sharing_saving_mean": sharing_saving_mean(trace),
+        "sharing_saving_mean": sharing_mean.result(),
         "prefix_hit_tokens": prefix_hit_tokens,
         "prefix_hit_rate": prefix_hit_tokens / prompt_tokens if prompt_tokens else 0.0,
         "preemptions": len(preempt),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis._events import DRIVER_KINDS, cached, column, mask, running_step, select, step_clock
+from kvscope.analysis._events import DRIVER_KINDS, cached, rows, select, step_clock, step_of_rows, values
 from kvscope.events import Kind
 
 THROUGHPUT_COLUMNS = [
@@ -95,9 +95,8 @@ def _build(trace) -> pd.DataFrame:
     ceiling = (getattr(trace, "meta", None) or {}).get("warmup", {}).get("copy_ceiling_tbps")
     frame["copy_ceiling_tbps"] = float(ceiling) if ceiling else np.nan
 
-    drv = mask(trace, *DRIVER_KINDS)
-    run = running_step(trace)[drv]
-    dur_ns = column(trace, "dur_ns")[drv]
+    run = step_of_rows(trace, rows(trace, *DRIVER_KINDS))
+    dur_ns = values(trace, "dur_ns", *DRIVER_KINDS)
     calls = pd.DataFrame({"step": run, "dur_ns": dur_ns})
     by = calls.groupby("step").agg(ms=("dur_ns", "sum"), calls=("dur_ns", "size")).reindex(steps)
     frame["driver_ms"] = by["ms"].fillna(0).to_numpy(np.float64) / 1e6

@@ -80,8 +80,14 @@ def _bands(shares: np.ndarray, k: int, free: np.ndarray) -> np.ndarray:
             j = np.where(shares[i] > 0, rem[i], -np.inf).argmax(axis=1)
             count[i, j] += 1
     out = np.zeros((cells, k), np.int64)
-    for c in range(cells):
-        out[c] = np.repeat(np.arange(n), np.clip(count[c], 0, None))[:k]
+    count = np.clip(count, 0, None)
+    # Band j of a cell is the state whose run of bands covers j: the number of states whose runs end at or before j
+    # (np.repeat(states, count)[:k] per cell, for all cells at once; a map has tens of thousands of cells).
+    ends = np.cumsum(count, axis=1)
+    whole = ends[:, -1] >= k if n else np.zeros(cells, bool)
+    out[whole] = (ends[whole][:, :, None] <= np.arange(k)[None, None, :]).sum(axis=1)
+    for c in np.flatnonzero(~whole).tolist():  # (fewer than k bands: as np.repeat gives them)
+        out[c] = np.repeat(np.arange(n), count[c])[:k]
     return out
 
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import numpy as np
 import pandas as pd
 
-from kvscope.analysis._events import cached, column, config_value, end_of_step, kind_codes, mask
+from kvscope.analysis._events import cached, config_value, end_of_step
 from kvscope.events import Kind
 
 # Snapshots are taken every max(MIN_INTERVAL, events / MAX_CHECKPOINTS) relevant events, fewer when the pool is big
@@ -61,9 +61,16 @@ class Events:
     @classmethod
     def of(cls, trace: Any, kinds: tuple[Kind, ...]) -> tuple[Events, np.ndarray]:
         """(the events of these kinds, their row positions in the trace)."""
-        rel = mask(trace, *kinds)
-        cols = (column(trace, c)[rel] for c in ("seq", "block", "n", "addr", "aux"))
-        return cls(kind_codes(trace)[rel], *cols), np.flatnonzero(rel)
+        # Only the rows of these kinds are read (the store holds them apart): no whole column is built.
+        store = trace.store
+        ks = [int(k) for k in kinds]
+        cols = [store.values(c, ks, np.int64) for c in ("seq", "block", "n", "addr", "aux")]
+        positions = store.positions(ks)
+        if len(positions) == 1:
+            code = np.full(len(cols[0]), int(store.lookup[positions[0]]), np.int64)
+        else:
+            code = store.lookup[store.selection(positions)] if positions else np.zeros(0, np.int64)
+        return cls(code, *cols), store.rows(ks)
 
     @property
     def columns(self) -> list[np.ndarray]:
@@ -105,8 +112,9 @@ def max_unit(trace: Any, kinds: tuple[Kind, ...]) -> int:
     """The largest block / page id the given events name (-1 if none)."""
 
     def build() -> int:
-        units = column(trace, "block")[mask(trace, *kinds)]
-        return int(units.max()) if len(units) else -1
+        # the store's per-kind ranges: no pass over the rows (the whole `block` column is 8 bytes a row)
+        span = trace.store.value_range("block", [int(k) for k in kinds])
+        return -1 if span is None else int(span[1])
 
     return cached(trace, "max_block." + ",".join(str(int(k)) for k in kinds), build)
 
@@ -219,6 +227,9 @@ class Timeline(Generic[ReplayT]):
         self.cls = cls
         self.events, self.positions = Events.of(trace, cls.kinds)  # positions: row positions of the events
         self.live: ReplayT = cls(trace)
+        # The pool's size before any event: what the maps bin (the live replay grows when an event names a unit
+        # beyond the pool, so its size would depend on how far it has been moved).
+        self.units = self.live.units
         per_snapshot = SNAPSHOT_BYTES_PER_UNIT * max(self.live.snapshot_units, 1)
         n_events = len(self.events)
         by_memory = n_events * per_snapshot // CHECKPOINT_BUDGET_BYTES + 1
