@@ -58,6 +58,7 @@ _KIND_DICTIONARY = pa.array(KIND_NAMES, pa.string())
 _ROW = len(COLUMNS)  # values per event in the flat buffer (row-major: t_ns, step, kind, seq, ..., dur_ns)
 _KIND_LIMIT = len(KIND_NAMES)  # kind codes are indexes into the dictionary
 _STEP_MIN, _STEP_LIMIT = -1, 1 << 31  # `step` is stored as int32; -1 outside steps
+_DTYPES = {name: np.int16 if name == "kind" else np.int32 if name == "step" else np.int64 for name in COLUMNS}
 # One row as native int64 bytes. struct checks every value before it writes any, so a row is packed whole or not
 # at all, and `frombytes` then appends it in one copy (about twice as fast as ten appends, or extend by a tuple).
 _pack_row = struct.Struct(f"={_ROW}q").pack
@@ -256,7 +257,7 @@ class Recorder:
 
     def emit_appends(self, seqs: list[int], held: list[int]) -> None:
         """The rows `emit(Kind.APPEND, seq=seqs[i], n=1, aux=held[i])` would write for each i, in order, with one
-        clock read: kept as two columns and a marker of their place, put there when the batch is built (see _rows),
+        clock read: kept as two columns and a marker of their place, put there when the batch is built (_columns),
         so that a step's decode appends, most of a trace's events, cost no emit each. All or nothing, like emit."""
         k = len(seqs)
         if not k:
@@ -269,7 +270,7 @@ class Recorder:
             raise OverflowError(f"event column 'seq' or 'aux' of an APPEND does not fit in int64: {e}") from None
         with self._lock:
             buf = self._buf
-            # the marker last: a Ctrl-C between these lines leaves values with no marker, which _rows drops
+            # the marker last: a Ctrl-C between these lines leaves values with no marker, which _columns drops
             self._run_seqs += seq_col
             self._run_held += held_col
             self._runs.append((len(buf) // _ROW, k, time.perf_counter_ns() - self._t0, self._step))
@@ -298,7 +299,7 @@ class Recorder:
                 held, self._run_held = self._run_held, array("q")
             if not buf and not runs:
                 return
-            batch = self._to_batch(self._rows(buf, runs, seqs, held))
+            batch = self._to_batch(self._columns(buf, runs, seqs, held))
             if self._writer is not None:
                 self._write_to_file(batch)
             else:
@@ -307,35 +308,33 @@ class Recorder:
             self._last_flush = time.monotonic()
 
     @staticmethod
-    def _rows(buf: array, runs: list[tuple[int, int, int, int]], seqs: array, held: array) -> np.ndarray:
-        """The buffered events, in the order emitted: emit's rows, each run of emit_appends' rows in its place."""
+    def _columns(buf: array, runs: list[tuple[int, int, int, int]], seqs: array, held: array) -> list[np.ndarray]:
+        """One array per column (schema dtypes), rows in the order emitted: emit's, and emit_appends' runs in their
+        places (a mask of where the APPEND rows go; no row-major copy of the batch)."""
         rows = np.frombuffer(buf, dtype=np.int64).reshape(-1, _ROW)
-        if not runs:
-            return rows
-        at, counts, t_ns, steps = (np.array(c, dtype=np.int64) for c in zip(*runs, strict=True))
-        total = int(counts.sum())  # values past the last marker were being added when a Ctrl-C came: not emitted
-        appends = np.zeros((total, _ROW), np.int64)
-        for i, value in ((2, int(Kind.APPEND)), (4, -1), (5, 1), (7, -1)):  # an APPEND's constant columns
-            appends[:, i] = value
-        appends[:, 0] = np.repeat(t_ns, counts)
-        appends[:, 1] = np.repeat(steps, counts)
-        appends[:, 3] = np.frombuffer(seqs, dtype=np.int64)[:total]
-        appends[:, 8] = np.frombuffer(held, dtype=np.int64)[:total]
-        # np.insert keeps rows given one index in the order given: a run's rows, and runs with no emit between them
-        return np.insert(rows, np.repeat(at, counts), appends, axis=0)
+        at, counts, t_ns, steps = (np.array(c, dtype=np.int64) for c in (zip(*runs, strict=True) if runs else [[]] * 4))
+        total = int(counts.sum())  # values past the last marker (a Ctrl-C mid-call) were not emitted: dropped
+        is_append = np.zeros(len(rows) + total, dtype=bool)
+        is_append[np.repeat(at, counts) + np.arange(total)] = True  # emit rows + APPEND rows before each
+        appended: dict[str, np.ndarray | int] = {"kind": int(Kind.APPEND), "block": -1, "n": 1, "bytes": 0, "addr": -1}
+        appended |= {"dur_ns": 0, "t_ns": np.repeat(t_ns, counts), "step": np.repeat(steps, counts)}
+        appended |= {"seq": np.frombuffer(seqs, np.int64)[:total], "aux": np.frombuffer(held, np.int64)[:total]}
+        others = ~is_append
+        columns = []
+        for i, name in enumerate(COLUMNS):
+            out = np.empty(len(is_append), dtype=_DTYPES[name])
+            out[is_append] = appended[name]
+            out[others] = rows[:, i]
+            columns.append(out)
+        return columns
 
-    def _to_batch(self, rows: np.ndarray) -> pa.RecordBatch:
+    def _to_batch(self, columns: list[np.ndarray]) -> pa.RecordBatch:
         # Every value was range-checked on the way in (int64 by the array, kind and step by emit / the setter),
         # so nothing here can fail on the data and lose the swapped-out buffer.
-        columns = rows.T.copy()  # one contiguous row per column
-        arrays = []
-        for name, values in zip(COLUMNS, columns, strict=True):
-            if name == "kind":
-                arrays.append(pa.DictionaryArray.from_arrays(values.astype(np.int16), _KIND_DICTIONARY))
-            elif name == "step":
-                arrays.append(pa.array(values.astype(np.int32), pa.int32()))
-            else:
-                arrays.append(pa.array(values, pa.int64()))
+        arrays = [
+            pa.DictionaryArray.from_arrays(values, _KIND_DICTIONARY) if name == "kind" else pa.array(values)
+            for name, values in zip(COLUMNS, columns, strict=True)
+        ]
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
     def _write_to_file(self, batch: pa.RecordBatch) -> None:
