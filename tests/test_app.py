@@ -11,23 +11,14 @@ import numpy as np
 import pytest
 
 pytest.importorskip("streamlit")
+from sim_runs import record  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from kvscope.commands import dashboard as dashboard_cmd  # noqa: E402
-from kvscope.commands import run as run_cmd  # noqa: E402
 
 APP = Path(__file__).resolve().parent.parent / "app" / "main.py"
 PAGES = ["views/overview.py", "views/fragmentation.py", "views/sharing.py", "views/timelines.py", "views/events.py"]
 TIMEOUT = 120  # seconds per script run; 2 shared cores can be slow
-
-
-def record(path: Path, *options: str) -> Path:
-    """A small simulated run through `kvscope run`'s own parser and code."""
-    parser = argparse.ArgumentParser()
-    run_cmd.add_parser(parser)
-    args = parser.parse_args([*options, "--device", "sim", "--quiet", "-o", str(path)])
-    assert run_cmd.run(args) == 0
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from sim_runs import record
 
 from kvscope.commands import dashboard as dashboard_cmd
-from kvscope.commands import run as run_cmd
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -37,13 +37,6 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is missing (apt-get install chromium)"),
 ]
-
-
-def record(path: Path, *options: str) -> Path:
-    parser = argparse.ArgumentParser()
-    run_cmd.add_parser(parser)
-    assert run_cmd.run(parser.parse_args([*options, "--device", "sim", "--quiet", "-o", str(path)])) == 0
-    return path
 
 
 def free_port() -> int:

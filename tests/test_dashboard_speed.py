@@ -5,7 +5,6 @@ a re-recorded file is drawn again, and the figure cache builds each figure once 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import threading
@@ -17,19 +16,11 @@ import plotly.io as pio
 import pytest
 
 pytest.importorskip("streamlit")
+from sim_runs import record  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
-
-from kvscope.commands import run as run_cmd  # noqa: E402
 
 APP = Path(__file__).resolve().parent.parent / "app" / "main.py"
 TIMEOUT = 120  # seconds per script run; 2 shared cores can be slow
-
-
-def record(path: Path, *options: str) -> Path:
-    parser = argparse.ArgumentParser()
-    run_cmd.add_parser(parser)
-    assert run_cmd.run(parser.parse_args([*options, "--device", "sim", "--quiet", "-o", str(path)])) == 0
-    return path
 
 
 @pytest.fixture(scope="module")

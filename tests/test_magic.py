@@ -10,18 +10,12 @@ import pytest
 
 pytest.importorskip("IPython")
 from IPython.utils.capture import capture_output  # noqa: E402
+from sim_runs import record  # noqa: E402
 
 from kvscope.commands import run as run_cmd  # noqa: E402
 from kvscope.magic import MagicResult, build_parser  # noqa: E402
 
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
-
-
-def record(path: Path, *options: str) -> Path:
-    parser = argparse.ArgumentParser()
-    run_cmd.add_parser(parser)
-    assert run_cmd.run(parser.parse_args([*options, "--device", "sim", "--quiet", "-o", str(path)])) == 0
-    return path
 
 
 @pytest.fixture(scope="session")

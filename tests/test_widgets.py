@@ -4,7 +4,6 @@ and the summary table matches `kvscope summary`. The front end is tested in test
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 from pathlib import Path
@@ -14,18 +13,12 @@ import pytest
 
 pytest.importorskip("anywidget")
 
-from kvscope.commands import run as run_cmd  # noqa: E402
+from sim_runs import record  # noqa: E402
+
 from kvscope.present.explorer import MAX_CELLS, NO_FILL  # noqa: E402
 from kvscope.present.tables import summary_frame  # noqa: E402
 from kvscope.trace import load_trace  # noqa: E402
 from kvscope.widgets import ESM_PATH, TraceExplorer, explore  # noqa: E402
-
-
-def record(path: Path, *options: str) -> Path:
-    parser = argparse.ArgumentParser()
-    run_cmd.add_parser(parser)
-    assert run_cmd.run(parser.parse_args([*options, "--device", "sim", "--quiet", "-o", str(path)])) == 0
-    return path
 
 
 @pytest.fixture(scope="module")
