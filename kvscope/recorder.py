@@ -122,8 +122,8 @@ class Recorder:
         # buffer). `_lock` guards it so that a background thread (the VMM mapper overlapping a GPU step) can emit;
         # uncontended it costs a few tens of nanoseconds. `_write_lock` keeps flushes in order.
         self._buf = array("q")
-        # emit_appends' rows until the batch is built: (rows of _buf before, count, t_ns, step) a run; seq, aux
-        self._runs: list[tuple[int, int, int, int]] = []
+        # emit_appends' rows until the batch is built: (rows of _buf before, count, t_ns, step, seq and aux start)
+        self._runs: list[tuple[int, ...]] = []
         self._run_seqs, self._run_held = array("q"), array("q")
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -270,10 +270,11 @@ class Recorder:
             raise OverflowError(f"event column 'seq' or 'aux' of an APPEND does not fit in int64: {e}") from None
         with self._lock:
             buf = self._buf
-            # the marker last: a Ctrl-C between these lines leaves values with no marker, which _columns drops
+            # the marker last, naming where its values start: values of a call a Ctrl-C cut short are never read
+            s0, h0 = len(self._run_seqs), len(self._run_held)
             self._run_seqs += seq_col
             self._run_held += held_col
-            self._runs.append((len(buf) // _ROW, k, time.perf_counter_ns() - self._t0, self._step))
+            self._runs.append((len(buf) // _ROW, k, time.perf_counter_ns() - self._t0, self._step, s0, h0))
             full = len(buf) + _ROW * len(self._run_seqs) >= self._flush_len
         if full:
             self.flush()
@@ -308,19 +309,19 @@ class Recorder:
             self._last_flush = time.monotonic()
 
     @staticmethod
-    def _columns(buf: array, runs: list[tuple[int, int, int, int]], seqs: array, held: array) -> list[np.ndarray]:
-        """One array per column (schema dtypes), rows in the order emitted: emit's, and emit_appends' runs in their
-        places (a mask of where the APPEND rows go; no row-major copy of the batch)."""
+    def _columns(buf: array, runs: list[tuple[int, ...]], seqs: array, held: array) -> list[np.ndarray]:
+        """One array per column (schema dtypes), rows in emitted order: emit's, and emit_appends' runs in place."""
         rows = np.frombuffer(buf, dtype=np.int64).reshape(-1, _ROW)
-        at, counts, t_ns, steps = (np.array(c, dtype=np.int64) for c in (zip(*runs, strict=True) if runs else [[]] * 4))
-        total = int(counts.sum())  # values past the last marker (a Ctrl-C mid-call) were not emitted: dropped
+        at, counts, t_ns, steps, s0, h0 = np.array(runs, np.int64).reshape(-1, 6).T
+        total = int(counts.sum())
+        within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)  # each value's place in its run
         is_append = np.zeros(len(rows) + total, dtype=bool)
         is_append[np.repeat(at, counts) + np.arange(total)] = True  # emit rows + APPEND rows before each
         appended: dict[str, np.ndarray | int] = {"kind": int(Kind.APPEND), "block": -1, "n": 1, "bytes": 0, "addr": -1}
         appended |= {"dur_ns": 0, "t_ns": np.repeat(t_ns, counts), "step": np.repeat(steps, counts)}
-        appended |= {"seq": np.frombuffer(seqs, np.int64)[:total], "aux": np.frombuffer(held, np.int64)[:total]}
-        others = ~is_append
-        columns = []
+        appended["seq"] = np.frombuffer(seqs, np.int64)[np.repeat(s0, counts) + within]
+        appended["aux"] = np.frombuffer(held, np.int64)[np.repeat(h0, counts) + within]
+        columns, others = [], ~is_append
         for i, name in enumerate(COLUMNS):
             out = np.empty(len(is_append), dtype=_DTYPES[name])
             out[is_append] = appended[name]

@@ -195,11 +195,14 @@ def test_runs_recorded_with_and_without_batching_agree(monkeypatch: pytest.Monke
 
 
 def test_an_interrupted_emit_appends_leaves_nothing_behind() -> None:
-    """A Ctrl-C between emit_appends' lines can leave values added with no run marker (the marker goes last):
-    the batch is built without them, as if the call had never been made."""
+    """A Ctrl-C between emit_appends' lines can leave values that no run marker names (the marker goes last):
+    the batch is built without them, as if the call had never been made, and later calls still read their own."""
     one, batched = Recorder(None), Recorder(None)
     one.emit(Kind.APPEND, seq=1, n=1, aux=4)
     batched.emit_appends([1], [4])
-    batched._run_seqs.extend([9, 9])  # what an interrupted call had added
+    batched._run_seqs.extend([9, 9])  # what an interrupted call had added before the Ctrl-C
     batched._run_held.extend([9])
+    for seq, held in ((2, 5), (3, 6)):  # the recorder used again after it (a notebook that caught the interrupt)
+        one.emit(Kind.APPEND, seq=seq, n=1, aux=held)
+    batched.emit_appends([2, 3], [5, 6])
     assert rows(one) == rows(batched)
