@@ -135,3 +135,59 @@ def test_snapshot_helpers_on_a_trace_without_samples():
     assert step_range(empty) == (0, 0)
     assert peak_step(empty, "used") is None
     assert memory_at(empty, 0) is None
+
+
+def _pivot_books(trace) -> pd.DataFrame:
+    """memory_timeline's per-step books and peaks as first written, with pandas pivot tables (the reference)."""
+    from kvscope.analysis._events import select
+    from kvscope.events import ACCT_FIELDS, PEAK_FIELDS
+
+    acct = select(trace, *ACCT_FIELDS, columns=["step", "bytes"])
+    acct = acct[acct["step"] >= 0]
+    acct["field"] = acct["code"].map({int(k): v for k, v in ACCT_FIELDS.items()})
+    wide = acct.pivot_table(index="step", columns="field", values="bytes", aggfunc="last")
+    frame = wide.reindex(columns=FIELDS).ffill().fillna(0).astype("int64").reset_index()
+    frame.columns.name = None
+    frame["step"] = frame["step"].astype("int64")
+    samples = select(trace, *PEAK_FIELDS, columns=["step", "bytes"])
+    samples = samples[samples["step"] >= 0]
+    peaks = pd.DataFrame(index=frame["step"])
+    if not samples.empty:
+        samples = samples.assign(field=samples["code"].map({int(k): v for k, v in PEAK_FIELDS.items()}))
+        peaks = samples.pivot_table(index="step", columns="field", values="bytes", aggfunc="max")
+        peaks = peaks.reindex(frame["step"])
+    live = frame["used"] > 0
+    for name in PEAK_FIELDS.values():
+        end = frame[name] if name in frame else frame["reserved"] - frame["used"]
+        if name in ("waste", "internal", "reservation", "mapped_idle"):
+            end = end.where(live, 0)
+        got = peaks[name].to_numpy(np.float64) if name in peaks.columns else np.full(len(frame), np.nan)
+        end = end.to_numpy(np.int64)
+        frame[f"peak_{name}"] = np.where(np.isnan(got), end, np.maximum(np.nan_to_num(got), end)).astype(np.int64)
+    return frame
+
+
+def _ragged_books_trace():
+    """Books with holes: a field never sampled in a step, a field sampled twice in one step (the last counts),
+    samples of no step, peaks twice in a step, a peak in a step without books, huge byte counts."""
+    s = Script("paged", {"block_size": BLOCK})
+    s.at(-1).emit(Kind.ACCT_USED, bytes=7).emit(Kind.ACCT_PEAK_USED, bytes=99)
+    s.at(0).step_end(capacity=CAP, reserved=64, used=32, logical=32, free=CAP - 64)
+    s.at(1).emit(Kind.ACCT_USED, bytes=48).emit(Kind.ACCT_USED, bytes=40).emit(Kind.ACCT_RESERVED, bytes=2**62)
+    s.emit(Kind.ACCT_PEAK_USED, bytes=50).emit(Kind.ACCT_PEAK_USED, bytes=70).emit(Kind.ACCT_PEAK_WASTE, bytes=3)
+    s.at(3).emit(Kind.ACCT_PEAK_RESERVED, bytes=5)  # a peak alone: no books in step 3
+    s.at(2).step_end(capacity=CAP, reserved=16, used=0, free=CAP - 16).emit(Kind.ACCT_PEAK_LOGICAL, bytes=2**61)
+    s.at(5).emit(Kind.ACCT_FREE, bytes=1)
+    return s.trace()
+
+
+def _recorded():
+    return record("paged", make_requests(9, seed=3))
+
+
+@pytest.mark.parametrize("build", [_ragged_books_trace, scenario_fork, _recorded])
+def test_the_books_and_peaks_equal_the_pivot_tables_of_the_samples(build):
+    trace = build()
+    expected = _pivot_books(trace)
+    got = memory_timeline(trace)[expected.columns.tolist()]
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), expected.reset_index(drop=True))

@@ -55,8 +55,18 @@ def batches(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(batches(), st.sampled_from([8, 4096]), st.data())
-def test_the_store_reads_back_exactly_what_arrow_reads(batch_list, threshold, data):
+@given(batches(), st.sampled_from([8, 4096]), st.sampled_from([1, 3, 10**9]), st.data())
+def test_the_store_reads_back_exactly_what_arrow_reads(batch_list, threshold, sparse, data):
+    # every kind's rows looked up by position (1), some (3), or none (the whole index scanned instead)
+    original_sparse = event_store.POSITION_SPARSE
+    event_store.POSITION_SPARSE = sparse
+    try:
+        _reads_back(batch_list, threshold, data)
+    finally:
+        event_store.POSITION_SPARSE = original_sparse
+
+
+def _reads_back(batch_list, threshold, data):
     original = event_store._BIG
     event_store._BIG = threshold  # small threshold: the per-kind buffers of big kinds are exercised too
     try:
@@ -76,6 +86,14 @@ def test_the_store_reads_back_exactly_what_arrow_reads(batch_list, threshold, da
         codes = [int(KIND_BY_NAME[k]) for k in kinds]
         mask = expected["kind"].astype(str).isin(kinds).to_numpy()
         assert store.count(codes) == int(mask.sum())
+        assert np.array_equal(store.rows(codes), np.flatnonzero(mask)), kinds
+        positions = store.positions(codes)
+        if positions:
+            assert np.array_equal(store.selection(positions), store.index[mask]), kinds
+        cuts = np.array(sorted(data.draw(st.lists(st.integers(-1, len(expected) + 1), max_size=8))), np.int64)
+        before = np.array([int(mask[: max(c, 0)].sum()) for c in cuts], np.int64)
+        for block in (2, 1 << 22):
+            assert np.array_equal(store.count_before(codes, cuts, block), before), (kinds, block)
         for name in ("seq", "n", "aux", "step", "t_ns"):
             assert np.array_equal(store.values(name, codes), expected[name].to_numpy()[mask]), (kinds, name)
         # read a few rows at a time (slices across chunks): the same values, the kind codes with them
@@ -84,6 +102,11 @@ def test_the_store_reads_back_exactly_what_arrow_reads(batch_list, threshold, da
             joined = np.concatenate([p[name] for p in got_pieces]) if got_pieces else np.zeros(0, np.int64)
             assert np.array_equal(joined, expected[name].to_numpy()[mask]), (kinds, name, "pieces")
     for name in ("t_ns", "step", "aux"):
+        for block in (2, event_store.RANK_BLOCK):  # the running maximum, as runs, against the whole column's
+            starts, tops = store.running_max(name, block)
+            run = np.maximum.accumulate(expected[name].to_numpy().astype(np.int64))
+            change = np.flatnonzero(np.r_[True, run[1:] != run[:-1]]) if len(run) else np.zeros(0, np.int64)
+            assert np.array_equal(starts, change) and np.array_equal(tops, run[change]), (name, block)
         joined = np.concatenate(list(store.column_pieces(name, 5))) if len(expected) else np.zeros(0)
         assert np.array_equal(joined, expected[name].to_numpy()), (name, "column_pieces")
         if len(expected):

@@ -110,7 +110,7 @@ def count(trace, kind: Kind) -> int:
     return trace.store.count([int(kind)])
 
 
-STEP_PIECE_ROWS = 1 << 21  # step_runs reads the step column this many rows at a time
+STEP_PIECE_ROWS = 1 << 21  # step_runs looks up the rows of a big kind this many index entries at a time
 
 
 def running_step(trace) -> np.ndarray:
@@ -123,29 +123,13 @@ def running_step(trace) -> np.ndarray:
 
 def step_runs(trace) -> tuple[np.ndarray, np.ndarray]:
     """running_step as runs: (starts, values): the row where each run of one running step starts (ascending, the
-    first at row 0) and that step (strictly increasing: the running step never decreases). Built a block of rows at
-    a time, so that no per-row array of the whole trace is held."""
+    first at row 0) and that step (strictly increasing: the running step never decreases). From each kind's own
+    rows (EventStore.running_max), so that no per-row array of the whole trace is held or scattered."""
 
     def build() -> tuple[np.ndarray, np.ndarray]:
         store = trace.store
-        starts: list[np.ndarray] = []
-        values: list[np.ndarray] = []
-        carry: int | None = None  # the running step before the block
-        at = 0
-        for block in store.column_pieces("step", STEP_PIECE_ROWS):
-            run = np.maximum.accumulate(block.astype(np.int64))  # (pieces come in narrow dtypes)
-            if carry is not None:
-                run = np.maximum(run, carry)
-            change = np.r_[carry is None or run[0] != carry, run[1:] != run[:-1]]
-            where = np.flatnonzero(change)
-            starts.append(where + at)
-            values.append(run[where])
-            carry = int(run[-1])
-            at += len(block)
-        dtype = store.dtypes["step"]
-        if not starts:
-            return np.zeros(0, np.int64), np.zeros(0, dtype)
-        return np.concatenate(starts).astype(np.int64), np.concatenate(values).astype(dtype)
+        starts, values = store.running_max("step", STEP_PIECE_ROWS)
+        return starts.astype(np.int64), values.astype(store.dtypes["step"])
 
     return cached(trace, "step_runs", build)
 

@@ -60,12 +60,8 @@ def _build(trace) -> pd.DataFrame:
         for c in ["t_s", "waste_frac", "block_usage_frac", "token_usage_frac", "nvml_bytes", "torch_bytes"]:
             frame[c] = pd.Series([], dtype="float64")
         return frame[TIMELINE_COLUMNS]
-    acct["field"] = acct["code"].map({int(k): v for k, v in ACCT_FIELDS.items()})
-    wide = acct.pivot_table(index="step", columns="field", values="bytes", aggfunc="last")
-    wide = wide.reindex(columns=FIELDS).ffill().fillna(0).astype("int64")
-    frame = wide.reset_index()
-    frame.columns.name = None
-    frame["step"] = frame["step"].astype("int64")
+    steps, wide = _last_per_step(acct)
+    frame = pd.DataFrame({"step": steps, **dict(zip(FIELDS, wide, strict=True))})
     clock = step_clock(trace)[["step", "t_s", "wall_s"]]
     frame = frame.merge(clock, on="step", how="left")
     frame["waste"] = frame["reserved"] - frame["used"]
@@ -96,14 +92,60 @@ def _add_peaks(trace, frame: pd.DataFrame) -> None:
         end_values[name] = frame[name].where(live, 0)  # waste counts while some sequence holds tokens
     samples = select(trace, *PEAK_FIELDS, columns=["step", "bytes"])
     samples = samples[samples["step"] >= 0]
-    wide = pd.DataFrame(index=frame["step"])
-    if not samples.empty:
-        samples = samples.assign(field=samples["code"].map({int(k): v for k, v in PEAK_FIELDS.items()}))
-        wide = samples.pivot_table(index="step", columns="field", values="bytes", aggfunc="max").reindex(frame["step"])
-    for name in PEAK_FIELDS.values():
+    most = _max_per_step(samples, frame["step"].to_numpy(np.int64))
+    for i, name in enumerate(PEAK_FIELDS.values()):
         end = end_values[name].to_numpy(dtype=np.int64)
-        got = wide[name].to_numpy(dtype=np.float64) if name in wide.columns else np.full(len(frame), np.nan)
+        got = most[i]
         frame[f"peak_{name}"] = np.where(np.isnan(got), end, np.maximum(np.nan_to_num(got), end)).astype(np.int64)
+
+
+def _field_of(codes: np.ndarray, fields: dict) -> np.ndarray:
+    """Each sample's place in `fields` (a Kind -> name dict, in its order)."""
+    table = np.full(int(max(int(k) for k in fields)) + 1, -1, np.int64)
+    table[[int(k) for k in fields]] = np.arange(len(fields))
+    return table[codes.astype(np.int64)]
+
+
+def _last_per_step(acct: pd.DataFrame) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(the steps with samples, ascending; per field of ACCT_FIELDS, its last sample in each step, a field not
+    sampled in a step carrying its previous value, 0 before its first sample): what a pivot table of the samples
+    (last per step and field) forward-filled gives, in int64 throughout."""
+    step = acct["step"].to_numpy(np.int64)
+    steps, row = np.unique(step, return_inverse=True)
+    nf = len(ACCT_FIELDS)
+    key = row * nf + _field_of(acct["code"].to_numpy(), ACCT_FIELDS)
+    order = np.argsort(key, kind="stable")  # row order within one (step, field): the last is the latest
+    sorted_key = key[order]
+    last = np.r_[sorted_key[1:] != sorted_key[:-1], True] if len(key) else np.zeros(0, bool)
+    values = np.zeros(len(steps) * nf, np.int64)
+    present = np.zeros(len(steps) * nf, bool)
+    values[sorted_key[last]] = acct["bytes"].to_numpy(np.int64)[order[last]]
+    present[sorted_key[last]] = True
+    table, sampled = values.reshape(-1, nf), present.reshape(-1, nf)
+    at = np.arange(len(steps))
+    out = []
+    for f in range(nf):
+        src = np.maximum.accumulate(np.where(sampled[:, f], at, -1)) if len(at) else at  # the last sampled step
+        out.append(np.where(src >= 0, table[np.maximum(src, 0), f], 0))
+    return steps, out
+
+
+def _max_per_step(samples: pd.DataFrame, steps: np.ndarray) -> list[np.ndarray]:
+    """Per field of PEAK_FIELDS: the largest sample in each of `steps` (ascending, distinct), as float64, NaN where
+    the step has none (a pivot table of the samples, max per step and field, on those steps)."""
+    nf = len(PEAK_FIELDS)
+    if samples.empty:
+        return [np.full(len(steps), np.nan) for _ in range(nf)]
+    step = samples["step"].to_numpy(np.int64)
+    row = np.searchsorted(steps, step)
+    ok = (row < len(steps)) & (steps[np.minimum(row, max(len(steps) - 1, 0))] == step) if len(steps) else row < 0
+    key = (row * nf + _field_of(samples["code"].to_numpy(), PEAK_FIELDS))[ok]
+    most = np.full(len(steps) * nf, np.iinfo(np.int64).min, np.int64)
+    np.maximum.at(most, key, samples["bytes"].to_numpy(np.int64)[ok])
+    present = np.zeros(len(steps) * nf, bool)
+    present[key] = True
+    got = np.where(present, most.astype(np.float64), np.nan).reshape(-1, nf)
+    return [got[:, f] for f in range(nf)]
 
 
 def _sample_at_step_end(trace, kind: Kind, frame: pd.DataFrame) -> np.ndarray:

@@ -242,16 +242,16 @@ class _AppendPass:
     def __init__(self, trace) -> None:
         self.trace = trace
 
-    def _pieces(self):
+    def _pieces(self, names: tuple[str, ...] = NAMES):
         # (pieces of PIECE_ROWS: a few int64 arrays of a piece are alive at once, beside the summary's other work)
-        for piece in self.trace.store.pieces([int(Kind.APPEND)], self.NAMES, size=PIECE_ROWS):
+        for piece in self.trace.store.pieces([int(Kind.APPEND)], names, size=PIECE_ROWS):
             keep = piece["seq"] >= 0
             if not keep.all():
                 piece = {name: values[keep] for name, values in piece.items()}
             yield piece
 
     def seqs(self) -> np.ndarray:
-        found = [_distinct(piece["seq"]) for piece in self._pieces()]
+        found = [_distinct(piece["seq"]) for piece in self._pieces(("seq",))]  # (only the seq column read)
         return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
     def held(self, seqs: np.ndarray, prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

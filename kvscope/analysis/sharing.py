@@ -470,10 +470,13 @@ def _held_units(trace, unit: SharingUnit, steps: np.ndarray) -> np.ndarray:
             has_swapped[seqs_end] = pre_sorted[j]
             swapped[seqs_end] = np.where(pre_sorted[j], n_sorted[j], 0)
         new_sorted = new[order]
-        prev_sorted = np.r_[0, new_sorted[:-1]] if len(new_sorted) else new_sorted
-        prev_sorted = np.where(first, tokens[sq], prev_sorted)
+        # each event's units before it: the previous event's of the same seq (sorted by seq, the one before), or
+        # the carried tokens' for a seq's first event of the piece
+        cost_new = cost(new_sorted)
+        cost_prev = np.r_[0, cost_new[:-1]] if len(cost_new) else cost_new
+        cost_prev[first] = cost(tokens[sq[first]])
         delta = np.empty(len(q), np.int64)
-        delta[order] = cost(new_sorted) - cost(prev_sorted)
+        delta[order] = cost_new - cost_prev
         tokens[sq[last]] = new_sorted[last]
         after = units + np.cumsum(delta)  # units held after each event of the piece
         hit = (upto > done) & (upto <= done + len(q))

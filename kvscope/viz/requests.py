@@ -201,12 +201,13 @@ def _aggregated(df: pd.DataFrame, bars: pd.DataFrame, title: str, last_step: flo
     waiting = np.zeros_like(running)
     group_of = np.searchsorted(bounds, bars["row"].to_numpy(), side="right") - 1
     phase = bars["phase"].to_numpy()
+    in_phase = {name: phase == name for name in ("running", "waiting")}  # (strings: compared once, not per group)
     start, stop = bars["start"].to_numpy(), bars["stop"].to_numpy()
     for g in range(groups):
         size = (bounds[g + 1] - bounds[g]) * bin_len
         mine = group_of == g
         for name, out in (("running", running), ("waiting", waiting)):
-            m = mine & (phase == name)
+            m = mine & in_phase[name]
             out[g] = _occupancy(start[m], stop[m], edges) / size
     percents = np.stack([np.rint(100 * running), np.rint(100 * waiting)], axis=2).astype("uint8")
     fig = go.Figure(

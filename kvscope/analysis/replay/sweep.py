@@ -294,7 +294,8 @@ class _TokenStream:
 
 def _delta(code: np.ndarray) -> np.ndarray:
     acquire = (code == _ALLOC) | (code == _COW) | (code == _SHARE)
-    return np.where(acquire, 1, np.where(code == _FREE, -1, 0)).astype(np.int8)
+    one, none, zero = np.int8(1), np.int8(-1), np.int8(0)  # (int8 throughout: no int64 arrays in between)
+    return np.where(acquire, one, np.where(code == _FREE, none, zero))
 
 
 def _ffill(marks: np.ndarray, first: np.ndarray) -> np.ndarray:
