@@ -14,6 +14,7 @@ reader. Measures and compares with the targets; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -25,6 +26,14 @@ from typing import Any
 
 TARGET_PEAK_BYTES = 1 << 30  # 1 GB (GiB) peak
 TARGET_WALL_S = 5.0
+
+
+def _stage(stages: list[dict[str, Any]], name: str, fn: Any) -> None:
+    """Run fn, then note its wall time and the peak RSS so far (cumulative: ru_maxrss) under `name`."""
+    t = time.perf_counter()
+    fn()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stages.append({"stage": name, "wall_s": time.perf_counter() - t, "peak_rss_bytes_after": rss})
 
 
 def child(step: str, trace: str, requests: int) -> None:
@@ -57,12 +66,7 @@ def child(step: str, trace: str, requests: int) -> None:
         stages: list[dict[str, Any]] = []
         loaded = [None]
 
-        def stage(name: str, fn) -> None:
-            t = time.perf_counter()
-            fn()
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            stages.append({"stage": name, "wall_s": time.perf_counter() - t, "peak_rss_bytes_after": rss})
-
+        stage = functools.partial(_stage, stages)
         stage("load_trace", lambda: loaded.__setitem__(0, load_trace(trace)))
         tr = loaded[0]
         stage("memory_timeline", lambda: memory.memory_timeline(tr))
@@ -83,12 +87,7 @@ def child(step: str, trace: str, requests: int) -> None:
         stages = []
         loaded = [None]
 
-        def stage(name: str, fn) -> None:
-            t = time.perf_counter()
-            fn()
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            stages.append({"stage": name, "wall_s": time.perf_counter() - t, "peak_rss_bytes_after": rss})
-
+        stage = functools.partial(_stage, stages)
         stage("load_trace", lambda: loaded.__setitem__(0, load_trace(trace)))
         tr = loaded[0]
         stage("summarize", lambda: summarize(tr))
