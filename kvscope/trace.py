@@ -30,12 +30,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import queue
 import struct
-import threading
 import warnings
 import zlib
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -529,38 +529,26 @@ def _read_stream(path: Path, *, salvage: bool, as_table: bool = False) -> _Strea
 class _Worker:
     """Calls fn(item) for every item handed to it, in order, on one thread of its own: the store is built from one
     batch while the next is read, decompressed and checked (pyarrow and zlib release the GIL for that), so loading
-    takes about the longer of the two rather than their sum. At most `depth` batches wait, bounding the memory."""
-
-    _STOP = object()
+    takes about the longer of the two rather than their sum. At most `depth` batches wait, bounding the memory; the
+    first error is raised to the loading thread (by the call after it, or by close)."""
 
     def __init__(self, fn: Callable[[Any], None], depth: int = 4) -> None:
         self.fn = fn
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="kvscope-load", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is self._STOP:
-                return
-            if self.error is None:  # after a failure, drain without working (close() raises it)
-                try:
-                    self.fn(item)
-                except BaseException as e:  # noqa: BLE001 - handed to the loading thread by close()
-                    self.error = e
+        self.depth = depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvscope-load")
+        self.pending: deque[Future] = deque()
 
     def __call__(self, item: Any) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(item)
+        self.pending.append(self.pool.submit(self.fn, item))
+        while len(self.pending) > self.depth or (self.pending and self.pending[0].done()):
+            self.pending.popleft().result()
 
     def close(self) -> None:
-        self.queue.put(self._STOP)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _table(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.Table:
