@@ -3,7 +3,11 @@
 `emit` appends one row of ten integers to a flat int64 buffer (a few hundred nanoseconds); every `flush_events`
 events, or at a step end once `flush_seconds` have passed, the buffer becomes one Arrow record batch appended to an
 Arrow IPC stream, with its checksum (kvscope.events.batch_crc32) in the batch message's custom metadata. A run
-killed at any point therefore leaves every batch written before it readable (see `kvscope.trace`).
+killed at any point therefore leaves every batch written before it readable (see `kvscope.trace`). Two batched
+paths write the rows that many emits would, in the same order, with one clock read a call: `emit_rows` (rows of
+one instant or one operation: a step's samples, a release's frees, packed in one struct call) and `emit_appends`
+(a decode step's APPEND rows and the BLOCK_ALLOCs of its block crossings, kept as columns and put in place when
+the batch is built).
 
 What it guarantees, and why it holds:
 - One emit is all or nothing. The row is packed into 80 bytes first (struct checks every value, so a value that
@@ -21,6 +25,9 @@ first event, but part of it (the allocator's own config) only exists once the al
 allocator already emits events (VMM_RESERVE, PAGE_CREATE). So the engine records into memory first, then `open`
 completes the metadata, creates the file and writes the staged batches first; the allocator keeps the same recorder.
 """
+
+# This module is longer than 400 lines: the one-event path, the two batched paths and the batch they all end in
+# share one buffer, one lock and one all-or-nothing contract, and the batch builder must know every path's layout.
 
 from __future__ import annotations
 
@@ -75,6 +82,33 @@ def _bad_row(step: int, *values: Any, t_ns: Any = 0) -> Exception:
     return ValueError(f"event row not representable: {(t_ns, step, *values)!r}")
 
 
+_PACKERS: dict[int, Any] = {}
+
+
+def _values_packer(n: int) -> Any:
+    """struct's pack of n int64 values: one C call converts and checks them all (about twice as fast as
+    array.fromlist)."""
+    pack = _PACKERS.get(n)
+    if pack is None:
+        pack = struct.Struct(f"={n}q").pack
+        if len(_PACKERS) < 2048:
+            _PACKERS[n] = pack
+    return pack
+
+
+def _packer(rows: int) -> Any:
+    """struct's pack of `rows` rows (emit_rows)."""
+    return _values_packer(_ROW * rows)
+
+
+def _fits(values: list[Any]) -> bool:
+    try:
+        _pack_row(*values)
+    except struct.error:
+        return False
+    return True
+
+
 @contextmanager
 def defer_sigint() -> Iterator[None]:
     """Hold a Ctrl-C (SIGINT) back until the block is done, then deliver it to the handler that was in place.
@@ -122,9 +156,12 @@ class Recorder:
         # buffer). `_lock` guards it so that a background thread (the VMM mapper overlapping a GPU step) can emit;
         # uncontended it costs a few tens of nanoseconds. `_write_lock` keeps flushes in order.
         self._buf = array("q")
-        # emit_appends' rows until the batch is built: (rows of _buf before, count, t_ns, step, seq and aux start)
+        # emit_appends' rows until the batch is built: (rows of _buf before, count, t_ns, step, where its seq, aux
+        # and BLOCK_ALLOC values start, BLOCK_ALLOC count)
         self._runs: list[tuple[int, ...]] = []
         self._run_seqs, self._run_held = array("q"), array("q")
+        self._run_allocs = array("q")  # emit_appends' BLOCK_ALLOC rows, 4 values each
+        self._gathered = 0  # rows emit_appends holds (APPEND and BLOCK_ALLOC)
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._batches: list[pa.RecordBatch] = []
@@ -255,27 +292,69 @@ class Recorder:
         if full:
             self.flush()
 
-    def emit_appends(self, seqs: list[int], held: list[int]) -> None:
+    def emit_rows(self, rows: list[int]) -> None:
+        """Rows of all ten columns (kvscope.events.COLUMNS order), ten values a row, written in order with one clock
+        read: each row's t_ns and step are the recorder's (the list's values there are overwritten; pass 0). For
+        samples of one instant (a step's accounting) and runs of one operation's events (a release's BLOCK_FREEs).
+        All or nothing, like emit."""
+        m, rest = divmod(len(rows), _ROW)
+        if rest:
+            raise ValueError(f"emit_rows: {len(rows)} values are not rows of {_ROW}")
+        if not m:
+            return
+        kinds = rows[2::_ROW]
+        if min(kinds) < 0 or max(kinds) >= _KIND_LIMIT:
+            raise ValueError(f"unknown event kind in {kinds!r}")
+        pack = _packer(m)
+        with self._lock:
+            rows[0::_ROW] = [time.perf_counter_ns() - self._t0] * m
+            rows[1::_ROW] = [self._step] * m
+            try:  # struct checks every value before it writes any: all rows or none
+                data = pack(*rows)
+            except struct.error:
+                bad = next(r for r in range(m) if not _fits(rows[_ROW * r : _ROW * (r + 1)]))
+                raise _bad_row(*rows[_ROW * bad + 1 : _ROW * (bad + 1)], t_ns=rows[_ROW * bad]) from None
+            buf = self._buf
+            buf.frombytes(data)
+            full = len(buf) + _ROW * self._gathered >= self._flush_len
+        if full:
+            self.flush()
+
+    def emit_appends(self, seqs: list[int], held: list[int], allocs: list[int] | None = None) -> None:
         """The rows `emit(Kind.APPEND, seq=seqs[i], n=1, aux=held[i])` would write for each i, in order, with one
-        clock read: kept as two columns and a marker of their place, put there when the batch is built (_columns),
-        so that a step's decode appends, most of a trace's events, cost no emit each. All or nothing, like emit."""
+        clock read: kept as columns and a marker of their place, put there when the batch is built (_columns), so
+        that a step's decode appends, most of a trace's events, cost no emit each. `allocs`, four values a row
+        (i, block, addr, bytes): the row `emit(Kind.BLOCK_ALLOC, seq=seqs[i], block=block, addr=addr, bytes=bytes)`
+        goes right before APPEND i (a decode append that takes a new block), i increasing. All or nothing, like
+        emit."""
         k = len(seqs)
         if not k:
             return
         if k != len(held):
             raise ValueError(f"emit_appends: {k} sequences but {len(held)} token counts")
-        try:  # converted whole before anything is kept: a value that does not fit leaves nothing behind
-            seq_col, held_col = array("q", seqs), array("q", held)
-        except (OverflowError, TypeError) as e:
-            raise OverflowError(f"event column 'seq' or 'aux' of an APPEND does not fit in int64: {e}") from None
+        m = 0
+        if allocs:
+            m, rest = divmod(len(allocs), 4)
+            at = allocs[::4]
+            if rest or at[0] < 0 or at[-1] >= k or any(x >= y for x, y in zip(at, at[1:], strict=False)):
+                raise ValueError("emit_appends: allocs must be (i, block, addr, bytes) rows with 0 <= i < len(seqs), "
+                                 "i increasing")  # fmt: skip
         with self._lock:
             buf = self._buf
+            s0, h0, a0 = len(self._run_seqs), len(self._run_held), len(self._run_allocs)
+            try:  # struct converts and checks every value of a column before any is added
+                pack = _values_packer(k)
+                self._run_seqs.frombytes(pack(*seqs))
+                self._run_held.frombytes(pack(*held))
+                if allocs:
+                    self._run_allocs.frombytes(_values_packer(4 * m)(*allocs))
+            except (struct.error, TypeError) as e:
+                # values a refused call did add are named by no marker, so never read (as a Ctrl-C's would be)
+                raise OverflowError(f"an APPEND or BLOCK_ALLOC value is not an int64: {e}") from None
             # the marker last, naming where its values start: values of a call a Ctrl-C cut short are never read
-            s0, h0 = len(self._run_seqs), len(self._run_held)
-            self._run_seqs += seq_col
-            self._run_held += held_col
-            self._runs.append((len(buf) // _ROW, k, time.perf_counter_ns() - self._t0, self._step, s0, h0))
-            full = len(buf) + _ROW * len(self._run_seqs) >= self._flush_len
+            self._runs.append((len(buf) // _ROW, k, time.perf_counter_ns() - self._t0, self._step, s0, h0, a0, m))
+            self._gathered += k + m
+            full = len(buf) + _ROW * self._gathered >= self._flush_len
         if full:
             self.flush()
 
@@ -298,9 +377,11 @@ class Recorder:
                 runs, self._runs = self._runs, []
                 seqs, self._run_seqs = self._run_seqs, array("q")
                 held, self._run_held = self._run_held, array("q")
+                allocs, self._run_allocs = self._run_allocs, array("q")
+                self._gathered = 0
             if not buf and not runs:
                 return
-            batch = self._to_batch(self._columns(buf, runs, seqs, held))
+            batch = self._to_batch(self._columns(buf, runs, seqs, held, allocs))
             if self._writer is not None:
                 self._write_to_file(batch)
             else:
@@ -309,23 +390,83 @@ class Recorder:
             self._last_flush = time.monotonic()
 
     @staticmethod
-    def _columns(buf: array, runs: list[tuple[int, ...]], seqs: array, held: array) -> list[np.ndarray]:
-        """One array per column (schema dtypes), rows in emitted order: emit's, and emit_appends' runs in place."""
+    def _columns(buf: array, runs: list[tuple[int, ...]], seqs: array, held: array, allocs: array) -> list[np.ndarray]:
+        """One array per column (schema dtypes), rows in emitted order: emit's, and emit_appends' runs in place
+        (each run's BLOCK_ALLOC rows before the APPEND they name)."""
         rows = np.frombuffer(buf, dtype=np.int64).reshape(-1, _ROW)
-        at, counts, t_ns, steps, s0, h0 = np.array(runs, np.int64).reshape(-1, 6).T
+        if not runs:
+            return [rows[:, i].astype(_DTYPES[name]) for i, name in enumerate(COLUMNS)]
+        marks = np.array(runs, np.int64).reshape(len(runs), 8)
+        at, counts, t_ns, steps, s0, h0, a0, m = marks.T
+        nruns = len(runs)
         total = int(counts.sum())
-        within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)  # each value's place in its run
-        is_append = np.zeros(len(rows) + total, dtype=bool)
-        is_append[np.repeat(at, counts) + np.arange(total)] = True  # emit rows + APPEND rows before each
-        appended: dict[str, np.ndarray | int] = {"kind": int(Kind.APPEND), "block": -1, "n": 1, "bytes": 0, "addr": -1}
-        appended |= {"dur_ns": 0, "t_ns": np.repeat(t_ns, counts), "step": np.repeat(steps, counts)}
-        appended["seq"] = np.frombuffer(seqs, np.int64)[np.repeat(s0, counts) + within]
-        appended["aux"] = np.frombuffer(held, np.int64)[np.repeat(h0, counts) + within]
-        columns, others = [], ~is_append
+        first = np.cumsum(counts) - counts  # each run's first APPEND among all of them
+        seq_all, held_all = np.frombuffer(seqs, np.int64), np.frombuffer(held, np.int64)
+        seq_v, held_v = seq_all, held_all
+        if not (len(seq_all) == len(held_all) == total and np.array_equal(s0, first) and np.array_equal(h0, first)):
+            # values of calls a Ctrl-C cut short (or refused) sit between runs' values: the markers skip them
+            run_of = np.repeat(np.arange(nruns), counts)
+            within = np.arange(total) - first[run_of]
+            seq_v, held_v = seq_all[s0[run_of] + within], held_all[h0[run_of] + within]
+        nalloc = int(m.sum())
+        sizes = counts + m  # rows of each run: its APPENDs and its BLOCK_ALLOCs
+        gathered = int(sizes.sum())
+        n_all = len(rows) + gathered
+        # Where the rows go: emit rows before the first run, the run's rows, emit rows up to the next run, ...
+        lengths = np.empty(2 * nruns + 1, dtype=np.int64)
+        lengths[0:-1:2] = np.diff(at, prepend=0)
+        lengths[1::2] = sizes
+        lengths[-1] = len(rows) - at[-1]
+        is_run = np.repeat(np.resize(np.array([False, True]), 2 * nruns + 1), lengths)
+        run_pos = np.flatnonzero(is_run)  # the runs' rows, in their order
+        emit_pos = np.flatnonzero(~is_run)
+        if nalloc:
+            alloc_run = np.repeat(np.arange(nruns), m)
+            base = a0[alloc_run] + 4 * (np.arange(nalloc) - (np.cumsum(m) - m)[alloc_run])
+            table = np.frombuffer(allocs, np.int64)
+            # each BLOCK_ALLOC among the runs' rows: right before the APPEND (over all runs) it names
+            at_alloc = first[alloc_run] + table[base] + np.arange(nalloc)
+            is_app = np.ones(gathered, dtype=bool)
+            is_app[at_alloc] = False
+            app_pos, alloc_pos = run_pos[is_app], run_pos[at_alloc]
+            alloc_values = {
+                "kind": int(Kind.BLOCK_ALLOC),
+                "seq": seq_v[at_alloc - np.arange(nalloc)],
+                "block": table[base + 1],
+                "n": 0,
+                "bytes": table[base + 3],
+                "addr": table[base + 2],
+                "aux": -1,
+            }
+        else:
+            app_pos, alloc_pos, alloc_values = run_pos, run_pos[:0], {}
+        # each column: its value in the APPEND rows (a scalar when constant), then BLOCK_ALLOC's, then emit's rows
+        append_values: dict[str, Any] = {
+            "kind": int(Kind.APPEND),
+            "seq": seq_v,
+            "block": -1,
+            "n": 1,
+            "bytes": 0,
+            "addr": -1,
+            "aux": held_v,
+            "dur_ns": 0,
+        }
+        columns = []
         for i, name in enumerate(COLUMNS):
-            out = np.empty(len(is_append), dtype=_DTYPES[name])
-            out[is_append] = appended[name]
-            out[others] = rows[:, i]
+            dtype = _DTYPES[name]
+            if name in ("t_ns", "step"):  # one value a run
+                out = np.empty(n_all, dtype=dtype)
+                out[run_pos] = np.repeat(t_ns if name == "t_ns" else steps, sizes)
+            else:
+                value = append_values[name]
+                if isinstance(value, int):
+                    out = np.full(n_all, value, dtype=dtype)
+                else:
+                    out = np.empty(n_all, dtype=dtype)
+                    out[app_pos] = value
+                if name in alloc_values:
+                    out[alloc_pos] = alloc_values[name]
+            out[emit_pos] = rows[:, i]
             columns.append(out)
         return columns
 
@@ -396,5 +537,8 @@ class NullRecorder(Recorder):
     def emit_at(self, t_ns, kind, **columns) -> None:
         pass
 
-    def emit_appends(self, seqs, held) -> None:
+    def emit_appends(self, seqs, held, allocs=None) -> None:
+        pass
+
+    def emit_rows(self, rows) -> None:
         pass

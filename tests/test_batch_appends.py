@@ -1,6 +1,7 @@
-"""The batched decode append (PagedAllocator.append_decode, Recorder.emit_appends) records what one `append` per
-sequence records: the same events in the same order, the same books, the same peaks; and whole runs recorded
-either way analyse the same."""
+"""The batched decode append (PagedAllocator.append_decode, Recorder.emit_appends, block crossings included) and the
+rows recorded together (Recorder.emit_rows: a step's samples, a release's frees) record what one `append` per
+sequence and one emit per event record: the same events in the same order, the same books, the same peaks; and
+whole runs recorded either way analyse the same."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from kvscope.alloc.base import BatchAppends, KVOutOfMemory, append_each
 from kvscope.alloc.paged import PagedAllocator
 from kvscope.analysis.summary import summarize
+from kvscope.engine import api
 from kvscope.engine.api import RunConfig, record_run
 from kvscope.events import Kind
 from kvscope.recorder import Recorder
@@ -43,6 +45,16 @@ def test_emit_appends_writes_the_rows_emit_writes() -> None:
         batched.emit_appends([1, 2], [3])
     with pytest.raises(OverflowError, match="int64"):
         batched.emit_appends([1 << 70], [3])
+    with pytest.raises(ValueError, match="allocs"):
+        batched.emit_appends([1, 2], [3, 4], [2, 7, 0, 16])  # names an APPEND the call does not have
+    with pytest.raises(OverflowError, match="int64"):
+        batched.emit_appends([1, 2], [3, 4], [0, 1 << 70, 0, 16])
+    with pytest.raises(ValueError, match="rows of 10"):
+        batched.emit_rows([1, 2, 3])
+    with pytest.raises(ValueError, match="unknown event kind"):
+        batched.emit_rows([0, 0, 999, -1, -1, 0, 0, -1, -1, 0])
+    with pytest.raises(OverflowError, match="'bytes'"):
+        batched.emit_rows([0, 0, int(Kind.ACCT_USED), -1, -1, 0, 1 << 70, -1, -1, 0])
     assert batched.to_table().num_rows == 3  # a refused batch leaves nothing behind
 
 
@@ -52,6 +64,9 @@ def test_emit_appends_writes_the_rows_emit_writes() -> None:
         st.one_of(
             st.tuples(st.just("emit"), st.integers(0, 9)),
             st.tuples(st.just("appends"), st.lists(st.integers(0, 9), max_size=5)),
+            # appends some of which take a new block first (the BLOCK_ALLOC row goes right before their APPEND)
+            st.tuples(st.just("allocs"), st.lists(st.tuples(st.integers(0, 9), st.booleans()), min_size=1, max_size=5)),
+            st.tuples(st.just("rows"), st.lists(st.integers(0, 9), max_size=4)),
             st.tuples(st.just("step"), st.integers(0, 5)),
             st.tuples(st.just("flush"), st.just(0)),
         ),
@@ -60,8 +75,8 @@ def test_emit_appends_writes_the_rows_emit_writes() -> None:
     flush_events=st.integers(1, 8),
 )
 def test_emit_appends_keeps_its_place_among_other_events(calls: list[tuple[str, object]], flush_events: int) -> None:
-    """Runs of appends interleaved with other events, steps and flushes (by hand, and when the buffer is full) read
-    back in the order they were emitted, as if each had been one emit."""
+    """Runs of appends (some with the new blocks they take), rows emitted together, other events, steps and flushes
+    (by hand, and when the buffer is full) read back in the order they were emitted, as if each had been one emit."""
     one, batched = Recorder(None, flush_events=flush_events), Recorder(None, flush_events=flush_events)
     held = 0
     for call, arg in calls:
@@ -75,6 +90,23 @@ def test_emit_appends_keeps_its_place_among_other_events(calls: list[tuple[str, 
             for seq, h in zip(seqs, counts, strict=True):
                 one.emit(Kind.APPEND, seq=seq, n=1, aux=h)
             batched.emit_appends(seqs, counts)
+        elif call == "allocs":
+            pairs = list(arg)  # type: ignore[call-overload]
+            seqs, allocs = [seq for seq, _ in pairs], list[int]()
+            counts = list(range(held, held + len(seqs)))
+            held += len(seqs)
+            for i, ((seq, new_block), h) in enumerate(zip(pairs, counts, strict=True)):
+                if new_block:
+                    one.emit(Kind.BLOCK_ALLOC, seq=seq, block=100 + h, addr=h % 7, bytes=4096)
+                    allocs += (i, 100 + h, h % 7, 4096)
+                one.emit(Kind.APPEND, seq=seq, n=1, aux=h)
+            batched.emit_appends(seqs, counts, allocs)
+        elif call == "rows":
+            values: list[int] = []
+            for seq in arg:  # type: ignore[attr-defined]
+                one.emit(Kind.ACCT_USED, seq=seq, bytes=seq * 3, aux=seq + 1, dur_ns=seq)
+                values += (0, 0, Kind.ACCT_USED, seq, -1, 0, seq * 3, -1, seq + 1, seq)
+            batched.emit_rows(values)
         elif call == "step":
             one.step = batched.step = arg  # type: ignore[assignment]
         else:
@@ -165,10 +197,20 @@ def test_append_decode_leaves_what_one_append_each_leaves(
 TIMING = {"wall_time_s", "host_wall_s", "events_per_s"}  # measured wall times (the sim clock is in `run_time_s`)
 
 
+class PerEventRecorder(Recorder):
+    """A Recorder whose emit is overridden: callers that batch rows (emit_rows) on a plain Recorder emit each row
+    on this one; with the allocator's append_decode gone too, a run records every event through emit, as before
+    any batching."""
+
+    def emit(self, *args, **kwargs) -> None:
+        super().emit(*args, **kwargs)
+
+
 def _run(monkeypatch: pytest.MonkeyPatch, batched: bool, workload: str, **cfg: object):
     with monkeypatch.context() as m:
-        if not batched:  # the engine as it was: one append per decode token
+        if not batched:  # the engine as it was: one append and one emit per event
             m.delattr(PagedAllocator, "append_decode")
+            m.setattr(api, "Recorder", PerEventRecorder)
         reqs, desc = resolve_workload(workload, requests=60, seed=3)
         return record_run(reqs, RunConfig(allocator="paged", device="sim", **cfg), workload=desc)  # type: ignore[arg-type]
 

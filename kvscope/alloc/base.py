@@ -165,20 +165,32 @@ class KVAllocator(Protocol):
     def check_invariants(self) -> None: ...
 
 
+class TokenIds(Protocol):
+    """What `append_decode` reads a decode step's token ids from: item i is sequence i's token (a one-token array);
+    a list of them, or a view that slices each only when it is asked for."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int, /) -> np.ndarray: ...
+
+
 @runtime_checkable
 class BatchAppends(Protocol):
     """Can append one token to each of many sequences in one call (a decode step), with the books and events
     that one `append` per sequence would leave: `append_decode(seqs, tokens)` appends `tokens[i]` (one token) to
-    `seqs[i]` in order, stops at the first that does not fit (its OOM recorded) and returns how many it appended."""
+    `seqs[i]` in order, stops at the first that does not fit (its OOM recorded) and returns how many it appended.
+    `tokens` is indexable (a list, or a view that slices each token only when it is asked for): an allocator reads
+    `tokens[i]` only when it needs the id (prefix hashing, or an append of its own path)."""
 
-    def append_decode(self, seqs: list[int], tokens: list[np.ndarray]) -> int: ...
+    def append_decode(self, seqs: list[int], tokens: TokenIds) -> int: ...
 
 
-def append_each(alloc: KVAllocator, seqs: list[int], tokens: list[np.ndarray]) -> int:
+def append_each(alloc: KVAllocator, seqs: list[int], tokens: TokenIds) -> int:
     """`BatchAppends.append_decode` for an allocator without one: one `append` per sequence."""
-    for done, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+    if len(seqs) != len(tokens):
+        raise ValueError(f"append_decode: {len(seqs)} sequences but {len(tokens)} tokens")
+    for done, seq in enumerate(seqs):
         try:
-            alloc.append(seq, token)
+            alloc.append(seq, tokens[done])
         except KVOutOfMemory:
             return done
     return len(seqs)
@@ -260,30 +272,95 @@ class Closable(Protocol):
 
 def emit_usage(recorder: Recorder, usage: Usage) -> None:
     """One ACCT_* sample per field, in ACCT_FIELDS order: the engine calls this at the end of every step (the fields
-    are read one by one, not through dataclasses.asdict, which copies recursively)."""
-    emit = recorder.emit
-    emit(Kind.ACCT_CAPACITY, bytes=usage.capacity)
-    emit(Kind.ACCT_RESERVED, bytes=usage.reserved)
-    emit(Kind.ACCT_USED, bytes=usage.used)
-    emit(Kind.ACCT_LOGICAL, bytes=usage.logical)
-    emit(Kind.ACCT_INTERNAL, bytes=usage.internal)
-    emit(Kind.ACCT_RESERVATION, bytes=usage.reservation)
-    emit(Kind.ACCT_MAPPED_IDLE, bytes=usage.mapped_idle)
-    emit(Kind.ACCT_CACHED_IDLE, bytes=usage.cached_idle)
-    emit(Kind.ACCT_FREE, bytes=usage.free)
+    are read one by one, not through dataclasses.asdict, which copies recursively). One `emit_rows` call on a
+    Recorder whose emit is the base class's (the samples are of one instant); a recorder that overrides or only
+    wraps emit, like the parallel group's, gets one emit each."""
+    _emit_samples(recorder, _USAGE_KINDS, _usage_values(usage))
 
 
 def emit_peaks(recorder: Recorder, peaks: HighWater) -> None:
-    """One ACCT_PEAK_* sample per HighWater field, right after the step's ACCT_* samples."""
-    emit = recorder.emit
-    emit(Kind.ACCT_PEAK_RESERVED, bytes=peaks.reserved)
-    emit(Kind.ACCT_PEAK_USED, bytes=peaks.used)
-    emit(Kind.ACCT_PEAK_LOGICAL, bytes=peaks.logical)
-    emit(Kind.ACCT_PEAK_WASTE, bytes=peaks.waste)
-    emit(Kind.ACCT_PEAK_INTERNAL, bytes=peaks.internal)
-    emit(Kind.ACCT_PEAK_RESERVATION, bytes=peaks.reservation)
-    emit(Kind.ACCT_PEAK_MAPPED_IDLE, bytes=peaks.mapped_idle)
-    emit(Kind.ACCT_PEAK_CACHED_IDLE, bytes=peaks.cached_idle)
+    """One ACCT_PEAK_* sample per HighWater field, right after the step's ACCT_* samples (as emit_usage)."""
+    _emit_samples(recorder, _PEAK_KINDS, _peak_values(peaks))
+
+
+def usage_rows(usage: Usage) -> list[int]:
+    """emit_usage's samples as rows for `Recorder.emit_rows`."""
+    return _sample_rows(_USAGE_KINDS, _usage_values(usage))
+
+
+def peak_rows(peaks: HighWater) -> list[int]:
+    """emit_peaks' samples as rows for `Recorder.emit_rows`."""
+    return _sample_rows(_PEAK_KINDS, _peak_values(peaks))
+
+
+def _usage_values(usage: Usage) -> tuple[int, ...]:
+    return (
+        usage.capacity,
+        usage.reserved,
+        usage.used,
+        usage.logical,
+        usage.internal,
+        usage.reservation,
+        usage.mapped_idle,
+        usage.cached_idle,
+        usage.free,
+    )
+
+
+def _peak_values(peaks: HighWater) -> tuple[int, ...]:
+    return (
+        peaks.reserved,
+        peaks.used,
+        peaks.logical,
+        peaks.waste,
+        peaks.internal,
+        peaks.reservation,
+        peaks.mapped_idle,
+        peaks.cached_idle,
+    )
+
+
+_USAGE_KINDS = (
+    Kind.ACCT_CAPACITY,
+    Kind.ACCT_RESERVED,
+    Kind.ACCT_USED,
+    Kind.ACCT_LOGICAL,
+    Kind.ACCT_INTERNAL,
+    Kind.ACCT_RESERVATION,
+    Kind.ACCT_MAPPED_IDLE,
+    Kind.ACCT_CACHED_IDLE,
+    Kind.ACCT_FREE,
+)
+_PEAK_KINDS = (
+    Kind.ACCT_PEAK_RESERVED,
+    Kind.ACCT_PEAK_USED,
+    Kind.ACCT_PEAK_LOGICAL,
+    Kind.ACCT_PEAK_WASTE,
+    Kind.ACCT_PEAK_INTERNAL,
+    Kind.ACCT_PEAK_RESERVATION,
+    Kind.ACCT_PEAK_MAPPED_IDLE,
+    Kind.ACCT_PEAK_CACHED_IDLE,
+)
+# A sample row as emit_rows takes it: t_ns, step (the recorder's), kind, seq, block, n, bytes, addr, aux, dur_ns
+_SAMPLE_ROW = [0, 0, 0, -1, -1, 0, 0, -1, -1, 0]
+
+
+def _sample_rows(kinds: tuple[Kind, ...], values: tuple[int, ...]) -> list[int]:
+    rows = _SAMPLE_ROW * len(kinds)
+    rows[2::10] = kinds
+    rows[6::10] = values
+    return rows
+
+
+def _emit_samples(recorder: Recorder, kinds: tuple[Kind, ...], values: tuple[int, ...]) -> None:
+    """`emit(kind, bytes=value)` for each pair, in order: one emit_rows call on a Recorder whose emit is the base
+    class's, one emit each on any other recorder."""
+    if type(recorder).emit is not Recorder.emit:  # emit is overridden (or not a Recorder): it sees every event
+        emit = recorder.emit
+        for kind, value in zip(kinds, values, strict=True):
+            emit(kind, bytes=value)
+        return
+    recorder.emit_rows(_sample_rows(kinds, values))
 
 
 def step_peaks(allocator: KVAllocator, now: Usage) -> HighWater:

@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from kvscope.alloc.base import Copy, HighWater, KVOutOfMemory, Usage
+from kvscope.alloc.base import Copy, HighWater, KVOutOfMemory, TokenIds, Usage
 from kvscope.alloc.registry import AllocatorEntry, BuildContext, Option, register
 from kvscope.events import Kind
 from kvscope.policies.engine import IdleQueue, make_idle_queue
@@ -115,6 +115,7 @@ class _Seq:
     hashes: list[bytes] = field(default_factory=list)  # chain hash of each full block (prefix caching only)
     partial: list[int] = field(default_factory=list)  # token ids in the unfilled last block (prefix caching only)
     cpu_table: list[int] | None = None  # CPU block ids while swapped out
+    last: _Block | None = None  # the block of table[-1], None while the table is empty (append_decode reads it)
 
 
 class PagedAllocator:
@@ -408,8 +409,7 @@ class PagedAllocator:
             self._copy_on_write(seq, s)
         # Every new block first (evicting as needed), then the writes that fill and cache them: vLLM's allocate_slots
         # takes all of a request's new blocks before cache_full_blocks registers any.
-        for _ in range(need - cow):
-            self._alloc(seq, s)
+        self._alloc_many(seq, s, need - cow)
         bs = self.block_size
         table = s.table
         ids = np.asarray(tokens).tolist() if self.prefix_caching else None
@@ -429,55 +429,111 @@ class PagedAllocator:
         self.recorder.emit(Kind.APPEND, seq=seq, n=n, aux=s.tokens)
         self._note()
 
-    def append_decode(self, seqs: list[int], tokens: list[np.ndarray]) -> int:
+    def append_decode(self, seqs: list[int], tokens: TokenIds) -> int:
         """`append(seq, token)` for each sequence in order (one token each: a decode step), leaving the same books
         and the same events in the same order; stops at the first one that does not fit (its OOM recorded, as
-        append records it) and returns how many were appended.
+        append records it) and returns how many were appended. `tokens[i]` is read only when needed (prefix caching
+        hashes token ids; an append of the general path).
 
         Most decode appends only add a token to a last block the sequence alone holds and that does not fill up:
         those touch two counters, and their APPEND rows are gathered and recorded together (`emit_appends`). Any
         other append (a new block, copy-on-write, a block that fills and gets hashed) goes through `append`, after
         the gathered rows, so the trace's order is append's. The high-water marks are noted before each of those
         and at the end: between two notes only used and logical rise and waste falls, so no peak is missed."""
-        bs = self.block_size
+        k = len(seqs)
+        if k != len(tokens):
+            raise ValueError(f"append_decode: {k} sequences but {len(tokens)} tokens")
         blocks = self._blocks
-        get = self._seqs.get
+        states = self._seqs
+        free = self._free
         caching = self.prefix_caching
-        pending_seqs: list[int] = []
-        pending_held: list[int] = []
-
-        def record() -> None:
-            grown = len(pending_seqs)
-            if grown:
-                self._active_fill += grown
-                self._logical += grown
-                self.recorder.emit_appends(pending_seqs, pending_held)
-                pending_seqs.clear()
-                pending_held.clear()
-                self._note()
-
-        for done, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            s = get(seq)
-            if s is not None and s.cpu_table is None:  # one token each: the caller's promise (a decode step)
-                t = s.tokens
-                table = s.table
-                if t < len(table) * bs:
-                    last = blocks[table[-1]]
-                    if last.ref == 1 and (not caching or last.fill + 1 < bs):
-                        last.fill += 1
-                        s.tokens = t + 1
-                        if caching:
-                            s.partial.append(int(token[0]))
-                        pending_seqs.append(seq)
-                        pending_held.append(t + 1)
-                        continue
-            record()
+        bs = self.block_size
+        # A fast append needs room in an exclusively held last block (fill < block_size: for a block of ref 1 that
+        # is tokens < blocks * block_size) that, with prefix caching, it does not fill up (fill < block_size - 1).
+        limit = bs - 1 if caching else bs
+        # A full last block (shared or not) takes a new block from the free queue as append would (no eviction, no
+        # copy: the queue's head is a free block), unless with prefix caching that one token fills it too.
+        crossing = not caching or bs > 1
+        partials: list[list[int]] = []  # prefix caching: the partial-block lists of this run, in order
+        held: list[int] = []  # APPEND aux (tokens held after) of the gathered appends
+        allocs: list[int] = []  # BLOCK_ALLOC rows of the gathered appends: (index in the run, block, addr, bytes)
+        waste = -1  # the most reserved - used reached right after a gathered new block (waste peaks there)
+        first = 0  # seqs[first:done] are gathered and not recorded yet
+        for done, seq in enumerate(seqs):
+            # unknown, or holding no block (swapped out, or nothing yet): append takes it (and says why not)
             try:
-                self.append(seq, token)
+                s = states[seq]
+            except KeyError:
+                last = None
+            else:
+                last = s.last
+            if last is not None:
+                fill = last.fill
+                if fill < limit and last.ref == 1:
+                    last.fill = fill + 1
+                    t = s.tokens + 1
+                    s.tokens = t
+                    held.append(t)
+                    if caching:
+                        partials.append(s.partial)
+                    continue
+                if fill == bs and crossing and free:
+                    block = blocks[free.popleft()]
+                    block.ref = 1
+                    block.fill = 1
+                    table = s.table
+                    table.append(block.id)
+                    s.last = block
+                    self._num_active += 1
+                    allocs += (done - first, block.id, len(table) - 1, self.block_bytes)
+                    # the state right after this append: its waste is a candidate peak (appends without a new
+                    # block only lower it, so the end of the run holds every other peak)
+                    w = self._num_active * self.block_bytes - (self._active_fill + len(held) + 1) * self.bytes_per_token
+                    if w > waste:
+                        waste = w
+                    t = s.tokens + 1
+                    s.tokens = t
+                    held.append(t)
+                    if caching:
+                        partials.append(s.partial)
+                    continue
+            if held:
+                self._record_gathered(seqs[first:done], held, allocs, partials, tokens, first, waste)
+                held, allocs, partials, waste = [], [], [], -1
+            try:
+                self.append(seq, tokens[done])
             except KVOutOfMemory:
                 return done
-        record()
-        return len(seqs)
+            first = done + 1
+        if held:
+            self._record_gathered(seqs[first:], held, allocs, partials, tokens, first, waste)
+        return k
+
+    def _record_gathered(
+        self,
+        seqs: list[int],
+        held: list[int],
+        allocs: list[int],
+        partials: list[list[int]],
+        tokens: TokenIds,
+        at: int,
+        waste: int,
+    ) -> None:
+        """The books, peaks and rows of gathered decode appends (append_decode): tokens[at + i] went to seqs[i];
+        `waste`: the highest waste right after one of their new blocks (-1: none took one)."""
+        grown = len(seqs)
+        if partials:  # prefix caching: the token ids join their blocks' partial lists
+            for i, partial in enumerate(partials):
+                partial.append(int(tokens[at + i][0]))
+        self._active_fill += grown
+        self._logical += grown
+        self.recorder.emit_appends(seqs, held, allocs)
+        self._note()
+        hw = self.high_water
+        if waste > hw.waste:  # paged: internal waste is all of the waste (no reservation, no mapped-idle)
+            hw.waste = waste
+        if waste > hw.internal:
+            hw.internal = waste
 
     def fork(self, parent: int, child: int) -> None:
         """Child starts with the parent's tokens, sharing every block (copy-on-write on the first divergent write)."""
@@ -606,9 +662,31 @@ class PagedAllocator:
         block.ref = 1
         block.fill = 0
         s.table.append(block.id)
+        s.last = block
         self._num_active += 1
         self.recorder.emit(Kind.BLOCK_ALLOC, seq=seq, block=block.id, addr=len(s.table) - 1, bytes=self.block_bytes)
         return block
+
+    def _alloc_many(self, seq: int, s: _Seq, count: int) -> None:
+        """`_alloc` count times; from the free queue alone (no eviction between them), their BLOCK_ALLOCs are
+        recorded in one emit_rows call."""
+        rec = self.recorder
+        if count < 2 or len(self._free) < count or type(rec).emit is not Recorder.emit:
+            for _ in range(count):
+                self._alloc(seq, s)
+            return
+        blocks, free, table = self._blocks, self._free, s.table
+        rows: list[int] = []
+        for _ in range(count):
+            block = blocks[free.popleft()]
+            block.ref = 1
+            block.fill = 0
+            table.append(block.id)
+            # t_ns, step (the recorder's), kind, seq, block, n, bytes, addr, aux, dur_ns
+            rows += (0, 0, Kind.BLOCK_ALLOC, seq, block.id, 0, self.block_bytes, len(table) - 1, -1, 0)
+        s.last = block
+        self._num_active += count
+        rec.emit_rows(rows)
 
     def _share(self, seq: int, s: _Seq, block_id: int) -> None:
         block = self._blocks[block_id]
@@ -618,6 +696,7 @@ class PagedAllocator:
             self._active_fill += block.fill
         block.ref += 1
         s.table.append(block_id)
+        s.last = block
         self.recorder.emit(Kind.BLOCK_SHARE, seq=seq, block=block_id, addr=len(s.table) - 1, aux=block.ref)
 
     def _copy_on_write(self, seq: int, s: _Seq) -> None:
@@ -626,6 +705,7 @@ class PagedAllocator:
         new.ref = 1
         new.fill = old.fill
         s.table[-1] = new.id
+        s.last = new
         self._num_active += 1
         self._active_fill += new.fill
         self.pending_copies.append(Copy("block", old.id, new.id))
@@ -651,10 +731,15 @@ class PagedAllocator:
         # Tail first (vLLM frees a request's blocks in reverse), so that of this sequence's blocks the chain tail goes
         # to the LRU tail first and is the first to be evicted.
         fresh: list[int] = []  # never-hashed blocks let go, in release order
+        rec = self.recorder
+        rows: list[int] | None = [] if type(rec).emit is Recorder.emit else None  # BLOCK_FREEs in one emit_rows
         for block_id in reversed(s.table):
             block = self._blocks[block_id]
             block.ref -= 1
-            self.recorder.emit(Kind.BLOCK_FREE, seq=seq, block=block_id, aux=block.ref)
+            if rows is not None:  # t_ns, step (the recorder's), kind, seq, block, n, bytes, addr, aux, dur_ns
+                rows += (0, 0, Kind.BLOCK_FREE, seq, block_id, 0, 0, -1, block.ref, 0)
+            else:
+                rec.emit(Kind.BLOCK_FREE, seq=seq, block=block_id, aux=block.ref)
             if block.ref == 0:
                 self._num_active -= 1
                 self._active_fill -= block.fill
@@ -663,8 +748,11 @@ class PagedAllocator:
                 else:
                     block.fill = 0
                     fresh.append(block_id)
+        if rows:
+            rec.emit_rows(rows)
         self._return_fresh(fresh)
         s.table = []
+        s.last = None
 
     def _return_fresh(self, fresh: list[int]) -> None:
         """Never-hashed blocks back to the free queue, taken before any cached-idle block either way. With prefix
@@ -731,6 +819,7 @@ class PagedAllocator:
                 f"seq {seq}: {len(s.table)} blocks for {s.tokens} tokens (block size {bs})"
             )
             assert len(set(s.table)) == len(s.table), f"seq {seq} holds a block twice: {s.table}"
+            assert s.last is (self._blocks[s.table[-1]] if s.table else None), f"seq {seq}: its last block is stale"
             for i, b in enumerate(s.table):
                 holders[b] += 1
                 expected_fill = min(bs, s.tokens - i * bs)

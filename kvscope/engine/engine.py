@@ -27,11 +27,13 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kvscope.alloc.base import KVAllocator, emit_peaks, emit_usage, step_peaks
+from kvscope.alloc.base import KVAllocator, emit_peaks, emit_usage, peak_rows, step_peaks, usage_rows
 from kvscope.engine.base import Executor
 from kvscope.engine.costmodel import GPUCostModel, ModelCosts, StepCost, step_time_ns
+from kvscope.engine.nvtx import enabled as nvtx_enabled
 from kvscope.engine.nvtx import nvtx_range
 from kvscope.engine.scheduler import Scheduler, SchedulerConfig
+from kvscope.engine.step import StepPlan
 from kvscope.events import Kind
 from kvscope.recorder import Recorder, defer_sigint
 from kvscope.spec import KVSpec
@@ -131,7 +133,10 @@ class Engine:
         before = (sched.requests_done, sched.preemptions, len(sched.waiting), sched.next_arrival_ns())
         sched.arrive(self.clock_ns)
         plan = sched.schedule()
-        with nvtx_range(f"step {k}"):
+        if nvtx_enabled():
+            with nvtx_range(f"step {k}"):
+                result = self.executor.execute(plan)
+        else:  # no range to open: not even the context manager
             result = self.executor.execute(plan)
         forked = sched.complete(plan)
         self.executor.after_step(forked, sched.released)
@@ -145,25 +150,35 @@ class Engine:
             cost = StepCost(plan.tokens, plan.kv_tokens_read, plan.attn_pairs)
             self.clock_ns += step_time_ns(self.cost_model, self.costs, cost)
             clock_aux = self.clock_ns
-        rec.emit(Kind.STEP, n=len(plan.work), dur_ns=wall, aux=clock_aux)
-        rec.emit(Kind.STEP_PREFILL, n=plan.prefill_tokens)
-        rec.emit(Kind.STEP_DECODE, n=plan.decode_tokens)
-        if result.kernel_ns:
-            rec.emit(Kind.STEP_KERNEL, dur_ns=result.kernel_ns, bytes=result.kv_bytes_read)
-        if result.attention_ns:
-            rec.emit(
-                Kind.STEP_ATTENTION,
-                n=result.attention_layers,
-                dur_ns=result.attention_ns,
-                bytes=result.kv_bytes_read,
-                aux=int(result.graph),
-            )
-        if self.memory_sampler is not None:
-            self.memory_sampler.drain(rec)
-        usage = self.allocator.usage()
-        emit_usage(rec, usage)
-        peaks = step_peaks(self.allocator, usage)
-        emit_peaks(rec, peaks)
+        batched = type(rec).emit is Recorder.emit  # a recorder overriding emit sees every event through it
+        if batched and not (result.kernel_ns or result.attention_ns or self.memory_sampler is not None):
+            # nothing comes between the step's rows and its samples (sim, cpu): all of them in one call
+            usage = self.allocator.usage()
+            peaks = step_peaks(self.allocator, usage)
+            rec.emit_rows(self._step_rows(plan, wall, clock_aux) + usage_rows(usage) + peak_rows(peaks))
+        else:
+            if batched:
+                rec.emit_rows(self._step_rows(plan, wall, clock_aux))
+            else:
+                rec.emit(Kind.STEP, n=plan.batch_size, dur_ns=wall, aux=clock_aux)
+                rec.emit(Kind.STEP_PREFILL, n=plan.prefill_tokens)
+                rec.emit(Kind.STEP_DECODE, n=plan.decode_tokens)
+            if result.kernel_ns:
+                rec.emit(Kind.STEP_KERNEL, dur_ns=result.kernel_ns, bytes=result.kv_bytes_read)
+            if result.attention_ns:
+                rec.emit(
+                    Kind.STEP_ATTENTION,
+                    n=result.attention_layers,
+                    dur_ns=result.attention_ns,
+                    bytes=result.kv_bytes_read,
+                    aux=int(result.graph),
+                )
+            if self.memory_sampler is not None:
+                self.memory_sampler.drain(rec)
+            usage = self.allocator.usage()
+            emit_usage(rec, usage)
+            peaks = step_peaks(self.allocator, usage)
+            emit_peaks(rec, peaks)
         if self.check_invariants:
             self.allocator.check_invariants()
             usage.check()
@@ -175,13 +190,23 @@ class Engine:
         st.peak_reserved_bytes = max(st.peak_reserved_bytes, peaks.reserved)
         st.peak_used_bytes = max(st.peak_used_bytes, peaks.used)
         self.steps = k + 1
-        if not plan.work and not plan.preempted:
+        if not plan.batch_size and not plan.preempted:
             after = (sched.requests_done, sched.preemptions, len(sched.waiting), sched.next_arrival_ns())
             if after == before and sched.busy:
                 raise StallError(
                     f"step {k}: nothing scheduled and nothing changed ({len(sched.waiting)} waiting, "
                     f"{len(sched.running)} running, {len(sched.swapped)} swapped)"
                 )
+
+    @staticmethod
+    def _step_rows(plan: StepPlan, wall: int, clock_aux: int) -> list[int]:
+        """STEP, STEP_PREFILL and STEP_DECODE as emit_rows takes them."""
+        # t_ns, step (the recorder's), kind, seq, block, n, bytes, addr, aux, dur_ns
+        return [
+            *(0, 0, Kind.STEP, -1, -1, plan.batch_size, 0, -1, clock_aux, wall),
+            *(0, 0, Kind.STEP_PREFILL, -1, -1, plan.prefill_tokens, 0, -1, -1, 0),
+            *(0, 0, Kind.STEP_DECODE, -1, -1, plan.decode_tokens, 0, -1, -1, 0),
+        ]
 
     def _finish_stats(self, t0: float) -> RunStats:
         st = self.stats

@@ -42,7 +42,6 @@ FINISH, REJECT); the allocator emits its own.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
@@ -66,6 +65,27 @@ from kvscope.engine.step import (
 from kvscope.events import Kind
 from kvscope.recorder import Recorder
 from kvscope.workload import Request, stream_tokens
+
+
+class _LastTokens:
+    """The tokens a run of decodes appends, as `append_decode` takes them: item k is the last generated token of
+    seqs[at + k] (a one-token array), sliced only when the allocator asks for it (prefix caching, a slow append)."""
+
+    __slots__ = ("_at", "_n", "_seqs")
+
+    def __init__(self, seqs: list[Sequence], at: int, n: int) -> None:
+        self._seqs, self._at, self._n = seqs, at, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        if not 0 <= k < self._n:
+            raise IndexError(k)
+        s = self._seqs[self._at + k]
+        g = s.generated
+        return s.output_ids()[g - 1 : g]
+
 
 # Sequence, Work and StepPlan are kvscope.engine.step's; they are named here too, where the scheduler's users look.
 __all__ = ["Scheduler", "SchedulerConfig", "Sequence", "StepPlan", "Work"]
@@ -120,6 +140,8 @@ class Scheduler:
         self._rejected_req = [False] * len(self.requests)
         self._req_of: dict[int, int] = {}  # seq id -> request index
         self.released: list[int] = []  # sequences whose memory was freed since the engine last looked
+        self._wide = any(r.width > 1 for r in self.requests)  # some request forks (n > 1 or beam search)
+        self._spent: list[Sequence] = []  # finished or pruned in the last step: their token ids are dropped next step
 
     # ---- state -----------------------------------------------------------------------------------------------
     @property
@@ -159,6 +181,11 @@ class Scheduler:
 
     # ---- one step --------------------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
+        spent = self._spent
+        if spent:  # sequences that finished or were pruned in the last step: their plan's token ids are not needed
+            for s in spent:
+                s.output = NO_TOKENS
+            spent.clear()
         plan = StepPlan()
         alloc = self.alloc
         can_append, append = alloc.can_append, alloc.append
@@ -166,54 +193,53 @@ class Scheduler:
         append_decode = getattr(alloc, "append_decode", None) or partial(append_each, alloc)
         budget = self.cfg.max_tokens_per_step
         running = self.running
-        work = plan.work
-        decoding = 0
-        for s in running:
-            if s.held >= len(s.prompt):
-                decoding += 1
-        prefill_budget = budget - decoding
+        decodes = plan.decodes
         # The hot loop: every running sequence, every step. Each run of consecutive decodes in `running` appends its
-        # tokens in one allocator call (in order, so the events are those of one append each); a decode that does
-        # not fit makes room (OOM event, then PREEMPT from the back of `running`) and the rest of the run is taken
-        # again from there. Decode counters are summed locally and added at the end.
-        decode_tokens = decode_kv = 0
+        # tokens in one allocator call (in order, so the events are those of one append each) and joins the plan's
+        # compact `decodes` (no Work, no token array each: the allocator reads a token id only when it needs one);
+        # a decode that does not fit makes room (OOM event, then PREEMPT from the back of `running`) and the rest of
+        # the run is taken again from there. Decode counters are summed locally and added at the end.
+        # Which sequences decode (held all of their prompt: their id) and which prefill (-1), read once: within the
+        # loop only sequences already taken change, and preemption takes from the back of `running`, so the others
+        # keep their place.
+        decoding = [r.id if r.held >= len(r.prompt) else -1 for r in running]
+        prefill_budget = budget - (len(running) - decoding.count(-1))  # decodes take one token of the budget each
+        decode_kv = 0
         i = 0
         while i < len(running):
             s = running[i]
-            held = s.held
-            plen = len(s.prompt)
-            if held >= plen:  # a run of decodes from i: each appends its last generated token
-                run: list[Sequence] = []
-                ids: list[int] = []
-                tokens_of: list[np.ndarray] = []
-                for r in itertools.islice(running, i, None):
-                    if r.held < len(r.prompt):
-                        break
-                    g = r.generated
-                    run.append(r)
-                    ids.append(r.id)
-                    tokens_of.append(r.output[g - 1 : g])
-                done = append_decode(ids, tokens_of)
-                for r, tokens in zip(run[:done], tokens_of, strict=False):
-                    held = r.held
-                    work.append(Work(r, held, tokens, False, True))
-                    r.held = held + 1
-                    decode_kv += held + 1
-                decode_tokens += done
-                i += done
-                if done == len(run):
+            if decoding[i] >= 0:  # a run of decodes from i: each appends its last generated token
+                try:
+                    end = decoding.index(-1, i, len(running))
+                except ValueError:
+                    end = len(running)
+                k = end - i
+                run = running[i:end]
+                done = append_decode(decoding[i:end], _LastTokens(running, i, k))
+                if done:
+                    if done < k:
+                        del run[done:]
+                    for r in run:
+                        held = r.held + 1
+                        r.held = held
+                        decode_kv += held
+                    decodes += run
+                    i += done
+                if done == k:
                     continue
-                s, tokens = run[done], tokens_of[done]  # did not fit (appends are atomic: nothing changed)
+                s = running[i]  # did not fit (appends are atomic: nothing changed)
                 if not self._make_room(s, 1, plan):
                     continue  # s itself was preempted or rejected (it was the last in `running`)
-                append(s.id, tokens)
-                held = s.held
-                work.append(Work(s, held, tokens, False, True))
-                s.held = held + 1
-                decode_tokens += 1
-                decode_kv += held + 1
+                g = s.generated
+                append(s.id, s.output_ids()[g - 1 : g])
+                held = s.held + 1
+                decodes.append(s)
+                s.held = held
+                decode_kv += held
                 i += 1
                 continue
+            held = s.held
+            plen = len(s.prompt)
             n = min(plen - held, prefill_budget)  # a chunked prefill in progress
             if n <= 0:
                 i += 1
@@ -226,7 +252,7 @@ class Scheduler:
             s.held = held + n
             prefill_budget -= n
             i += 1
-        plan.decode_tokens += decode_tokens
+        plan.decode_tokens += len(decodes)
         plan.kv_tokens_read += decode_kv
         plan.attn_pairs += decode_kv  # a decode token's query sees every held token
 
@@ -273,7 +299,7 @@ class Scheduler:
                 tokens = s.prompt[s.held : s.held + n] if n > 0 else None
             else:
                 n = 1
-                tokens = s.output[s.generated - 1 : s.generated] if budget_left > 0 else None
+                tokens = s.output_ids()[s.generated - 1 : s.generated] if budget_left > 0 else None
             if tokens is not None and alloc.can_append(s.id, n):
                 alloc.append(s.id, tokens)
                 prefill = s.in_prefill
@@ -289,7 +315,7 @@ class Scheduler:
         first_prefill = plan.prefill_tokens == 0
         # Samples and beams that running requests will fork at the end of their prefill take batch places too (a
         # VMM slot each): count them, or a step admits max_batch requests that then fork past it.
-        forks_due = sum(r.request.width - 1 for r in self.running if r.pending_forks)
+        forks_due = sum(r.request.width - 1 for r in self.running if r.pending_forks) if self._wide else 0
         while waiting:
             s = waiting[0]
             need = len(s.prompt) - s.held
@@ -321,8 +347,7 @@ class Scheduler:
                 s.held = 0
                 waiting.appendleft(s)
                 break
-            s.output_ids()
-            s.status = RUNNING
+            s.status = RUNNING  # its output ids are drawn when first read (output_ids): a sim run never does
             self.running.append(s)
             forks_due += width - 1
             alloc.append(s.id, tokens)
@@ -339,22 +364,35 @@ class Scheduler:
         forked: list[Sequence] = []
         beams: dict[int, list[Sequence]] = {}  # request -> its beams that sampled in this step and go on
         any_finished = False
-        for w in plan.work:
-            if not w.samples:
-                continue
-            s = w.seq
-            if s.status != RUNNING:
-                continue
-            s.generated += 1
-            self.generated_tokens += 1
-            if s.pending_forks:
-                s.pending_forks = False
-                forked += self._fork_children(s)
-            elif s.request.beam > 1 and s.generated < s.request.output_len:
-                beams.setdefault(self._req_of[s.id], []).append(s)
-            if s.generated >= s.request.output_len:
-                self._finish(s)
-                any_finished = True
+        sampled = plan.sampled()
+        generated = len(sampled)
+        if not self._wide:  # no request forks (n = 1, no beam search): only counting and finishing
+            for s in sampled:
+                if s.status != RUNNING:
+                    generated -= 1
+                    continue
+                g = s.generated + 1
+                s.generated = g
+                if g >= s.request.output_len:
+                    self._finish(s)
+                    any_finished = True
+        else:
+            for s in sampled:
+                if s.status != RUNNING:
+                    generated -= 1
+                    continue
+                g = s.generated + 1
+                s.generated = g
+                r = s.request
+                if s.pending_forks:
+                    s.pending_forks = False
+                    forked += self._fork_children(s)
+                elif r.beam > 1 and g < r.output_len:
+                    beams.setdefault(self._req_of[s.id], []).append(s)
+                if g >= r.output_len:
+                    self._finish(s)
+                    any_finished = True
+        self.generated_tokens += generated
         for req, group in beams.items():
             forked += self._select_beams(req, group)
             any_finished = True  # pruned beams leave `running` below
@@ -440,7 +478,7 @@ class Scheduler:
         cid = self._next_child
         self._next_child += 1
         c = Sequence(cid, r, number, parent.prompt, parent.final_len, held=parent.held, generated=g, parent=parent.id)
-        c.output = np.concatenate([parent.output[: g - 1], own])
+        c.output = np.concatenate([parent.output_ids()[: g - 1], own])
         self.generated_tokens += 1  # its token of this step came out of its parent's forward pass
         self.sequences[cid] = c
         self._req_of[cid] = req
@@ -463,7 +501,7 @@ class Scheduler:
         self.alloc.free(s.id)
         self.released.append(s.id)
         s.status = PRUNED
-        s.output = NO_TOKENS
+        self._spent.append(s)  # its token ids go at the next schedule(): this step's plan may still read them
 
     # ---- lifecycle helpers ------------------------------------------------------------------------------------
     def _preempt(self, s: Sequence) -> None:
@@ -480,7 +518,7 @@ class Scheduler:
         self.released.append(s.id)
         s.held = 0
         if s.generated:
-            s.prompt = np.concatenate([s.request.prompt_tokens(), s.output[: s.generated]])
+            s.prompt = np.concatenate([s.request.prompt_tokens(), s.output_ids()[: s.generated]])
         s.status = WAITING
         self.waiting.appendleft(s)
 
@@ -489,7 +527,7 @@ class Scheduler:
         self.alloc.free(s.id)
         self.released.append(s.id)
         s.status = FINISHED
-        s.output = NO_TOKENS
+        self._spent.append(s)  # its token ids go at the next schedule(): this step's plan may still read them
         self._count_finished(s)
 
     def _count_finished(self, s: Sequence) -> None:
