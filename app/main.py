@@ -30,5 +30,7 @@ navigation = st.navigation(
         for i, (file, title, icon) in enumerate(PAGES)
     ]
 )
-state.follow_growing_traces(state.load_session_traces(state.script_args(__file__)))
+traces = state.load_session_traces(state.script_args(__file__))
+state.follow_growing_traces(traces)
 navigation.run()
+state.read_events_later(traces)  # (traces opened from their digests: their events, for the step views)

@@ -2,7 +2,9 @@
 
 Traces are cached per server process with st.cache_resource, keyed by path + mtime + size (a re-recorded file is
 reloaded) or by the SHA-256 of an upload's bytes. The cached object is the Trace itself, shared by every session:
-analysis results memoise inside it, so moving a slider recomputes only what depends on the step.
+analysis results memoise inside it, so moving a slider recomputes only what depends on the step. A trace with a
+digest (kvscope.digest) opens from it, so the first page draws without reading any event; the events are read on a
+background thread once that page is drawn (read_events_later), for the step views.
 Pages never compute numbers: they call kvscope.analysis and draw with kvscope.viz, like the report and the notebook.
 """
 
@@ -11,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import sys
 import tempfile
+import threading
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,9 +63,70 @@ def _load_quietly(path: Path) -> tuple[Trace, str | None]:
     return trace, (messages[0] if messages else None)
 
 
+# Traces opened before any page asked (kvscope.app.serve opens the command line's while the server starts), by
+# (resolved path, mtime_ns, size): the first _load_path of each takes its result from here.
+_PRELOADED: dict[tuple[str, int, int], Future[tuple[Trace, str | None]]] = {}
+_PRELOAD_LOCK = threading.Lock()
+
+
+def preload(paths: list[Path]) -> None:
+    """Open these trace files now, for the first page to find them open (files only; errors are left for the
+    page to meet and report)."""
+    for path in paths:
+        try:
+            st_ = path.stat()
+        except OSError:
+            continue
+        if not path.is_file():
+            continue
+        key = (str(path.resolve()), st_.st_mtime_ns, st_.st_size)
+        future: Future[tuple[Trace, str | None]] = Future()
+        with _PRELOAD_LOCK:
+            if key in _PRELOADED:
+                continue
+            _PRELOADED[key] = future
+        try:
+            future.set_result(_load_quietly(path))
+        except Exception as e:  # noqa: BLE001 (handed to the page, which loads again and reports it)
+            future.set_exception(e)
+
+
+# One thread reads the events of traces opened from their digests, after the page that opened them has drawn.
+_READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvscope-events")
+_READING: set[int] = set()  # id() of the traces handed to it
+
+
+def read_events_later(traces: list[LoadedTrace]) -> None:
+    """Start reading the events of the traces opened from their digests (kvscope.digest), on a background thread:
+    the overview needs only the digest, the step views need the events, so they are read while the user looks at
+    the first page. Errors are left for the page that needs the events to meet and report."""
+    for lt in traces:
+        trace = lt.trace
+        if not trace.events_loaded and id(trace) not in _READING:
+            _READING.add(id(trace))
+            _READER.submit(_read_events, trace)
+
+
+def _read_events(trace: Trace) -> None:
+    from kvscope.analysis.replay.sweep import block_sweep
+
+    try:
+        trace.store  # noqa: B018 (reads them: kvscope.trace.DeferredStore, once however many threads ask)
+        block_sweep(trace)  # what a step move of a block-addressed trace replays from (cached on the trace)
+    except Exception:  # noqa: BLE001, S110
+        pass
+
+
 @st.cache_resource(max_entries=64, show_spinner="Loading trace…")
 def _load_path(path: str, mtime_ns: int, size: int) -> tuple[Trace, str | None]:
     # mtime_ns and size are only part of the cache key.
+    with _PRELOAD_LOCK:
+        pending = _PRELOADED.pop((path, mtime_ns, size), None)
+    if pending is not None:
+        try:
+            return pending.result()
+        except Exception:  # noqa: BLE001, S110 (loaded again below: its error is reported as ever)
+            pass
     return _load_quietly(Path(path))
 
 

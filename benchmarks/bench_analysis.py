@@ -6,9 +6,11 @@
 
 Each step runs in a fresh Python process (this script re-run with --child), which reports its own wall time, CPU
 time and peak resident memory (getrusage ru_maxrss), so one step's caches and allocations never inflate another's.
-Steps: record the trace (`kvscope run --device sim`, paged, ShareGPT-like), load it, summarize it, build the HTML
-report, and, as the floor any projected reader starts from, read three event columns with pyarrow's streaming
-reader. Measures and compares with the targets; asserts nothing.
+Steps: record the trace (`kvscope run --device sim`, paged, ShareGPT-like; the run writes its digest into it when it
+closes: kvscope.digest), load it, summarize it, build the HTML report; the same without the digest (KVSCOPE_NO_DIGEST:
+every result computed from every event, as for a trace recorded without one); what the digest costs at the run's
+close (load every event, compute its results); and, as the floor any projected reader starts from, read three event
+columns with pyarrow's streaming reader. Measures and compares with the targets; asserts nothing.
 """
 
 from __future__ import annotations
@@ -60,17 +62,18 @@ def child(step: str, trace: str, requests: int) -> None:
     elif step == "summary-stages":
         # Where summarize's time and memory go: each stage's own functions, called in summarize's order (their
         # results are cached on the trace, as summarize caches them), with the peak RSS after each.
-        from kvscope.analysis import _events, batch, latency, memory, requests, summary
+        from kvscope.analysis import _events, batch, latency, memory, summary
+        from kvscope.analysis import requests as lifetimes
         from kvscope.trace import load_trace
 
         stages: list[dict[str, Any]] = []
-        loaded = [None]
+        loaded: list[Any] = [None]
 
         stage = functools.partial(_stage, stages)
         stage("load_trace", lambda: loaded.__setitem__(0, load_trace(trace)))
         tr = loaded[0]
         stage("memory_timeline", lambda: memory.memory_timeline(tr))
-        stage("request_lifetimes", lambda: requests.request_lifetimes(tr))
+        stage("request_lifetimes", lambda: lifetimes.request_lifetimes(tr))
         stage("step_clock", lambda: _events.step_clock(tr))
         stage("rest of summary", lambda: summary._build(tr))
         stage("latency_summary", lambda: latency.latency_summary(tr))
@@ -101,6 +104,14 @@ def child(step: str, trace: str, requests: int) -> None:
 
         html = build_report([load_trace(trace)])
         extra = {"html_bytes": len(html.encode())}
+    elif step == "digest":
+        # What record_run adds when the run closes (kvscope.digest_write.write_digest less the few-byte append): every
+        # event loaded, then the digest's results computed (run with KVSCOPE_NO_DIGEST, so nothing comes from one).
+        from kvscope import digest_write
+        from kvscope.trace import load_trace
+
+        results = digest_write.results(load_trace(trace))
+        extra = {"digest_json_bytes": len(json.dumps(results, default=digest_write._json_value))}
     elif step == "pyarrow-3-columns":
         import pyarrow as pa
 
@@ -121,16 +132,39 @@ def child(step: str, trace: str, requests: int) -> None:
     print(json.dumps(out))
 
 
-def measure(step: str, trace: str, requests: int) -> dict[str, Any]:
+NO_DIGEST = " (no digest)"  # a step run with KVSCOPE_NO_DIGEST=1: the trace read and analysed as if it had none
+
+
+def measure(label: str, trace: str, requests: int) -> dict[str, Any]:
+    step = label.removesuffix(NO_DIGEST)
     cmd = [sys.executable, __file__, "--child", step, "--trace", trace, "--requests", str(requests)]
+    env = dict(os.environ)
+    env.pop("KVSCOPE_NO_DIGEST", None)
+    if label.endswith(NO_DIGEST):
+        env["KVSCOPE_NO_DIGEST"] = "1"
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1], "wall_s": time.perf_counter() - t0}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     peak_mib = result["peak_rss_bytes"] / 2**20
-    print(f"{step}: {result['wall_s']:.1f} s wall, {result['cpu_s']:.1f} s CPU, {peak_mib:,.0f} MiB peak")
+    print(f"{label}: {result['wall_s']:.1f} s wall, {result['cpu_s']:.1f} s CPU, {peak_mib:,.0f} MiB peak")
     return result
+
+
+STEPS = (
+    "load",
+    "summary",
+    "report",
+    "report-stages",
+    "load" + NO_DIGEST,
+    "summary" + NO_DIGEST,
+    "summary-stages" + NO_DIGEST,
+    "report" + NO_DIGEST,
+    "report-stages" + NO_DIGEST,
+    "digest" + NO_DIGEST,
+    "pyarrow-3-columns",
+)
 
 
 def main() -> int:
@@ -155,10 +189,10 @@ def main() -> int:
     if not Path(trace).exists():
         results["steps"]["record"] = measure("record", trace, args.requests)
     results["trace_bytes"] = Path(trace).stat().st_size
-    for step in ("load", "summary", "summary-stages", "report", "report-stages", "pyarrow-3-columns"):
+    for step in STEPS:
         results["steps"][step] = measure(step, trace, args.requests)
     results["host"]["load_average_at_end"] = os.getloadavg()
-    for step in ("summary", "report"):
+    for step in ("summary", "report", "summary" + NO_DIGEST, "report" + NO_DIGEST):
         r = results["steps"][step]
         if "error" not in r:
             r["target_peak_met"] = r["peak_rss_bytes"] <= TARGET_PEAK_BYTES
@@ -180,7 +214,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"`benchmarks/bench_analysis.py --requests {r['requests']}` on {r['host']['cpus']} CPUs (shared with other "
         f"people's jobs), load average (1, 5, 15 min) {load} at the start and {load_end} at the end. "
         f"Trace: {r['requests']:,} ShareGPT-like requests, paged, --device sim, "
-        f"{r['trace_bytes'] / 2**20:,.1f} MiB on disk. Each step in a fresh process; peak = ru_maxrss.",
+        f"{r['trace_bytes'] / 2**20:,.1f} MiB on disk, its digest included. Each step in a fresh process; "
+        f"peak = ru_maxrss. '(no digest)': run with KVSCOPE_NO_DIGEST=1 (every result computed from the events, as "
+        "for a trace without a digest); 'digest (no digest)': what writing the digest costs when the run closes.",
         "",
         "| step | wall s | CPU s | peak MiB | target (1 GiB, 5 s; set for the 50,000-request trace) |",
         "|---|---|---|---|---|",
@@ -197,7 +233,11 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"| {step} | {s['wall_s']:.1f} | {s['cpu_s']:.1f} | {s['peak_rss_bytes'] / 2**20:,.0f} | {target} |"
         )
-    for key, what in (("summary-stages", "Inside summarize"), ("report-stages", "Inside the report")):
+    for key, what in (
+        ("report-stages", "Inside the report, the trace read with its digest"),
+        ("summary-stages" + NO_DIGEST, "Inside summarize, without the digest"),
+        ("report-stages" + NO_DIGEST, "Inside the report, without the digest"),
+    ):
         stages = r["steps"].get(key, {}).get("stages")
         if stages:
             lines += ["", f"{what}, in one process (peak RSS is cumulative):", "",

@@ -9,7 +9,13 @@ Times, on the browser's side:
   frag_page_s    from clicking "Fragmentation" until its block grid is drawn and the run is over
   slider_s       from one ArrowRight on the step slider until the block grid's title names the new step and the run
                  is over (median of --moves moves)
+  events_page_s  from clicking "Events" until its table of the first matching events is drawn and the run is over
 Targets from the issue (on the 50,000-request trace): first page <= 3 s, a slider move <= 0.5 s.
+Also, for the whole wait a user sees: server_start_s (from starting `kvscope dashboard` until its health check
+answers: the server imports the pages' modules before it listens, kvscope.app.serve) and launch_to_first_page_s (from
+starting it until the first page is drawn, the browser's own start included).
+A trace with a digest (kvscope.digest, written when its run closed) draws its first page from the digest; its events
+are read in the background after that page, so the first slider move may wait for them (slider_s lists every move).
 
 Then, in a fresh process (no dashboard, no browser), what the first page waits for from kvscope itself:
   analysis_s     load_trace and the summary table (kvscope.present.tables.summary_frame, what the Overview shows)
@@ -80,7 +86,9 @@ def measure(trace: str, moves: int) -> dict[str, Any]:
 
     port = _port()
     with open(os.devnull, "w") as log:
+        launched = time.perf_counter()
         proc = _serve(trace, port, log)
+        server_start = time.perf_counter() - launched
         try:
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -92,6 +100,7 @@ def measure(trace: str, moves: int) -> dict[str, Any]:
                 page.wait_for_selector(FIRST_PAGE)
                 page.wait_for_function(IDLE_JS, polling=50)
                 first = time.perf_counter() - t0
+                launch_to_first = time.perf_counter() - launched
                 t0 = time.perf_counter()
                 page.locator("[data-testid='stSidebarNav'] a", has_text="Fragmentation").first.click()
                 page.wait_for_selector(".js-plotly-plot .gtitle")
@@ -109,15 +118,23 @@ def measure(trace: str, moves: int) -> dict[str, Any]:
                     page.wait_for_function(TITLE_JS, arg=before, polling=50)
                     page.wait_for_function(IDLE_JS, polling=50)
                     times.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                page.locator("[data-testid='stSidebarNav'] a", has_text="Events").first.click()
+                page.wait_for_selector("[data-testid='stDataFrame']")
+                page.wait_for_function(IDLE_JS, polling=50)
+                events = time.perf_counter() - t0
                 browser.close()
         finally:
             os.killpg(proc.pid, 15)
             proc.wait(timeout=30)
     return {
+        "server_start_s": round(server_start, 2),
+        "launch_to_first_page_s": round(launch_to_first, 2),
         "first_page_s": round(first, 2),
         "frag_page_s": round(frag, 2),
         "slider_s": [round(t, 2) for t in times],
         "slider_median_s": round(statistics.median(times), 2),
+        "events_page_s": round(events, 2),
     }
 
 
@@ -163,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         date=time.strftime("%Y-%m-%d"),
     )
     print(
+        f"server start {result['server_start_s']} s, launch to first page {result['launch_to_first_page_s']} s, "
         f"first page {result['first_page_s']} s, fragmentation page {result['frag_page_s']} s, "
-        f"slider move median {result['slider_median_s']} s ({result['slider_s']}); kvscope alone: "
+        f"slider move median {result['slider_median_s']} s ({result['slider_s']}), events page "
+        f"{result['events_page_s']} s; kvscope alone: "
         f"load {result['analysis_s']['load_trace_s']} s + summary {result['analysis_s']['summary_s']} s"
     )
     if args.out:

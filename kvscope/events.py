@@ -12,6 +12,10 @@ Format versions (the file is an Arrow IPC stream either way, readable by pyarrow
   2  adds checksums that plain Arrow readers ignore: the schema metadata's `kvscope.meta_crc32` is the CRC-32 of the
      `kvscope.meta` bytes, and every record batch message carries custom metadata `kvscope.crc32`, the CRC-32 of
      the batch's values (`batch_crc32`: see there for exactly which bytes). In-step peak kinds (ACCT_PEAK_*).
+  3  a run that closed cleanly may end with a digest (kvscope.digest): after the batch holding RUN_END, a record
+     batch of no rows whose custom metadata `kvscope.digest` holds whole-run results as JSON (the summary, the
+     fragmentation map) with the CRC-32 of the stream before it. Plain Arrow readers see an empty batch; the events
+     and their columns are as in version 2, and readers of version 3 read versions 1 and 2 as before.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import TypedDict
 
 import pyarrow as pa
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 META_KEY = b"kvscope.meta"  # schema metadata key holding the run metadata as JSON
 VERSION_KEY = b"kvscope.format_version"
 META_CRC_KEY = b"kvscope.meta_crc32"  # schema metadata: CRC-32 of the META_KEY value, decimal (version >= 2)

@@ -284,7 +284,11 @@ def _dashboard_args(*argv: str) -> argparse.Namespace:
 def test_dashboard_command_line(traces):
     args = _dashboard_args(str(traces["paged"]), "--port", "8600", "--no-browser")
     cmd = dashboard_cmd.streamlit_command(args, "python")
-    assert cmd[:4] == ["python", "-m", "streamlit", "run"]
+    # streamlit's own command line, through kvscope.app.serve (the pages' imports done and the traces opened first)
+    assert cmd[:4] == ["python", "-m", "kvscope.app.serve", "run"]
+    from kvscope.app import serve
+
+    assert serve.trace_args(cmd[2:]) == [str(traces["paged"].resolve())]
     assert Path(cmd[4]).name == "main.py" and Path(cmd[4]).is_file()
     assert cmd[cmd.index("--server.port") + 1] == "8600"
     assert cmd[cmd.index("--server.headless") + 1] == "true"

@@ -207,7 +207,7 @@ def test_every_batch_carries_a_checksum_plain_pyarrow_can_recompute(tmp_path):
         reader = pa.ipc.open_stream(f)
         md = reader.schema.metadata
         assert int(md[META_CRC_KEY]) == zlib.crc32(md[META_KEY])
-        assert int(md[VERSION_KEY]) == FORMAT_VERSION == 2
+        assert int(md[VERSION_KEY]) == FORMAT_VERSION == 3
         seen = 0
         for batch, custom in reader.iter_batches_with_custom_metadata():
             crc = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 from kvscope.app import state
-from kvscope.app.filters import filter_events, parse_id_list
+from kvscope.app.filters import filter_trace, parse_id_list
 
 from kvscope.analysis.summary import event_counts
 
@@ -14,8 +14,9 @@ st.title("Events")
 lt = state.focus_trace()
 if lt is None:
     st.stop()
-events = lt.trace.events
-st.caption(f"{lt.title}: {len(events):,} events. Column meanings per kind: kvscope/events.py.")
+# The rows shown are read from the trace's store, kind by kind: the DataFrame of every event (gigabytes for a big
+# trace) is built for nothing here.
+st.caption(f"{lt.title}: {lt.trace.num_events:,} events. Column meanings per kind: kvscope/events.py.")
 
 present = event_counts(lt.trace)["kind"].tolist()  # kinds that occur, in the schema's order
 col_kind, col_seq = st.columns([3, 2])
@@ -31,14 +32,14 @@ try:
 except ValueError as e:
     st.error(str(e))
     st.stop()
-matched = filter_events(events, kinds=kinds, seqs=seqs, steps=steps)
-shown = matched.head(MAX_ROWS)
-more = f" (showing the first {MAX_ROWS:,})" if len(matched) > MAX_ROWS else ""
-st.caption(f"{len(matched):,} matching events{more}")
+matching, shown = filter_trace(lt.trace, kinds=kinds, seqs=seqs, steps=steps, limit=MAX_ROWS)
+more = f" (showing the first {MAX_ROWS:,})" if matching > MAX_ROWS else ""
+st.caption(f"{matching:,} matching events{more}")
 st.dataframe(shown, hide_index=True, key="ev_table")
 st.download_button(
     "Download matching events (CSV)",
-    lambda: matched.to_csv(index=False).encode(),  # built only when clicked: a big trace's CSV is slow
+    # built only when clicked: a big trace's CSV is slow
+    lambda: filter_trace(lt.trace, kinds=kinds, seqs=seqs, steps=steps)[1].to_csv(index=False).encode(),
     file_name=f"{lt.name}-events.csv",
     mime="text/csv",
     key="ev_download",

@@ -107,7 +107,7 @@ def _codes_of(store, ks: list[int], n: int) -> np.ndarray:
 
 
 def count(trace, kind: Kind) -> int:
-    return trace.store.count([int(kind)])
+    return trace.count_of([int(kind)])  # (a trace with a digest answers before its events are read)
 
 
 STEP_PIECE_ROWS = 1 << 21  # step_runs looks up the rows of a big kind this many index entries at a time
@@ -278,5 +278,9 @@ def config_value(trace, name: str, default: Any = None) -> Any:
 
 def acct_last(trace, kind: Kind) -> int:
     """The last ACCT sample of a kind (0 when there is none)."""
-    samples = values(trace, "bytes", kind)
-    return int(samples[-1]) if len(samples) else 0
+
+    def build() -> int:
+        samples = values(trace, "bytes", kind)
+        return int(samples[-1]) if len(samples) else 0
+
+    return cached(trace, f"acct_last.{int(kind)}", build)  # (a digest holds the capacity's: kvscope.digest)

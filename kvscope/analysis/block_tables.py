@@ -60,8 +60,14 @@ def has_block_tables(trace) -> bool:
     return kind is not None and count(trace, kind) > 0
 
 
+AT_STEP_TABLES = "analysis.at_step.block_tables"  # trace._cache: step -> block_tables frame, seeded by a digest
+
+
 def block_tables(trace, step: int) -> pd.DataFrame:
     """One row per (sequence, logical block) at the end of `step`: see the module docstring."""
+    seeded = trace._cache.get(AT_STEP_TABLES, {}).get(int(step))  # from the trace's digest (kvscope.digest)
+    if seeded is not None:
+        return seeded.copy()
     if not has_block_tables(trace):
         return _empty()
     states = block_states(trace, int(step))

@@ -58,6 +58,9 @@ def block_states(trace, step: int) -> pd.DataFrame:
     """
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
         raise ValueError(f"block_states: step must be an integer, got {step!r}")
+    seeded = trace._cache.get(AT_STEP_STATES, {}).get(int(step))  # from the trace's digest (kvscope.digest)
+    if seeded is not None:
+        return seeded.copy()
     sweep = block_sweep(trace)
     if sweep is not None:
         cut = end_of_step(trace, int(step))  # (steps that end at one row share a frame)
@@ -188,6 +191,7 @@ def _codes_at(trace, samples: list[int]) -> Iterable[np.ndarray]:
     return tl.scan([tl.index_of_step(s) for s in samples], lambda replay: replay.codes())
 
 
+AT_STEP_STATES = "analysis.at_step.block_states"  # trace._cache: step -> block_states frame, seeded by a digest
 # States that hold no memory reserved for a sequence: left out of the fill level (cached-idle prefix blocks are
 # neither waste nor free, and are reported apart).
 UNRESERVED_STATES = ("free", "pool", "cached_idle")

@@ -104,7 +104,7 @@ def event_counts(trace) -> pd.DataFrame:
     """One row per event kind that occurs in the trace, in the schema's kind order: kind (str), events (count)."""
 
     def build() -> pd.DataFrame:
-        counts = [(name, n) for name, n in trace.store.kind_counts() if n > 0]  # the kind dictionary's order
+        counts = [(name, n) for name, n in trace.kind_counts() if n > 0]  # the kind dictionary's order
         kinds = pd.Index([c[0] for c in counts], dtype=object).astype(str)
         return pd.DataFrame({"kind": kinds, "events": np.array([c[1] for c in counts], np.int64)})
 

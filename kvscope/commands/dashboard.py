@@ -1,9 +1,10 @@
 """`kvscope dashboard [TRACE ...] [--port N]`: the Streamlit dashboard on the given traces (or the sample runs).
 
-It runs `python -m streamlit run <kvscope.app main.py> -- TRACE ...` in a child process, with usage statistics off
-(the dashboard works offline) and uploads capped at kvscope.app.sources.MAX_UPLOAD_MB (200 MB, the one limit the
-page enforces too). Paths are checked here first, so a typo is one line on stderr instead of a server that starts and
-shows nothing.
+It runs `python -m kvscope.app.serve run <kvscope.app main.py> -- TRACE ...` (streamlit's own command line, with the
+pages' modules imported before the server starts and the traces opened meanwhile) in a child process, with usage
+statistics off (the dashboard works offline) and uploads capped at kvscope.app.sources.MAX_UPLOAD_MB (200 MB, the one
+limit the page enforces too). Paths are checked here first, so a typo is one line on stderr instead of a server that
+starts and shows nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def streamlit_command(args: argparse.Namespace, python: str) -> list[str]:
     cmd = [
         python,
         "-m",
-        "streamlit",
+        "kvscope.app.serve",  # `streamlit`, with the pages' imports and the traces' opening started meanwhile
         "run",
         str(main),
         "--server.port",

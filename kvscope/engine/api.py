@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,9 +283,25 @@ def record_run(
         raise
     finally:
         _tear_down(executor, allocator, backend)
+    if path is not None and cfg.device != "cuda":  # the GPU path imports no plotting code: the digest's does
+        _write_digest(Path(path))
     return RunResult(
         stats=stats, meta=dict(recorder.meta), path=Path(path) if path is not None else None, recorder=recorder
     )
+
+
+def _write_digest(path: Path) -> None:
+    """The run's whole-run results into its trace (kvscope.digest), where they pay: a big trace's surfaces then
+    read them instead of every event. A failure leaves the trace as recorded (without a digest) and says so."""
+    from kvscope import digest
+
+    try:
+        if path.stat().st_size >= digest.DIGEST_MIN_BYTES:
+            from kvscope import digest_write  # (the analysis and the views' catalog: only for traces that get one)
+
+            digest_write.write_digest(path)
+    except Exception as e:  # noqa: BLE001 (the run is recorded; its digest is an extra)
+        warnings.warn(f"{path}: no digest written ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=3)
 
 
 @runtime_checkable
