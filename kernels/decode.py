@@ -42,7 +42,7 @@ from .common import (
     output_like,
     sm_count,
 )
-from .tile_ops import online_softmax_tile, row_offsets, token_slots
+from .tile_ops import block_tile_slots, online_softmax_tile, row_offsets, token_slots
 
 # Integer arguments that change from call to call (split sizes, partial-buffer strides, the block-table width) are
 # not specialized: Triton would otherwise compile a new variant whenever one of them becomes 1 or changes its
@@ -137,7 +137,10 @@ def _decode_split_kernel(
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         n_mask = pos < hi
-        block, row = token_slots(pos, n_mask, block_table_row, seq_base, PAGE, PAGED)
+        if PAGED and PAGE % BLOCK_N == 0:  # the tile is one block's rows: one block-table load, not one a token
+            block, row = block_tile_slots(start, offs_n, block_table_row, PAGE)
+        else:
+            block, row = token_slots(pos, n_mask, block_table_row, seq_base, PAGE, PAGED)
         k_rows = row_offsets(block, row, stride_kb, stride_kt, PAGED)
         v_rows = row_offsets(block, row, stride_vb, stride_vt, PAGED)
         load_mask = n_mask[:, None] & d_mask[None, :]
@@ -525,8 +528,8 @@ def paged_decode_attention(
     dtype (into `out` when given). max_seq_len (max(seq_lens)) sizes the split-K grid (an underestimate stays
     correct, the last split takes the rest, but loses parallelism); without it one device sync reads it. A sequence
     of length 0 gets zeros. split_len (CUDA graphs): a one-element int tensor holding the tokens per split
-    (`split_length(longest, num_splits, block_n)`), read on the device each replay; max_seq_len then fixes the grid
-    (the longest sequence any replay may see).
+    (`split_length(longest, num_splits, block_n)`, whole tiles: a tile never straddles two blocks the kernel looks up
+    once), read on the device each replay; max_seq_len then fixes the grid (the longest sequence any replay may see).
     """
     check_cache_layout(True, k_cache, v_cache)
     return _decode(q, k_cache, v_cache, block_tables, None, seq_lens, scale, max_seq_len, out, config, split_len)

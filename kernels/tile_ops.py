@@ -24,6 +24,16 @@ def token_slots(pos, mask, block_table_row_ptr, seq_base, PAGE: tl.constexpr, PA
 
 
 @triton.jit
+def block_tile_slots(start, offs_n, block_table_row_ptr, PAGE: tl.constexpr):
+    """`token_slots` of a paged tile that lies in one block (tokens `start + offs_n`, start a multiple of the tile
+    size and PAGE a multiple of it, as whole-tile splits make it): one block-table load for the tile, and its
+    rows are consecutive."""
+    block = tl.load(block_table_row_ptr + start // PAGE).to(tl.int64)
+    row = (start % PAGE + offs_n).to(tl.int64)
+    return block, row
+
+
+@triton.jit
 def row_offsets(block, row, stride_block, stride_row, PAGED: tl.constexpr):
     """Element offsets of the rows from `token_slots`."""
     if PAGED:  # noqa: SIM108 - a constexpr branch, resolved at compile time

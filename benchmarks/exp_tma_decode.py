@@ -1,0 +1,225 @@
+"""Experiment (issue 14, batch 16): the paged decode split kernel with K/V tiles fetched by TMA (host-side tensor
+descriptors), timed against SDPA's default backend and kvscope's paged-16 kernel in graph mode on the same data.
+
+    python benchmarks/exp_tma_decode.py --out /tmp/tma.json
+    TRITON_INTERPRET=1 python benchmarks/exp_tma_decode.py --dry-run --out /tmp/tma.json
+
+Each K/V tile is one block's rows of one kv head: a [BLOCK_N, head_dim] box of the cache viewed as
+[num_blocks * block_size, kv_heads * head_dim] (rows of a block are contiguous in kvscope's and vLLM's pools). The
+splits are merged by kvscope's merge kernel. It measures and asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_kernels as bk  # noqa: E402
+
+
+@triton.jit(do_not_specialize=["tokens_per_split"])
+def _tma_split_kernel(
+    q_ptr,
+    k_desc,
+    v_desc,
+    bt_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    scale_log2,
+    tokens_per_split,
+    stride_qb,
+    stride_qh,
+    stride_bt,
+    stride_ob,
+    stride_oh,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    DIRECT_OUT: tl.constexpr,
+):
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    seq = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    lo = split * tokens_per_split
+    hi = tl.minimum(lo + tokens_per_split, seq_len)
+    hi = tl.where(split == tl.num_programs(1) - 1, seq_len, hi)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < GROUP
+    q_heads = kv_head * GROUP + offs_g
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)  # fmt: skip
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    col = kv_head * HEAD_DIM
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        block = tl.load(bt_row + start // PAGE)
+        r = block * PAGE + start % PAGE
+        n_mask = start + offs_n < hi
+        k = k_desc.load([r, col])
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([r, col])
+        v = tl.where(n_mask[:, None], v, 0.0)  # rows past the end: stale cache contents, maybe NaN bits
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    if DIRECT_OUT:
+        out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + q_heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        part = part_out_ptr + seq.to(tl.int64) * stride_pb + q_heads.to(tl.int64) * stride_ph + split * stride_ps
+        tl.store(part[:, None] + offs_d[None, :], o, mask=g_mask[:, None] & (lo < seq_len))
+        lse = m_i + tl.log2(l_safe)
+        lse_ptrs = part_lse_ptr + seq.to(tl.int64) * stride_lb + q_heads.to(tl.int64) * stride_lh + split
+        tl.store(lse_ptrs, lse, mask=g_mask)
+
+
+def tma_decode(torch, q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, out, block_n, warps, stages, splits):
+    from kvscope.kernels import decode as D
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    nb, page, kvh, d = k_cache.shape
+    if page % block_n:
+        raise ValueError(f"a TMA tile of {block_n} rows must lie in one {page}-token block")
+    batch, hq, _ = q.shape
+    group = hq // kvh
+    rows = [nb * page, kvh * d]
+    kd = TensorDescriptor(k_cache, rows, [k_cache.stride(1), 1], [block_n, d])
+    vd = TensorDescriptor(v_cache, rows, [v_cache.stride(1), 1], [block_n, d])
+    tps = D.split_length(max_seq_len, splits, block_n)
+    splits = -(-max_seq_len // tps)
+    direct = splits == 1
+    if direct:
+        part_out = part_lse = out
+        sp: tuple[int, ...] = (0, 0, 0, 0, 0)
+    else:
+        part_out = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
+        sp = (*part_out.stride()[:3], *part_lse.stride()[:2])
+    _tma_split_kernel[(kvh, splits, batch)](
+        q, kd, vd, block_tables, seq_lens, out, part_out, part_lse, (d**-0.5) * 1.4426950408889634, tps,
+        *q.stride()[:2], block_tables.stride(0), *out.stride()[:2], *sp,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_N=block_n, PAGE=page,
+        DIRECT_OUT=direct, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    if not direct:
+        D._decode_reduce_kernel[(hq, batch)](
+            part_out, part_lse, out, splits, *sp, *out.stride()[:2],
+            HEAD_DIM=d, BLOCK_D=d, BLOCK_S=D.REDUCE_SPLITS, num_warps=D.reduce_warps(d),
+        )  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--contexts", default="1024,4096,16384")
+    ap.add_argument("--tiles", default="16:4:3,16:4:4,16:4:6,16:4:8,16:2:4,16:2:6,16:2:8,16:8:4")
+    ap.add_argument("--dry-run", action="store_true")
+    args = ap.parse_args(argv)
+    import torch
+
+    dry = args.dry_run
+    if dry:
+        bk.DEVICE = "cpu"
+        bk.Q_HEADS, bk.KV_HEADS, bk.HEAD_DIM = 4, 1, 16
+    else:
+        # TMA descriptors need 16-byte aligned strides and a global scratch allocator for device-side descriptors
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    import kvscope.kernels as K
+
+    tiles = [tuple(int(x) for x in t.split(":")) for t in args.tiles.split(",")]
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for context in map(int, args.contexts.split(",")):
+        for batch in map(int, args.batches.split(",")):
+            dtype = torch.float32 if dry else torch.bfloat16
+            kv_bytes = 2 * batch * context * bk.KV_HEADS * bk.HEAD_DIM * dtype.itemsize
+            copies = 1 if dry else max(1, min(16, -(-bk.ROTATE_BYTES // kv_bytes)))
+            sets = []
+            for i in range(copies):
+                k, v, _, sl = bk.contiguous_kv(torch, batch, context, dtype, seed=i)
+                q = torch.randn(batch, bk.Q_HEADS, bk.HEAD_DIM, device=bk.DEVICE, dtype=dtype)
+                kc, vc, bt = bk.paged_copy(torch, k, v, batch, context, 16)
+                k4 = k.view(batch, context, bk.KV_HEADS, bk.HEAD_DIM).transpose(1, 2)
+                v4 = v.view(batch, context, bk.KV_HEADS, bk.HEAD_DIM).transpose(1, 2)
+                sets.append((q, k4, v4, kc, vc, bt, sl, torch.empty_like(q)))
+            timer = (lambda fns: bk.graph_us(torch, fns)) if not dry else (lambda fns: [f() for f in fns] and 1.0)
+            ref = bk.sdpa_default(torch, sets[0][0].unsqueeze(2), sets[0][1], sets[0][2], False)().squeeze(2).float()
+            variants: dict[str, list] = {
+                "sdpa-default": [bk.sdpa_default(torch, q.unsqueeze(2), k4, v4, False) for q, k4, v4, *_ in sets],
+                "paged-16": [(lambda q=q, kc=kc, vc=vc, bt=bt, sl=sl, o=o, c=context: K.paged_decode_attention(
+                    q, kc, vc, bt, sl, max_seq_len=c, out=o)) for q, _, _, kc, vc, bt, sl, o in sets],
+            }  # fmt: skip
+            for bn, w, st in tiles:
+                tiles_n = -(-context // bn)
+                for ns in (1, 2, 3, 4, 6, 8, 16, 32, 64):
+                    if ns > tiles_n or (batch >= 64 and ns > 2):
+                        continue
+                    variants[f"tma bn={bn} w={w} s={st} splits={ns}"] = [
+                        (lambda q=q, kc=kc, vc=vc, bt=bt, sl=sl, o=o, bn=bn, w=w, st=st, ns=ns, c=context: tma_decode(
+                            torch, q, kc, vc, bt, sl, c, o, bn, w, st, ns))
+                        for q, _, _, kc, vc, bt, sl, o in sets
+                    ]  # fmt: skip
+            here = {}
+            for name, fns in variants.items():
+                try:
+                    got = fns[0]()
+                    got = (got.squeeze(2) if got.dim() == 4 else got).float()
+                    err = (got - ref).abs().max().item()
+                    us = timer(fns)
+                except Exception as exc:  # a config that does not compile must not end the sweep
+                    print(f"  {batch}x{context} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                    continue
+                here[name] = us
+                rows.append({"batch": batch, "context": context, "variant": name, "us": us, "err": err})
+            base = here.get("sdpa-default", 1.0)
+            tma = {n: u for n, u in here.items() if n.startswith("tma")}
+            best = min(tma, key=tma.get) if tma else None
+            print(f"B={batch:<3} L={context:<6} sdpa {base:.1f} us  paged-16 {base / here.get('paged-16', 1e9):.2f}x"
+                  + (f"  best tma {base / tma[best]:.2f}x {best}" if best else "")
+                  + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+            for r in rows:
+                if (r["batch"], r["context"]) == (batch, context):
+                    r["vs_sdpa"] = base / r["us"]
+            del sets
+            if not dry:
+                torch.cuda.empty_cache()
+    args.out.write_text(json.dumps({"device": "cpu" if dry else torch.cuda.get_device_name(0),
+                                    "triton": triton.__version__, "rows": rows}, indent=1))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") == "1" and "--dry-run" not in sys.argv:
+        sys.exit("exp_tma_decode: TRITON_INTERPRET=1 needs --dry-run")
+    sys.exit(main())
