@@ -107,6 +107,8 @@ def _decode_split_kernel(
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     if DEVICE_SPLIT:  # CUDA graphs: the grid is fixed at capture, the split size is read each replay
         tokens_per_split = tl.load(split_len_ptr).to(tl.int32)
+        # whole tiles, whatever the caller stored: a tile in one block must start at a multiple of BLOCK_N
+        tokens_per_split = (tokens_per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     lo = split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, seq_len)
     # The last split runs to the end even if max_seq_len was underestimated: never silently drop tokens.

@@ -50,6 +50,25 @@ def test_decode_with_padding_rows_and_a_device_split(device, fused):
         assert out[1].abs().max() == 0 and out[4].abs().max() == 0
 
 
+@pytest.mark.skipif(not kernels_available("cpu") and not torch.cuda.is_available(), reason="no Triton backend")
+@pytest.mark.parametrize("stored", [20, 33, 1])
+def test_a_device_split_of_part_tiles_is_rounded_to_whole_ones(device, stored):
+    """16-token blocks read as one-block tiles (block_n 16) need splits that start on a tile: a stored split size
+    that is not a multiple of block_n must still give the right answer, not tiles straddling two blocks."""
+    gen = torch.Generator().manual_seed(5)
+    seq_lens = [70, 33, 16]
+    kv = random_paged_kv(seq_lens, 2, 32, 16, torch.float32, device, generator=gen)
+    q = torch.randn(len(seq_lens), 4, 32, generator=gen).to(device)
+    cfg = DecodeConfig(block_n=16, num_splits=6)
+    ref = reference.paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens)
+    atol, rtol = TOLERANCES[torch.float32]
+    split_len = torch.tensor([stored], device=device)
+    out = paged_decode_attention(
+        q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, config=cfg, max_seq_len=96, split_len=split_len
+    )
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+
+
 def test_split_plan_fills_the_machine_at_small_batch():
     cfg = DecodeConfig(block_n=64)
     cpu = torch.device("cpu")  # 4 pretend SMs in interpreter mode
