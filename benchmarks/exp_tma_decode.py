@@ -24,6 +24,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as bk  # noqa: E402
+from tune_decode import decode_sets  # noqa: E402
 
 
 @triton.jit(do_not_specialize=["tokens_per_split"])
@@ -162,17 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for context in map(int, args.contexts.split(",")):
         for batch in map(int, args.batches.split(",")):
-            dtype = torch.float32 if dry else torch.bfloat16
-            kv_bytes = 2 * batch * context * bk.KV_HEADS * bk.HEAD_DIM * dtype.itemsize
-            copies = 1 if dry else max(1, min(16, -(-bk.ROTATE_BYTES // kv_bytes)))
-            sets = []
-            for i in range(copies):
-                k, v, _, sl = bk.contiguous_kv(torch, batch, context, dtype, seed=i)
-                q = torch.randn(batch, bk.Q_HEADS, bk.HEAD_DIM, device=bk.DEVICE, dtype=dtype)
-                kc, vc, bt = bk.paged_copy(torch, k, v, batch, context, 16)
-                k4 = k.view(batch, context, bk.KV_HEADS, bk.HEAD_DIM).transpose(1, 2)
-                v4 = v.view(batch, context, bk.KV_HEADS, bk.HEAD_DIM).transpose(1, 2)
-                sets.append((q, k4, v4, kc, vc, bt, sl, torch.empty_like(q)))
+            sets = decode_sets(torch, batch, context, torch.float32 if dry else torch.bfloat16, dry)
             timer = (lambda fns: bk.graph_us(torch, fns)) if not dry else (lambda fns: [f() for f in fns] and 1.0)
             ref = bk.sdpa_default(torch, sets[0][0].unsqueeze(2), sets[0][1], sets[0][2], False)().squeeze(2).float()
             variants: dict[str, list] = {

@@ -71,8 +71,10 @@ def _timer(torch, dry: bool):
     return wall, (lambda fn: wall([fn]))
 
 
-def point(torch, K, before, batch: int, context: int, graph, eager, tiles, dry: bool) -> list[dict[str, Any]]:
-    dtype = torch.bfloat16 if not dry else torch.float32
+def decode_sets(torch, batch: int, context: int, dtype, dry: bool) -> list[tuple]:
+    """Enough copies of one decode point's inputs that a graph of one call each reads nothing from L2 (one copy in
+    a dry run): (q, k4, v4, k_cache, v_cache, block_tables, seq_lens, out) each, k4/v4 the SDPA view [batch, kv
+    heads, context, head_dim] of the contiguous K/V and k_cache/v_cache the same tokens paged in 16-token blocks."""
     kv_bytes = 2 * batch * context * bk.KV_HEADS * bk.HEAD_DIM * dtype.itemsize
     copies = 1 if dry else max(1, min(16, -(-bk.ROTATE_BYTES // kv_bytes)))
     sets = []
@@ -83,6 +85,13 @@ def point(torch, K, before, batch: int, context: int, graph, eager, tiles, dry: 
         k4 = k.view(batch, context, bk.KV_HEADS, bk.HEAD_DIM).transpose(1, 2)
         v4 = v.view(batch, context, bk.KV_HEADS, bk.HEAD_DIM).transpose(1, 2)
         sets.append((q, k4, v4, kc, vc, bt, seq_lens, torch.empty_like(q)))
+    return sets
+
+
+def point(torch, K, before, batch: int, context: int, graph, eager, tiles, dry: bool) -> list[dict[str, Any]]:
+    dtype = torch.bfloat16 if not dry else torch.float32
+    kv_bytes = 2 * batch * context * bk.KV_HEADS * bk.HEAD_DIM * dtype.itemsize
+    sets = decode_sets(torch, batch, context, dtype, dry)
     moved = kv_bytes + 2 * batch * bk.Q_HEADS * bk.HEAD_DIM * dtype.itemsize
     expected = bk.sdpa_default(torch, sets[0][0].unsqueeze(2), sets[0][1], sets[0][2], False)().squeeze(2).float()
 

@@ -469,34 +469,32 @@ class PagedAllocator:
                 last = s.last
             if last is not None:
                 fill = last.fill
-                if fill < limit and last.ref == 1:
-                    last.fill = fill + 1
-                    t = s.tokens + 1
-                    s.tokens = t
-                    held.append(t)
-                    if caching:
-                        partials.append(s.partial)
-                    continue
-                if fill == bs and crossing and free:
-                    block = blocks[free.popleft()]
-                    block.ref = 1
-                    block.fill = 1
-                    table = s.table
-                    table.append(block.id)
-                    s.last = block
-                    self._num_active += 1
-                    allocs += (done - first, block.id, len(table) - 1, self.block_bytes)
-                    # the state right after this append: its waste is a candidate peak (appends without a new
-                    # block only lower it, so the end of the run holds every other peak)
-                    w = self._num_active * self.block_bytes - (self._active_fill + len(held) + 1) * self.bytes_per_token
-                    if w > waste:
-                        waste = w
-                    t = s.tokens + 1
-                    s.tokens = t
-                    held.append(t)
-                    if caching:
-                        partials.append(s.partial)
-                    continue
+                if fill >= limit or last.ref != 1:  # no room of its own in its last block
+                    if fill == bs and crossing and free:  # full: the token goes to a new block, fill 0 so far
+                        block = blocks[free.popleft()]
+                        block.ref = 1
+                        table = s.table
+                        table.append(block.id)
+                        s.last = last = block
+                        fill = 0
+                        self._num_active += 1
+                        allocs += (done - first, block.id, len(table) - 1, self.block_bytes)
+                        # the state right after this append: its waste is a candidate peak (appends without a new
+                        # block only lower it, so the end of the run holds every other peak)
+                        used = (self._active_fill + len(held) + 1) * self.bytes_per_token
+                        w = self._num_active * self.block_bytes - used
+                        if w > waste:
+                            waste = w
+                    else:
+                        last = None  # the general path below
+            if last is not None:
+                last.fill = fill + 1
+                t = s.tokens + 1
+                s.tokens = t
+                held.append(t)
+                if caching:
+                    partials.append(s.partial)
+                continue
             if held:
                 self._record_gathered(seqs[first:done], held, allocs, partials, tokens, first, waste)
                 held, allocs, partials, waste = [], [], [], -1
