@@ -12,19 +12,15 @@ splits are merged by kvscope's merge kernel. It measures and asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_kernels as bk  # noqa: E402
-from tune_decode import decode_sets  # noqa: E402
+from exp_sweep import merge, partials, sweep, use_cpu_shapes  # noqa: E402
 
 
 @triton.jit(do_not_specialize=["tokens_per_split"])
@@ -118,24 +114,14 @@ def tma_decode(torch, q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, 
     tps = D.split_length(max_seq_len, splits, block_n)
     splits = -(-max_seq_len // tps)
     direct = splits == 1
-    if direct:
-        part_out = part_lse = out
-        sp: tuple[int, ...] = (0, 0, 0, 0, 0)
-    else:
-        part_out = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
-        sp = (*part_out.stride()[:3], *part_lse.stride()[:2])
+    part_out, part_lse, sp = partials(torch, out, splits)
     _tma_split_kernel[(kvh, splits, batch)](
         q, kd, vd, block_tables, seq_lens, out, part_out, part_lse, (d**-0.5) * 1.4426950408889634, tps,
         *q.stride()[:2], block_tables.stride(0), *out.stride()[:2], *sp,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_N=block_n, PAGE=page,
         DIRECT_OUT=direct, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if not direct:
-        D._decode_reduce_kernel[(hq, batch)](
-            part_out, part_lse, out, splits, *sp, *out.stride()[:2],
-            HEAD_DIM=d, BLOCK_D=d, BLOCK_S=D.REDUCE_SPLITS, num_warps=D.reduce_warps(d),
-        )  # fmt: skip
+    merge(part_out, part_lse, out, splits, sp)
     return out
 
 
@@ -149,64 +135,27 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    dry = args.dry_run
-    if dry:
-        bk.DEVICE = "cpu"
-        bk.Q_HEADS, bk.KV_HEADS, bk.HEAD_DIM = 4, 1, 16
+    if args.dry_run:
+        use_cpu_shapes()
     else:
         # TMA descriptors need 16-byte aligned strides and a global scratch allocator for device-side descriptors
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    import kvscope.kernels as K
-
     tiles = [tuple(int(x) for x in t.split(":")) for t in args.tiles.split(",")]
-    rows: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    for context in map(int, args.contexts.split(",")):
-        for batch in map(int, args.batches.split(",")):
-            sets = decode_sets(torch, batch, context, torch.float32 if dry else torch.bfloat16, dry)
-            timer = (lambda fns: bk.graph_us(torch, fns)) if not dry else (lambda fns: [f() for f in fns] and 1.0)
-            ref = bk.sdpa_default(torch, sets[0][0].unsqueeze(2), sets[0][1], sets[0][2], False)().squeeze(2).float()
-            variants: dict[str, list] = {
-                "sdpa-default": [bk.sdpa_default(torch, q.unsqueeze(2), k4, v4, False) for q, k4, v4, *_ in sets],
-                "paged-16": [(lambda q=q, kc=kc, vc=vc, bt=bt, sl=sl, o=o, c=context: K.paged_decode_attention(
-                    q, kc, vc, bt, sl, max_seq_len=c, out=o)) for q, _, _, kc, vc, bt, sl, o in sets],
-            }  # fmt: skip
-            for bn, w, st in tiles:
-                tiles_n = -(-context // bn)
-                for ns in (1, 2, 3, 4, 6, 8, 16, 32, 64):
-                    if ns > tiles_n or (batch >= 64 and ns > 2):
-                        continue
-                    variants[f"tma bn={bn} w={w} s={st} splits={ns}"] = [
-                        (lambda q=q, kc=kc, vc=vc, bt=bt, sl=sl, o=o, bn=bn, w=w, st=st, ns=ns, c=context: tma_decode(
-                            torch, q, kc, vc, bt, sl, c, o, bn, w, st, ns))
-                        for q, _, _, kc, vc, bt, sl, o in sets
-                    ]  # fmt: skip
-            here = {}
-            for name, fns in variants.items():
-                try:
-                    got = fns[0]()
-                    got = (got.squeeze(2) if got.dim() == 4 else got).float()
-                    err = (got - ref).abs().max().item()
-                    us = timer(fns)
-                except Exception as exc:  # a config that does not compile must not end the sweep
-                    print(f"  {batch}x{context} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+
+    def variants_for(torch, sets, batch: int, context: int) -> dict[str, list]:
+        out = {}
+        for bn, w, st in tiles:
+            for ns in (1, 2, 3, 4, 6, 8, 16, 32, 64):
+                if ns > -(-context // bn) or (batch >= 64 and ns > 2):
                     continue
-                here[name] = us
-                rows.append({"batch": batch, "context": context, "variant": name, "us": us, "err": err})
-            base = here.get("sdpa-default", 1.0)
-            tma = {n: u for n, u in here.items() if n.startswith("tma")}
-            best = min(tma, key=tma.get) if tma else None
-            print(f"B={batch:<3} L={context:<6} sdpa {base:.1f} us  paged-16 {base / here.get('paged-16', 1e9):.2f}x"
-                  + (f"  best tma {base / tma[best]:.2f}x {best}" if best else "")
-                  + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-            for r in rows:
-                if (r["batch"], r["context"]) == (batch, context):
-                    r["vs_sdpa"] = base / r["us"]
-            del sets
-            if not dry:
-                torch.cuda.empty_cache()
-    args.out.write_text(json.dumps({"device": "cpu" if dry else torch.cuda.get_device_name(0),
-                                    "triton": triton.__version__, "rows": rows}, indent=1))  # fmt: skip
+                out[f"tma bn={bn} w={w} s={st} splits={ns}"] = [
+                    (lambda q=q, kc=kc, vc=vc, bt=bt, sl=sl, o=o, a=(bn, w, st, ns): tma_decode(
+                        torch, q, kc, vc, bt, sl, context, o, *a))
+                    for q, _, _, kc, vc, bt, sl, o in sets
+                ]  # fmt: skip
+        return out
+
+    sweep(torch, args.out, args.batches, args.contexts, args.dry_run, "tma", variants_for)
     return 0
 
 

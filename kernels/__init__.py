@@ -25,6 +25,7 @@ from .common import (
     kernels_available,
 )
 from .decode import contiguous_decode_attention, paged_decode_attention
+from .decode_tiles import decode_plan, decode_plans
 from .kv_store import contiguous_rows, store_kv_contiguous, store_kv_paged
 from .prefill import contiguous_prefill_attention, paged_prefill_attention
 
@@ -36,6 +37,8 @@ __all__ = [
     "contiguous_prefill_attention",
     "contiguous_rows",
     "copy_blocks",
+    "decode_plan",
+    "decode_plans",
     "default_decode_config",
     "default_prefill_config",
     "kernels_available",

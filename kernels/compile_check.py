@@ -24,6 +24,7 @@ import torch
 import triton
 
 from .common import INTERPRETED, default_decode_config, default_prefill_config
+from .decode_tiles import one_per_sm_decode_config, two_per_sm_decode_config
 
 _PTR_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
               torch.int64: "*i64"}  # fmt: skip
@@ -148,6 +149,16 @@ def _variants() -> list[tuple[str, object, dict[str, object], int, int]]:
                 decode.loop_stages(cfg, bool(args["PAGED"])),
             )
         )
+
+    for plan in (one_per_sm_decode_config, two_per_sm_decode_config):  # decode_plan's no-split tiles (paged)
+        for over in ({}, {"DEVICE_SPLIT": True}, {"seq_lens_ptr": i64, "block_tables_ptr": i64}):
+            cfg = plan(d)
+            over = {**over, "DIRECT_OUT": True}
+            args = decode_args(bf16, **over)
+            args["BLOCK_N"] = cfg.block_n
+            name = f"{_variant_name('decode', bf16, over)} {plan.__name__}"
+            stages = decode.loop_stages(cfg, bool(args["PAGED"]))
+            out.append((name, decode._decode_split_kernel, args, cfg.num_warps, stages))
 
     for block_d in (128, 256):
         reduce_args = dict(

@@ -35,13 +35,13 @@ from .common import (
     check_index_vector,
     check_runnable,
     choose_num_splits,
-    default_decode_config,
     default_scale,
     dot_args,
     next_power_of_2,
     output_like,
     sm_count,
 )
+from .decode_tiles import decode_plan
 from .tile_ops import block_tile_slots, online_softmax_tile, row_offsets, token_slots
 
 # Integer arguments that change from call to call (split sizes, partial-buffer strides, the block-table width) are
@@ -414,18 +414,17 @@ def _decode(
         return out
     check_grid_batch(batch)
 
-    config = config or default_decode_config(head_dim, q.dtype)
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max()) if batch else 0  # one device sync; pass max_seq_len to avoid it
+    config = config or decode_plan(batch, kv_heads, max_seq_len, head_dim, q.dtype, device, paged=paged)
     num_splits = plan_splits(batch, kv_heads, max_seq_len, config, device)
     tokens_per_split = split_length(max_seq_len, num_splits, config.block_n)
     device_split = split_len is not None
     if device_split:
         # The grid (num_splits) is fixed, the split size is read on the device: a captured graph stays right for any
-        # length up to max_seq_len. Always through partials (the merge kernel reads the same split size).
+        # length up to max_seq_len. One split needs no merge: the last split reads to seq_len whatever split_len holds.
         assert split_len is not None
         check_index_vector("split_len", split_len, 1)
-        num_splits = max(num_splits, 2)
 
     direct = num_splits == 1
     fused = config.fused and not direct

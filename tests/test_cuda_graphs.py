@@ -31,18 +31,19 @@ def test_split_length_covers_the_longest_sequence():
 
 
 @pytest.mark.skipif(not kernels_available("cpu") and not torch.cuda.is_available(), reason="no Triton backend")
-@pytest.mark.parametrize("fused", [True, False])
-def test_decode_with_padding_rows_and_a_device_split(device, fused):
-    """A captured decode sees padded rows (length 0: zeros) and a split size that changes between replays."""
+@pytest.mark.parametrize(("fused", "splits"), [(True, 8), (False, 8), (False, 1)])
+def test_decode_with_padding_rows_and_a_device_split(device, fused, splits):
+    """A captured decode sees padded rows (length 0: zeros) and a split size that changes between replays; with one
+    split (no merge) the program reads to each sequence's end whatever the split size says."""
     gen = torch.Generator().manual_seed(3)
     seq_lens = [37, 0, 100, 5, 0]
     kv = random_paged_kv(seq_lens, 2, 32, 16, torch.float32, device, generator=gen)
     q = torch.randn(len(seq_lens), 8, 32, generator=gen).to(device)
-    cfg = DecodeConfig(block_n=16, num_splits=8, fused=fused)
+    cfg = DecodeConfig(block_n=16, num_splits=splits, fused=fused)
     ref = reference.paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens)
     atol, rtol = TOLERANCES[torch.float32]
     for _ in range(2):  # the fused path's arrival counters must be reset by each call
-        split_len = torch.tensor([split_length(100, 8, 16)], device=device)
+        split_len = torch.tensor([split_length(100, splits, 16)], device=device)
         out = paged_decode_attention(
             q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, config=cfg, max_seq_len=512, split_len=split_len
         )

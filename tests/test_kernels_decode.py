@@ -178,3 +178,49 @@ def test_num_splits_heuristic_fills_the_machine_only_when_needed():
     assert choose_num_splits(programs=8, num_tiles=3, num_sms=132) <= 3
     assert choose_num_splits(programs=1, num_tiles=1, num_sms=132) == 1
     assert choose_num_splits(programs=1, num_tiles=10_000, num_sms=132) <= 128
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """decode_plan's view of an H200: 132 SMs, 228 KiB of shared memory an SM, 227 KiB a block."""
+    from kvscope.kernels import decode_tiles
+
+    monkeypatch.setattr(decode_tiles, "INTERPRETED", False)
+    monkeypatch.setattr(decode_tiles, "sm_count", lambda device: 132)
+    monkeypatch.setattr(decode_tiles, "_shared_memory", lambda index: (233472, 232448))
+    return torch.device("cuda", 0)
+
+
+def test_decode_plan_gives_pairs_that_fill_the_gpu_one_program_with_bigger_buffers(hopper):
+    from kvscope.kernels.common import default_decode_config
+    from kvscope.kernels.decode_tiles import decode_plan
+
+    base = default_decode_config(128, BF16)
+    plan = lambda batch, context: decode_plan(batch, 8, context, 128, BF16, hopper)  # noqa: E731
+    assert plan(1, 4096) == plan(4, 4096) == plan(8, 1024) == base  # few pairs: split, default tiles
+    assert plan(64, 4096) == plan(256, 1024) == base  # pairs beyond two an SM: no split anyway
+    assert plan(20, 1024) == plan(24, 4096) == plan(28, 1024) == base  # an uneven wave of one program a pair: split
+    double = plan(32, 4096)  # 256 pairs: two programs an SM, three 64-token buffers
+    assert (double.block_n, double.num_warps, double.num_stages, double.num_splits) == (64, 4, 7, 1)
+    wide = plan(16, 1024)  # 128 pairs, short context: one program an SM, two 128-token buffers
+    assert (wide.block_n, wide.num_warps, wide.num_stages, wide.num_splits) == (128, 8, 5, 1)
+    assert plan(16, 4096) == base  # longer contexts: three splits an SM and the merge
+    assert decode_plan(32, 8, 4096, 128, torch.float32, hopper) == default_decode_config(128, torch.float32)
+    assert decode_plan(32, 8, 4096, 128, BF16, hopper, paged=False) == base  # contiguous caches: not measured
+
+
+def test_decode_plan_keeps_the_default_tiles_where_the_buffers_do_not_fit(hopper, monkeypatch):
+    from kvscope.kernels import decode_tiles
+
+    monkeypatch.setattr(decode_tiles, "_shared_memory", lambda index: (167936, 166912))  # an A100's 164 KiB an SM
+    base = decode_tiles.default_decode_config(128, BF16)
+    assert decode_tiles.decode_plan(32, 8, 4096, 128, BF16, hopper) == base  # two 104 KiB programs do not fit an SM
+    assert decode_tiles.decode_plan(16, 8, 1024, 128, BF16, hopper).block_n == 128  # one 136 KiB program does
+
+
+def test_decode_plans_lists_every_config_a_run_can_select(hopper):
+    from kvscope.kernels.decode_tiles import decode_plan, decode_plans
+
+    plans = decode_plans(256, 8, 4096, 128, BF16, hopper)
+    expected = {decode_plan(b, 8, n, 128, BF16, hopper) for b in range(1, 257) for n in (16, 1000, 2048, 4096)}
+    assert plans == expected and len(plans) == 3

@@ -215,7 +215,7 @@ class CudaExecutor:
         info = self.warmup_info
         t0 = time.perf_counter()
         if self.attention_mode == "triton":
-            warm_kernels(self.spec, self.model, self.layout, self.kernels, self.opts.max_len)
+            warm_kernels(self.spec, self.model, self.layout, self.kernels, self.opts.max_len, self.opts.max_batch)
         info["compile_s"] = time.perf_counter() - t0
         info["compiled_variants"] = compiled_variants()
         info["graph_capture_s"] = 0.0

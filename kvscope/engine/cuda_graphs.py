@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ import torch
 from kvscope.engine.layout import KVLayout
 from kvscope.engine.model import LlamaModel
 from kvscope.spec import KVSpec
+
+if TYPE_CHECKING:
+    from kvscope.kernels.common import DecodeConfig
 
 
 def _graph_event() -> torch.cuda.Event:
@@ -67,8 +70,8 @@ class DecodeGraphs:
         scale: float,
         time_attention: bool,
     ) -> None:
-        from kvscope.kernels.common import default_decode_config
         from kvscope.kernels.decode import plan_splits
+        from kvscope.kernels.decode_tiles import decode_plan
 
         self.spec, self.model, self.layout, self.kernels = spec, model, layout, kernels
         self.device = model.device
@@ -79,13 +82,13 @@ class DecodeGraphs:
         self.width = -(-max_len // layout.bs) if self.paged else 1  # type: ignore[attr-defined]
         big = self.buckets[-1]
         w = self.width
-        self.config = default_decode_config(spec.head_dim, model.dtype)
-        # the split-K grid of each bucket, fixed at capture for the longest sequence the engine allows
-        self.splits: dict[int, int] = {}
+        # the tiles and split-K grid of each bucket, fixed at capture for the longest sequence the engine allows
+        self.configs: dict[int, DecodeConfig] = {}
         for b in self.buckets:
-            first = plan_splits(b, spec.num_kv_heads, max_len, self.config, self.device)
-            fixed = replace(self.config, num_splits=first)
-            self.splits[b] = max(2, plan_splits(b, spec.num_kv_heads, max_len, fixed, self.device))
+            plan = decode_plan(b, spec.num_kv_heads, max_len, spec.head_dim, model.dtype, self.device, paged=self.paged)
+            first = plan_splits(b, spec.num_kv_heads, max_len, plan, self.device)
+            fixed = replace(plan, num_splits=first)
+            self.configs[b] = replace(plan, num_splits=plan_splits(b, spec.num_kv_heads, max_len, fixed, self.device))
         # one packed int64 buffer: ids | positions | slots | lens | where (big x width) | split_len
         self._offs = np.cumsum([0, big, big, big, big, big * w, 1])
         size = int(self._offs[-1])
@@ -121,7 +124,7 @@ class DecodeGraphs:
         k_ops = self.kernels
         store = k_ops.store_kv_paged if self.paged else k_ops.store_kv_contiguous
         decode = k_ops.paged_decode_attention if self.paged else k_ops.contiguous_decode_attention
-        cfg = replace(self.config, num_splits=self.splits[b])
+        cfg = self.configs[b]
         events = self.events.get(b, [])
         slots, lens, where, split_len = self.slots[:b], self.lens[:b], self.where[:b], self.split_len
 
@@ -168,7 +171,7 @@ class DecodeGraphs:
         h[o[2] : o[3]] = -1  # slots: store nothing
         h[o[3] : o[4]] = 0  # lens: read nothing
         h[o[4] : o[5]] = 0
-        h[o[5]] = self.config.block_n
+        h[o[5]] = 16  # the kernels round a split up to whole tiles of their own
         self.dev.copy_(self.host)
 
     # ---- replay -------------------------------------------------------------------------------------------------
@@ -195,7 +198,7 @@ class DecodeGraphs:
             tables[:n, : where.shape[1]] = where
         else:
             h[o[4] : o[4] + n] = where
-        h[o[5]] = split_length(int(lens.max()), self.splits[b], self.config.block_n)
+        h[o[5]] = split_length(int(lens.max()), self.configs[b].num_splits, self.configs[b].block_n)
         self.dev.copy_(self.host, non_blocking=True)
         self.graphs[b].replay()
         return self.outputs[b][:n], 0, b

@@ -54,9 +54,12 @@ def scratch_caches(layout: KVLayout, tokens: int = SCRATCH_TOKENS) -> tuple[torc
     return kc, vc
 
 
-def warm_kernels(spec: KVSpec, model: LlamaModel, layout: KVLayout, kernels: Any, max_len: int) -> None:
-    """Launch every variant a run selects: the KV store, decode with one split (direct) and with several (merged),
-    prefill with and without cached context, then one whole forward pass (cuBLAS handles and heuristics)."""
+def warm_kernels(
+    spec: KVSpec, model: LlamaModel, layout: KVLayout, kernels: Any, max_len: int, max_batch: int = 1
+) -> None:
+    """Launch every variant a run selects: the KV store, decode with one split (direct) and with several (merged)
+    and with each other tile config the decode plan picks for up to max_batch sequences, prefill with and without
+    cached context, then one whole forward pass (cuBLAS handles and heuristics)."""
     dev = model.device
     kc, vc = scratch_caches(layout)
     paged = not layout.contiguous
@@ -79,6 +82,12 @@ def warm_kernels(spec: KVSpec, model: LlamaModel, layout: KVLayout, kernels: Any
         q = torch.randn(batch, qh, d, device=dev, dtype=dtype)
         lens = torch.full((batch,), n, dtype=i64, device=dev)
         decode(q, kc, vc, where(batch), lens, max_seq_len=longest)
+    # the decode plan's other tiles: the batch picks them, not the compiled variant, so one sequence is enough
+    others = kernels.decode_plans(max_batch, kvh, max_len, d, dtype, dev, paged=paged)
+    for cfg in others - {kernels.default_decode_config(d, dtype)}:
+        q = torch.randn(1, qh, d, device=dev, dtype=dtype)
+        one = torch.full((1,), n, dtype=i64, device=dev)
+        decode(q, kc, vc, where(1), one, max_seq_len=max_len, config=cfg)
     for ctx in (0, 17):
         q = torch.randn(n - ctx, qh, d, device=dev, dtype=dtype)
         cu = torch.tensor([0, n - ctx], dtype=i64, device=dev)
