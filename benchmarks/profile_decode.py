@@ -1,10 +1,11 @@
 """One decode point's kernels, each launched once between cudaProfilerStart and Stop, for Nsight Compute.
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \\
-        python benchmarks/profile_decode.py --batch 16 --context 1024 --configs "default;group_split=2"
+        python benchmarks/profile_decode.py --batch 16 --context 1024 --configs "default;num_splits=2"
 
 Runs torch SDPA with its default backend and kvscope's paged decode (16-token blocks) with each config of --configs
-(";"-separated; "default", DecodeConfig fields as k=v,k=v over the default config, or
+(";"-separated; "default": what kvscope picks, `decode_plan`; DecodeConfig fields as k=v,k=v over the default
+tiles; or
 "streams:S:N:W:STAGES:SPLITS" for benchmarks/exp_stream_decode.py's kernel) on the same data, warmed up
 (compiled) before the profiled range. Each launch is in an NVTX range named after its variant, so `ncu --nvtx` or
 `--print-summary per-nvtx` can tell them apart. Prints the variants' max |difference| from SDPA. It measures nothing
@@ -30,11 +31,18 @@ def parse_config(K, text: str, dtype):
     base = K.default_decode_config(bk.HEAD_DIM, dtype)
     if text == "default":
         return None
-    fields = {}
+    fields: dict[str, object] = {}
     for item in text.split(","):
-        key, _, value = item.partition("=")
-        fields[key.strip()] = value.strip().lower() == "true" if value.strip() in ("True", "False") else int(value)
-    return replace(base, **fields)
+        key, _, value = (part.strip() for part in item.partition("="))
+        try:
+            fields[key] = value == "True" if value in ("True", "False") else int(value)
+        except ValueError:
+            what = f"{key}={value!r} is not an integer or True/False"
+            raise SystemExit(f"profile_decode: --configs {text!r}: {what}") from None
+    try:
+        return replace(base, **fields)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"profile_decode: --configs {text!r}: {exc}") from None
 
 
 #: ncu's text report lines read by --summarize: (column, metric name as ncu prints it)
