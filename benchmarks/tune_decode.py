@@ -3,6 +3,7 @@
     python benchmarks/tune_decode.py --out /tmp/tune.json                    # the bench_kernels decode grid
     python benchmarks/tune_decode.py --batches 1,16 --contexts 4096 --out /tmp/t.json
     python benchmarks/tune_decode.py --before path/to/old/kernels ...        # also time an older copy of kernels/
+    python benchmarks/tune_decode.py --layout contiguous ...                 # the contiguous kernel instead
     TRITON_INTERPRET=1 python benchmarks/tune_decode.py --dry-run             # tiny shapes on CPU: does it run
 
 For issue 14's decode target (paged-16 vs "sdpa-default" in graph mode). For every (batch, context) point: SDPA with
@@ -88,14 +89,30 @@ def decode_sets(torch, batch: int, context: int, dtype, dry: bool) -> list[tuple
     return sets
 
 
-def point(torch, K, before, batch: int, context: int, graph, eager, tiles, dry: bool) -> list[dict[str, Any]]:
+def point(
+    torch, K, before, batch: int, context: int, graph, eager, tiles, dry: bool, layout: str = "paged"
+) -> list[dict[str, Any]]:
     dtype = torch.bfloat16 if not dry else torch.float32
     kv_bytes = 2 * batch * context * bk.KV_HEADS * bk.HEAD_DIM * dtype.itemsize
     sets = decode_sets(torch, batch, context, dtype, dry)
     moved = kv_bytes + 2 * batch * bk.Q_HEADS * bk.HEAD_DIM * dtype.itemsize
     expected = bk.sdpa_default(torch, sets[0][0].unsqueeze(2), sets[0][1], sets[0][2], False)().squeeze(2).float()
 
+    # the contiguous kernel reads the SDPA view's own buffer [batch * context, kv heads, head_dim], sequence b at row
+    # b * context
+    flat = [
+        (q, k4.transpose(1, 2).flatten(0, 1), v4.transpose(1, 2).flatten(0, 1),
+         sl.new_tensor(range(0, batch * context, context)), sl, o)
+        for q, k4, v4, _, _, _, sl, o in sets
+    ]  # fmt: skip
+
     def paged_fns(module, cfg):
+        if layout == "contiguous":
+            return [
+                (lambda q=q, k=k, v=v, tb=tb, sl=sl, o=o: module.contiguous_decode_attention(
+                    q, k, v, tb, sl, max_seq_len=context, out=o, config=cfg))
+                for q, k, v, tb, sl, o in flat
+            ]  # fmt: skip
         return [
             (lambda q=q, kc=kc, vc=vc, bt=bt, sl=sl, o=o: module.paged_decode_attention(
                 q, kc, vc, bt, sl, max_seq_len=context, out=o, config=cfg))
@@ -230,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-kv-gib", type=float, default=16.0)
     parser.add_argument("--before", type=Path, help="directory of an older kernels package to time side by side")
     parser.add_argument("--tiles", default="", help="block_n:warps:stages,... (default: the built-in grid)")
+    parser.add_argument("--layout", choices=("paged", "contiguous"), default="paged", help="the cache kvscope reads")
     parser.add_argument("--no-grid", action="store_true", help="only SDPA, before and the defaults")
     parser.add_argument("--profile", action="store_true", help="list the kernels sdpa-default runs")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
@@ -276,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in batches:
             if 2 * batch * context * bk.KV_HEADS * bk.HEAD_DIM * 2 > args.max_kv_gib * bk.GiB:
                 continue
-            rows.extend(point(torch, K, before, batch, context, graph, eager, tiles, dry))
+            rows.extend(point(torch, K, before, batch, context, graph, eager, tiles, dry, args.layout))
             here = [r for r in rows if (r["batch"], r["context"]) == (batch, context) and r["mode"] == "graph"]
             default = next((r for r in here if r["variant"] == "default"), None)
             best = max((r for r in here if r["variant"].startswith("bn=")), key=lambda r: r["vs_sdpa"], default=None)

@@ -150,8 +150,9 @@ def _variants() -> list[tuple[str, object, dict[str, object], int, int]]:
             )
         )
 
-    for plan in (one_per_sm_decode_config, two_per_sm_decode_config):  # decode_plan's no-split tiles (paged)
-        for over in ({}, {"DEVICE_SPLIT": True}, {"seq_lens_ptr": i64, "block_tables_ptr": i64}):
+    contiguous = {"PAGED": False, "stride_kt": 2 * 32 * hkv * d, "stride_vt": 2 * 32 * hkv * d}
+    for plan in (one_per_sm_decode_config, two_per_sm_decode_config):  # decode_plan's no-split tiles
+        for over in ({}, {"DEVICE_SPLIT": True}, {"seq_lens_ptr": i64, "block_tables_ptr": i64}, contiguous):
             cfg = plan(d)
             over = {**over, "DIRECT_OUT": True}
             args = decode_args(bf16, **over)

@@ -9,7 +9,7 @@ import torch
 
 from .common import INTERPRETED, DecodeConfig, default_decode_config, next_power_of_2, sm_count
 
-#: Tokens a program reads, at most, for the wide one-program-an-SM tiles of `decode_plan` (see there).
+#: Tokens a program reads, at most, for the wide one-program-an-SM tiles of `decode_plan` over a paged cache.
 WIDE_MAX_CONTEXT = 2048
 
 
@@ -30,21 +30,24 @@ def decode_plan(
 
     - 1.8 to 2 pairs an SM: two programs an SM with 64-token tiles (d=128) and three pipeline stages of them
       (num_stages=7, ~105 KiB of shared memory each);
-    - 0.9 to 1 pair an SM and at most WIDE_MAX_CONTEXT tokens: one program an SM with two buffers of 128-token tiles
-      (8 warps, ~140 KiB). With longer contexts three split programs an SM and the merge are faster.
+    - 0.9 to 1 pair an SM (paged caches: and at most WIDE_MAX_CONTEXT tokens): one program an SM with two buffers
+      of 128-token tiles (8 warps, ~140 KiB). With longer contexts in a paged cache three split programs an SM and
+      the merge are faster.
 
-    Measured on an H200 (Llama-3-8B heads, 8 kv heads, paged-16, graph mode, against SDPA's default backend,
-    benchmarks/results/kernels_h200_plan*.log, the previous plan side by side, two runs): batch 32 at 1K / 4K / 16K
+    Measured on an H200 (Llama-3-8B heads, 8 kv heads, graph mode, against SDPA's default backend, the previous
+    plan side by side). Paged-16 (benchmarks/results/kernels_h200_plan*.log, two runs): batch 32 at 1K / 4K / 16K
     0.79-0.80 / 0.91 / 0.95x with two splits and the merge, 0.89-0.90 / 0.96 / 0.97-0.98x with one program a pair;
     batch 16 at 1K 0.76-0.77x with three splits, 0.82-0.84x with one wide program a pair, but at 4K 0.86x against
-    0.89x (kernels_h200_wide.log). Pairs that fill a wave less
-    evenly lose: batch 20 and 24 (1.2 and 1.45 pairs an SM) took 0.66-0.82x with one program a pair against
-    0.74-1.01x split. Only on GPUs whose shared memory holds those buffers (Hopper: 227 KiB a block, 228 KiB an SM);
-    elsewhere, in fp32, in the interpreter and for contiguous caches (not measured: their loop pipelines
-    differently, see `loop_stages`), the default tiles.
+    0.89x (kernels_h200_wide.log). Pairs that fill a wave less evenly lose: batch 20 and 24 (1.2 and 1.45 pairs an
+    SM) took 0.66-0.82x with one program a pair against 0.74-1.01x split. Contiguous caches
+    (kernels_h200_contiguous_plan.log; their loop runs at most 3 stages, two buffers, see `loop_stages`), where the
+    wide tiles win at every context: batch 16 at 1K / 4K / 16K 0.79 / 0.92 / 0.98x split, 0.98 / 0.99 / 1.00x
+    wide; batch 32 0.82 / 0.93 / 0.97x split, 1.01 / 1.00 / 0.99x with two programs an SM. Only on GPUs whose
+    shared memory holds those buffers (Hopper: 227 KiB a block, 228 KiB an SM); elsewhere, in fp32 and in the
+    interpreter, the default tiles.
     """
     base = default_decode_config(head_dim, dtype)
-    if INTERPRETED or dtype == torch.float32 or device.type != "cuda" or not paged:
+    if INTERPRETED or dtype == torch.float32 or device.type != "cuda":
         return base
     pairs = batch * kv_heads
     sms = sm_count(device)
@@ -52,9 +55,10 @@ def decode_plan(
     per_sm, per_block = _shared_memory(device.index if device.index is not None else torch.cuda.current_device())
     if 1.8 * sms <= pairs <= 2 * sms:
         double = two_per_sm_decode_config(head_dim)
-        if per_sm >= 2 * _buffers_bytes(double.block_n, block_d, 3):
+        buffers = 3 if paged else 2  # the contiguous loop runs at most 3 stages: two buffers (`loop_stages`)
+        if per_sm >= 2 * _buffers_bytes(double.block_n, block_d, buffers):
             return double
-    if 0.9 * sms <= pairs <= sms and max_seq_len <= WIDE_MAX_CONTEXT:
+    if 0.9 * sms <= pairs <= sms and (max_seq_len <= WIDE_MAX_CONTEXT or not paged):
         wide = one_per_sm_decode_config(head_dim)
         if per_block >= _buffers_bytes(wide.block_n, block_d, 2):
             return wide

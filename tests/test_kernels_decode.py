@@ -206,7 +206,9 @@ def test_decode_plan_gives_pairs_that_fill_the_gpu_one_program_with_bigger_buffe
     assert (wide.block_n, wide.num_warps, wide.num_stages, wide.num_splits) == (128, 8, 5, 1)
     assert plan(16, 4096) == base  # longer contexts: three splits an SM and the merge
     assert decode_plan(32, 8, 4096, 128, torch.float32, hopper) == default_decode_config(128, torch.float32)
-    assert decode_plan(32, 8, 4096, 128, BF16, hopper, paged=False) == base  # contiguous caches: not measured
+    contiguous = lambda batch, context: decode_plan(batch, 8, context, 128, BF16, hopper, paged=False)  # noqa: E731
+    assert contiguous(16, 16384) == wide and contiguous(32, 4096) == double  # the wide tiles at any context
+    assert contiguous(4, 4096) == contiguous(24, 1024) == contiguous(64, 1024) == base
 
 
 def test_decode_plan_keeps_the_default_tiles_where_the_buffers_do_not_fit(hopper, monkeypatch):
