@@ -106,7 +106,7 @@ def point(
         for q, k4, v4, _, _, _, sl, o in sets
     ]  # fmt: skip
 
-    def paged_fns(module, cfg):
+    def kernel_fns(module, cfg):
         if layout == "contiguous":
             return [
                 (lambda q=q, k=k, v=v, tb=tb, sl=sl, o=o: module.contiguous_decode_attention(
@@ -124,21 +124,22 @@ def point(
     sdpa = [bk.sdpa_default(torch, q.unsqueeze(2), k4, v4, False) for q, k4, v4, *_ in sets]
     variants.append(("sdpa-default", {}, sdpa, True))
     if before is not None:
-        variants.append(("before", {}, paged_fns(before, None), True))
+        variants.append(("before", {}, kernel_fns(before, None), True))
     base = K.default_decode_config(bk.HEAD_DIM, dtype)
-    variants.append(("default", asdict(base), paged_fns(K, None), True))
+    variants.append(("default", asdict(base), kernel_fns(K, None), True))
     for name, consts in MODULE_VARIANTS:  # module constants, read at each call (and so at capture)
-        variants.append((f"default {name}", {"module": consts}, paged_fns(K, None), False))
+        variants.append((f"default {name}", {"module": consts}, kernel_fns(K, None), False))
     if before is not None:  # the new kernel with the old heuristic's split count
         tiles_n = max(1, -(-context // base.block_n))
         old = before.common.choose_num_splits(batch * bk.KV_HEADS, tiles_n, before.common.sm_count(sets[0][0].device))
-        variants.append((f"default old-heuristic splits={old}", {}, paged_fns(K, replace(base, num_splits=old)), False))
+        old_fns = kernel_fns(K, replace(base, num_splits=old))
+        variants.append((f"default old-heuristic splits={old}", {}, old_fns, False))
     if batch <= 16 and not dry:  # what the merge kernel costs: the split kernel alone (a wrong answer, timed only)
-        variants.append(("default split kernel only", {"skip_reduce": True}, paged_fns(K, None), False))
+        variants.append(("default split kernel only", {"skip_reduce": True}, kernel_fns(K, None), False))
     for block_n, warps, stages in tiles:
         for ns in _splits_for(batch, context, block_n):
             cfg = K.DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages, num_splits=ns)
-            variants.append((f"bn={block_n} w={warps} s={stages} splits={ns}", asdict(cfg), paged_fns(K, cfg), False))
+            variants.append((f"bn={block_n} w={warps} s={stages} splits={ns}", asdict(cfg), kernel_fns(K, cfg), False))
     desc_of = {name: desc for name, desc, _, _ in variants}
     rows = []
     timings: dict[tuple[str, str], list[float]] = {}
