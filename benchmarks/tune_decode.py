@@ -103,7 +103,7 @@ def point(
     flat = [
         (q, k4.transpose(1, 2).flatten(0, 1), v4.transpose(1, 2).flatten(0, 1),
          sl.new_tensor(range(0, batch * context, context)), sl, o)
-        for q, k4, v4, _, _, _, sl, o in sets
+        for q, k4, v4, _, _, _, sl, o in (sets if layout == "contiguous" else [])
     ]  # fmt: skip
 
     def kernel_fns(module, cfg):

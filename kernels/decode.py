@@ -527,7 +527,8 @@ def paged_decode_attention(
     int32/int64 [batch, max_blocks]; seq_lens int32/int64 [batch] (tokens to attend to, the new one included, so the
     new K/V must already be stored). scale defaults to 1/sqrt(head_dim). Returns [batch, q_heads, head_dim] in q's
     dtype (into `out` when given). max_seq_len (max(seq_lens)) sizes the split-K grid (an underestimate stays
-    correct, the last split takes the rest, but loses parallelism); without it one device sync reads it. A sequence
+    correct, the last split takes the rest, but loses parallelism) and, without a config, picks the tiles
+    (`decode_plan`); without it one device sync reads it. A sequence
     of length 0 gets zeros. split_len (CUDA graphs): a one-element int tensor holding the tokens per split
     (`split_length(longest, num_splits, block_n)`, whole tiles: a tile never straddles two blocks the kernel looks up
     once), read on the device each replay; max_seq_len then fixes the grid (the longest sequence any replay may see).
